@@ -1,0 +1,72 @@
+// The backend interface: device memory and one method per op. Models call only this, so the
+// same forward runs on the CPU (reference and fast path) and on CUDA.
+//
+// Activations are in the backend's activation dtype (act_dtype(): F32 on the CPU, F16/BF16 on
+// CUDA); every `void*` activation pointer below is of that type and lives in device memory.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "kernels/ops.h"
+
+namespace fineserve {
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual std::string name() const = 0;
+  virtual DType act_dtype() const = 0;
+
+  // ---- memory -----------------------------------------------------------------------------
+  virtual void* alloc(size_t bytes) = 0;
+  virtual void free(void* ptr) = 0;
+  virtual void copy_to_device(void* dst, const void* host_src, size_t bytes) = 0;
+  virtual void copy_to_host(void* host_dst, const void* src, size_t bytes) = 0;
+  virtual void copy(void* dst, const void* src, size_t bytes) = 0;
+  virtual void synchronize() = 0;
+
+  // Makes a weight usable by linear(): copies it to device memory and re-lays it out for this
+  // backend's kernels if it wants to. The returned matrix stays valid while the backend lives.
+  virtual WeightMatrix upload_weight(const WeightMatrix& host) = 0;
+  // Copies a dense host tensor of `dtype` into device memory (biases, norms, embeddings).
+  virtual const void* upload(const void* host, size_t bytes) = 0;
+
+  // ---- ops ----------------------------------------------------------------------------------
+  // y[m, w.rows] = x[m, w.cols] · wᵀ (+ bias[w.rows], dense of bias_dtype, when not null).
+  virtual void linear(const WeightMatrix& w, const void* x, int64_t m, const void* bias, DType bias_dtype,
+                      void* y) = 0;
+  // out[i, :] = table[ids[i], :] (+ out[i, :] when accumulate); table is [rows, dim] of table_dtype.
+  virtual void embedding(const void* table, DType table_dtype, int64_t dim, const int32_t* ids, int64_t n,
+                         bool accumulate, void* out) = 0;
+  // y = (x - mean) / sqrt(var + eps) * gamma + beta over rows of length n; gamma/beta of param_dtype.
+  virtual void layer_norm(const void* x, int64_t m, int64_t n, const void* gamma, const void* beta,
+                          DType param_dtype, float eps, void* y) = 0;
+  // y = x / sqrt(mean(x²) + eps) * gamma.
+  virtual void rms_norm(const void* x, int64_t m, int64_t n, const void* gamma, DType param_dtype, float eps,
+                        void* y) = 0;
+  virtual void activation(Activation kind, void* x, int64_t count) = 0;
+  // out[m, n] = act(gate[m, n]) * up[m, n] where gate_up is [m, 2n] laid out as [gate | up].
+  virtual void gated_activation(Activation kind, const void* gate_up, int64_t m, int64_t n, void* out) = 0;
+  // x += y (residual add).
+  virtual void add(void* x, const void* y, int64_t count) = 0;
+  // Rotary position embedding (GPT-NeoX "half rotation" layout, as Llama uses) on q and k in place:
+  // q [n_tokens, n_heads, head_dim], k [n_tokens, n_kv_heads, head_dim];
+  // inv_freq [rotary_dim / 2] (already includes any rope scaling).
+  virtual void rotary(void* q, void* k, const int32_t* positions, int64_t n_tokens, int n_heads, int n_kv_heads,
+                      int head_dim, int rotary_dim, const float* inv_freq) = 0;
+  // Writes this step's keys and values [n_tokens, n_kv_heads, head_dim] into the paged cache.
+  virtual void write_kv(const PagedAttention& p, const void* k, const void* v, void* k_cache, void* v_cache) = 0;
+  // out[n_tokens, n_heads * head_dim] = softmax(q kᵀ * scale) v over the paged cache.
+  virtual void attention(const PagedAttention& p, const void* q, const void* k_cache, const void* v_cache,
+                         void* out) = 0;
+  // Converts rows of activations to fp32 on the host (logits): dst[m, n].
+  virtual void to_host_f32(const void* src, int64_t count, float* dst) = 0;
+};
+
+std::unique_ptr<Backend> make_cpu_backend();
+
+}  // namespace fineserve
