@@ -1,0 +1,291 @@
+// safetensors reading: header validation and the memory-mapped file.
+#include "models/checkpoint/safetensors.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <limits>
+#include <set>
+
+#include <nlohmann/json.hpp>
+
+#include "kernels/base.h"
+#include "models/checkpoint/util.h"
+
+namespace fineserve::ckpt {
+
+using nlohmann::json;
+
+std::optional<uint64_t> tensor_nbytes(DType dtype, const std::vector<int64_t>& shape) {
+  bool has_zero = false;
+  for (int64_t d : shape) {
+    if (d < 0) return std::nullopt;
+    has_zero |= d == 0;
+  }
+  if (has_zero) return 0;
+  int64_t numel = 1;
+  for (int64_t d : shape)
+    if (__builtin_mul_overflow(numel, d, &numel)) return std::nullopt;
+  uint64_t nbytes = 0;
+  if (__builtin_mul_overflow(static_cast<uint64_t>(numel), dtype_size(dtype), &nbytes)) return std::nullopt;
+  return nbytes;
+}
+
+int64_t TensorInfo::numel() const {
+  // Shapes were validated by parse_header or SafetensorsWriter::add, so this cannot overflow
+  // (a zero dimension is checked first: [huge, huge, 0] is empty, not an overflow).
+  if (std::find(shape.begin(), shape.end(), int64_t{0}) != shape.end()) return 0;
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+namespace {
+
+constexpr std::string_view kMetadataKey = "__metadata__";
+
+// A JSON value for an error message, cut short: a hostile header can hold megabytes in one value.
+// Text for an error message, cut short (a hostile header can hold megabytes in one string) at a
+// UTF-8 character boundary, so the message stays valid UTF-8 for a JSON error body.
+std::string clip(std::string s) {
+  if (s.size() <= 120) return s;
+  size_t cut = 117;
+  while (cut > 0 && (static_cast<unsigned char>(s[cut]) & 0xc0) == 0x80) --cut;  // continuation byte
+  return s.substr(0, cut) + "...";
+}
+std::string brief(const json& v) { return clip(v.dump()); }
+
+[[noreturn]] void fail(const std::string& label, const std::string& msg) { throw Error(label + ": " + msg); }
+
+[[noreturn]] void fail_tensor(const std::string& label, const std::string& name, const std::string& msg) {
+  throw Error(label + ": tensor '" + clip(name) + "': " + msg);
+}
+
+// nlohmann::json keeps the last of duplicate keys silently; a header naming a tensor twice is
+// ambiguous, so the parse callback rejects duplicates at every level.
+json parse_json_rejecting_duplicates(std::string_view text, const std::string& label) {
+  // nlohmann::json stops at a NUL byte as if the input ended there, which would let bytes after it
+  // through unchecked. Valid JSON never holds a raw NUL (strings must escape it).
+  if (const size_t nul = text.find('\0'); nul != std::string_view::npos)
+    fail(label, "header is not valid JSON: NUL byte at offset " + std::to_string(nul));
+  std::vector<std::set<std::string>> open_objects;
+  const json::parser_callback_t on_event = [&](int /*depth*/, json::parse_event_t event, json& parsed) {
+    switch (event) {
+      case json::parse_event_t::object_start: open_objects.emplace_back(); break;
+      case json::parse_event_t::object_end: open_objects.pop_back(); break;
+      case json::parse_event_t::key: {
+        const auto& key = parsed.get_ref<const std::string&>();
+        if (!open_objects.back().insert(key).second) fail(label, "header repeats the key '" + clip(key) + "'");
+        break;
+      }
+      default: break;
+    }
+    return true;
+  };
+  try {
+    return json::parse(text.begin(), text.end(), on_event);
+  } catch (const json::exception& e) {  // parse_error, and out_of_range for a number like 1e400
+    fail(label, std::string("header is not valid JSON: ") + e.what());
+  }
+}
+
+std::vector<int64_t> parse_shape(const json& v, const std::string& label, const std::string& name) {
+  if (!v.is_array()) fail_tensor(label, name, "\"shape\" must be an array of non-negative integers, got " + brief(v));
+  std::vector<int64_t> shape;
+  shape.reserve(v.size());
+  for (const json& d : v) {
+    if (!d.is_number_unsigned() || d.get<uint64_t>() > static_cast<uint64_t>(std::numeric_limits<int64_t>::max()))
+      fail_tensor(label, name, "\"shape\" must be an array of non-negative integers, got " + brief(v));
+    shape.push_back(static_cast<int64_t>(d.get<uint64_t>()));
+  }
+  return shape;
+}
+
+std::pair<uint64_t, uint64_t> parse_offsets(const json& v, const std::string& label, const std::string& name) {
+  if (!v.is_array() || v.size() != 2 || !v[0].is_number_unsigned() || !v[1].is_number_unsigned())
+    fail_tensor(label, name, "\"data_offsets\" must be [begin, end] with non-negative integers, got " + brief(v));
+  return {v[0].get<uint64_t>(), v[1].get<uint64_t>()};
+}
+
+TensorInfo parse_entry(const std::string& name, const json& entry, uint64_t data_size, const std::string& label) {
+  if (!entry.is_object()) fail_tensor(label, name, std::string("entry must be an object, got ") + entry.type_name());
+  TensorInfo t;
+  t.name = name;
+  bool has_dtype = false, has_shape = false, has_offsets = false;
+  for (const auto& [key, value] : entry.items()) {
+    if (key == "dtype") {
+      if (!value.is_string()) fail_tensor(label, name, "\"dtype\" must be a string, got " + brief(value));
+      const auto& s = value.get_ref<const std::string&>();
+      const auto dtype = dtype_from_name(s);
+      if (!dtype) fail_tensor(label, name, "unknown dtype '" + clip(s) + "'");
+      t.dtype = *dtype;
+      has_dtype = true;
+    } else if (key == "shape") {
+      t.shape = parse_shape(value, label, name);
+      has_shape = true;
+    } else if (key == "data_offsets") {
+      std::tie(t.begin, t.end) = parse_offsets(value, label, name);
+      has_offsets = true;
+    } else {
+      fail_tensor(label, name, "unknown key '" + clip(key) + "'");
+    }
+  }
+  if (!has_dtype) fail_tensor(label, name, "missing \"dtype\"");
+  if (!has_shape) fail_tensor(label, name, "missing \"shape\"");
+  if (!has_offsets) fail_tensor(label, name, "missing \"data_offsets\"");
+
+  const std::string offsets = "[" + std::to_string(t.begin) + ", " + std::to_string(t.end) + "]";
+  if (t.begin > t.end) fail_tensor(label, name, "data_offsets " + offsets + " begin after end");
+  if (t.end > data_size)
+    fail_tensor(label, name,
+                "data_offsets " + offsets + " run past the end of the data (" + std::to_string(data_size) + " bytes)");
+  const auto nbytes = tensor_nbytes(t.dtype, t.shape);
+  if (!nbytes) fail_tensor(label, name, "shape " + format_shape(t.shape) + " is too large");
+  if (*nbytes != t.nbytes())
+    fail_tensor(label, name,
+                "data_offsets " + offsets + " span " + std::to_string(t.nbytes()) + " bytes but shape " +
+                    format_shape(t.shape) + " of " + std::string(dtype_name(t.dtype)) + " needs " +
+                    std::to_string(*nbytes));
+  return t;
+}
+
+Metadata parse_metadata(const json& v, const std::string& label) {
+  if (!v.is_object()) fail(label, std::string("\"__metadata__\" must be an object, got ") + v.type_name());
+  Metadata metadata;
+  for (const auto& [key, value] : v.items()) {
+    if (!value.is_string())
+      fail(label, "\"__metadata__\" value of '" + clip(key) + "' must be a string, got " + brief(value));
+    metadata.emplace(key, value.get<std::string>());
+  }
+  return metadata;
+}
+
+std::string describe(const TensorInfo& t) {
+  return "'" + clip(t.name) + "' [" + std::to_string(t.begin) + ", " + std::to_string(t.end) + ")";
+}
+
+uint64_t read_u64_le(const std::byte* p) {
+  uint64_t v = 0;
+  for (int i = 7; i >= 0; --i) v = (v << 8) | static_cast<uint64_t>(p[i]);
+  return v;
+}
+
+}  // namespace
+
+Header parse_header(std::string_view json_text, uint64_t data_size, const std::string& label) {
+  const json root = parse_json_rejecting_duplicates(json_text, label);
+  if (!root.is_object()) fail(label, std::string("header must be a JSON object, got ") + root.type_name());
+
+  Header header;
+  header.tensors.reserve(root.size());
+  for (const auto& [key, value] : root.items()) {
+    if (key == kMetadataKey) {
+      header.metadata = parse_metadata(value, label);
+    } else {
+      header.tensors.push_back(parse_entry(key, value, data_size, label));
+    }
+  }
+
+  std::sort(header.tensors.begin(), header.tensors.end(), [](const TensorInfo& a, const TensorInfo& b) {
+    return std::tie(a.begin, a.end, a.name) < std::tie(b.begin, b.end, b.name);
+  });
+  // Sorted by begin, spans are disjoint when each starts at or after the furthest end so far.
+  // An empty span holds no bytes, so it overlaps nothing (several may share one offset).
+  const TensorInfo* furthest = nullptr;
+  for (const TensorInfo& t : header.tensors) {
+    if (t.nbytes() == 0) continue;
+    if (furthest && t.begin < furthest->end) fail(label, "tensors " + describe(*furthest) + " and " + describe(t) + " overlap");
+    if (!furthest || t.end > furthest->end) furthest = &t;
+  }
+  return header;
+}
+
+ParsedFile parse_file_bytes(std::span<const std::byte> file, const std::string& label) {
+  const uint64_t size = file.size();
+  if (size < 8) fail(label, "truncated: " + std::to_string(size) + " bytes, need at least 8");
+  const uint64_t header_len = read_u64_le(file.data());
+  if (header_len < 2 || header_len > kMaxHeaderBytes)
+    fail(label, "header length " + std::to_string(header_len) + " is outside [2, " + std::to_string(kMaxHeaderBytes) +
+                    "]");
+  if (header_len > size - 8)
+    fail(label, "header length " + std::to_string(header_len) + " runs past end of file (size " +
+                    std::to_string(size) + ")");
+  const std::string_view text(reinterpret_cast<const char*>(file.data() + 8), header_len);
+  if (text.front() != '{') fail(label, "header does not start with '{'");
+  return ParsedFile{8 + header_len, parse_header(text, size - 8 - header_len, label)};
+}
+
+// ---- SafetensorsFile --------------------------------------------------------------------------
+
+std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::filesystem::path& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw Error(errno_message("cannot open", path, errno));
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) {
+    const int err = errno;
+    ::close(fd);
+    throw Error(errno_message("cannot stat", path, err));
+  }
+  if (!S_ISREG(st.st_mode)) {
+    ::close(fd);
+    throw Error(path.string() + ": not a regular file");
+  }
+
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = path;
+  file->size_ = static_cast<uint64_t>(st.st_size);
+  if (file->size_ > 0) {  // mmap refuses a zero length; parse_file_bytes reports the empty file
+    void* p = ::mmap(nullptr, file->size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    const int err = errno;
+    ::close(fd);  // the mapping keeps its own reference to the file
+    if (p == MAP_FAILED) throw Error(errno_message("cannot map", path, err));
+    file->base_ = static_cast<const std::byte*>(p);
+  } else {
+    ::close(fd);
+  }
+
+  ParsedFile parsed = parse_file_bytes({file->base_, file->size_}, path.string());
+  file->data_start_ = parsed.data_start;
+  file->header_ = std::move(parsed.header);
+  for (size_t i = 0; i < file->header_.tensors.size(); ++i) file->index_.emplace(file->header_.tensors[i].name, i);
+  return file;
+}
+
+SafetensorsFile::~SafetensorsFile() {
+  if (base_) ::munmap(const_cast<std::byte*>(base_), size_);
+}
+
+std::string_view SafetensorsFile::header_json() const {
+  return {reinterpret_cast<const char*>(base_ + 8), data_start_ - 8};
+}
+
+const TensorInfo* SafetensorsFile::find(std::string_view name) const {
+  const auto it = index_.find(name);
+  return it == index_.end() ? nullptr : &header_.tensors[it->second];
+}
+
+TensorView SafetensorsFile::view(const TensorInfo& t) const {
+  FS_ASSERT(find(t.name) == &t, "the TensorInfo belongs to another file");
+  return TensorView{&t, base_ + data_start_ + t.begin};
+}
+
+void SafetensorsFile::release(const TensorInfo& t) const {
+  FS_ASSERT(find(t.name) == &t, "the TensorInfo belongs to another file");
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  // Only whole pages inside the tensor: its first and last pages may hold bytes of neighbouring
+  // tensors that a caller is still reading. (Dropping those would be correct, since a private
+  // read-only file mapping refaults from the file, just wasted work.)
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(base_ + data_start_ + t.begin) + page - 1) / page * page;
+  const uintptr_t hi = reinterpret_cast<uintptr_t>(base_ + data_start_ + t.end) / page * page;
+  if (lo >= hi) return;
+  // MADV_DONTNEED on a read-only MAP_PRIVATE file mapping unmaps the pages from this process
+  // (RSS drops at once, the page cache keeps them) while the mapping stays valid: a later read
+  // faults the bytes back in from the file. It is advice: a failure only leaves the pages resident.
+  (void)::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+}
+
+}  // namespace fineserve::ckpt
