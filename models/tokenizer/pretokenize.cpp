@@ -1,0 +1,86 @@
+#include "models/tokenizer/pretokenize.h"
+
+#include <cstdint>
+
+#include "models/tokenizer/unicode.h"
+#include "models/tokenizer/utf8.h"
+
+namespace fineserve {
+namespace {
+
+using unicode::CharClass;
+
+struct Char {
+  CharClass cls;
+  uint32_t length;  // bytes
+};
+
+Char char_at(std::string_view text, size_t pos) {
+  const auto b = static_cast<uint8_t>(text[pos]);
+  if (b < 0x80) return {unicode::char_class(b), 1};
+  const utf8::Decoded d = utf8::decode(text, pos);
+  return {unicode::char_class(d.code_point), d.length};
+}
+
+// Length of the contraction 's 't 're 've 'm 'll 'd at text[pos] (lowercase only), or 0.
+size_t contraction_length(std::string_view text, size_t pos) {
+  if (text[pos] != '\'' || pos + 1 >= text.size()) return 0;
+  const char c1 = text[pos + 1];
+  if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') return 2;
+  if (pos + 2 >= text.size()) return 0;
+  const char c2 = text[pos + 2];
+  if ((c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l')) return 3;
+  return 0;
+}
+
+// End of the run of characters of class `cls` that starts at `pos`.
+size_t run_end(std::string_view text, size_t pos, CharClass cls) {
+  while (pos < text.size()) {
+    const Char c = char_at(text, pos);
+    if (c.cls != cls) break;
+    pos += c.length;
+  }
+  return pos;
+}
+
+}  // namespace
+
+void split_gpt2_pretokens(std::string_view text, std::vector<std::string_view>& out) {
+  out.clear();
+  size_t pos = 0;
+  while (pos < text.size()) {
+    const size_t start = pos;
+    // 's|'t|'re|'ve|'m|'ll|'d
+    if (const size_t n = contraction_length(text, pos)) {
+      out.push_back(text.substr(start, n));
+      pos += n;
+      continue;
+    }
+    // ' ?\p{L}+', ' ?\p{N}+', ' ?[^\s\p{L}\p{N}]+': an optional space (U+0020 only) then a run of
+    // one class. The space is taken only when such a run follows it.
+    size_t body = pos;
+    if (text[pos] == ' ' && pos + 1 < text.size() && char_at(text, pos + 1).cls != CharClass::kSpace) {
+      body = pos + 1;
+    }
+    const Char first = char_at(text, body);
+    if (first.cls != CharClass::kSpace) {
+      pos = run_end(text, body + first.length, first.cls);
+      out.push_back(text.substr(start, pos - start));
+      continue;
+    }
+    // '\s+(?!\S)': a whitespace run, given back one character when a non-space follows it, so
+    // that the last space can join the next word; '\s+' takes a lone space before a non-space.
+    size_t last_start = pos;  // start of the run's last character
+    size_t end = pos;
+    while (end < text.size()) {
+      const Char c = char_at(text, end);
+      if (c.cls != CharClass::kSpace) break;
+      last_start = end;
+      end += c.length;
+    }
+    pos = (end < text.size() && last_start > start) ? last_start : end;
+    out.push_back(text.substr(start, pos - start));
+  }
+}
+
+}  // namespace fineserve
