@@ -1,0 +1,70 @@
+// FineQuant's quantizer: symmetric, zero-centred, uniform, weight-only.
+//
+// For a group of weights g (a run of `group` consecutive elements along the input dimension K of
+// one output row): qmax = 2^(bits-1) - 1, scale = absmax(g) / qmax stored as fp16 (rounded up when
+// fp16 rounding would make |w| / scale exceed qmax, so no weight clips), codes = clamp(round(w /
+// scale), -qmax, qmax). Dequantization: w ≈ code * scale, with |w - code * scale| <= scale / 2.
+//
+// Storage (backend-neutral, see kernels/ops.h WeightMatrix):
+//  - 8 bits: int8 codes, one per byte, [rows, cols].
+//  - 4 bits: two codes per byte, [rows, cols / 2]; element 2j in the low nibble, 2j+1 in the high
+//    nibble, each stored as code + 8 (an unsigned 0..15; 0 is never produced since |code| <= 7).
+//  - 3 and 2 bits (experiments only, not written to checkpoints): int8 codes, one per byte.
+//  - scales: fp16 bit patterns, [rows, cols / group].
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels/dtype.h"
+
+namespace fineserve::quant {
+
+constexpr int qmax_for_bits(int bits) { return (1 << (bits - 1)) - 1; }
+bool is_supported_bits(int bits);  // 8, 4, 3, 2
+
+// Allowed group sizes for a reduction dimension k: k itself ("column-wise", one scale per output
+// channel) or a power of two >= 32 that divides k. Returned coarsest first (k, then descending).
+std::vector<int64_t> allowed_groups(int64_t k);
+bool is_allowed_group(int64_t k, int64_t group);
+
+// The fp16 scale for a group with this absmax (bit pattern); 0 for an all-zero group.
+uint16_t scale_for_absmax(float absmax, int bits);
+
+// A matrix of source weights as the checkpoint holds it: [rows, cols] of F32, F16 or BF16,
+// row-major, possibly unaligned.
+struct MatrixView {
+  const void* data = nullptr;
+  DType dtype = DType::F16;
+  int64_t rows = 0;
+  int64_t cols = 0;
+};
+
+// Quantized weights in the storage format above.
+struct QuantizedMatrix {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  int bits = 0;
+  int64_t group = 0;
+  std::vector<uint8_t> codes;    // see "Storage" above
+  std::vector<uint16_t> scales;  // [rows, cols / group]
+  double rel_error = 0;          // ||W - Q(W)||_F / ||W||_F (0 for an all-zero W)
+  double max_err_over_scale = 0;  // max over elements of |w - q| / scale (<= 0.5 by construction)
+};
+
+// Quantizes a whole matrix, multi-threaded over rows. Throws fineserve::Error when the group is
+// not allowed for cols or bits are unsupported.
+QuantizedMatrix quantize(const MatrixView& w, int bits, int64_t group);
+
+// Reference single-row quantizer (fp32 in, one int8 code per element out) and its inverse.
+void quantize_row(const float* w, int64_t cols, int bits, int64_t group, int8_t* codes, uint16_t* scales);
+void dequantize_row(const int8_t* codes, const uint16_t* scales, int64_t cols, int64_t group, float* w);
+
+// Dequantizes a stored QuantizedMatrix to fp32 [rows, cols].
+std::vector<float> dequantize(const QuantizedMatrix& q);
+
+// int4 packing (see "Storage"): n must be even.
+void pack_int4(const int8_t* codes, int64_t n, uint8_t* packed);
+void unpack_int4(const uint8_t* packed, int64_t n, int8_t* codes);
+
+}  // namespace fineserve::quant

@@ -1,0 +1,213 @@
+#include "quant/adaptive.h"
+
+#include <omp.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "kernels/base.h"
+#include "tests/quant/quant_test_util.h"
+
+namespace fineserve::quant {
+namespace {
+
+using testing::gaussian;
+using testing::plant_outlier_channels;
+using testing::view;
+
+// Brute force: the mean and max over (row, group) of the group absmax at one group size.
+std::pair<double, double> brute_range(const std::vector<float>& w, int64_t rows, int64_t cols, int64_t group) {
+  double sum = 0, max = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t g = 0; g < cols / group; ++g) {
+      double m = 0;
+      for (int64_t j = g * group; j < (g + 1) * group; ++j) m = std::max(m, std::fabs(double{w[static_cast<size_t>(r * cols + j)]}));
+      sum += m;
+      max = std::max(max, m);
+    }
+  }
+  return {sum / static_cast<double>(rows * (cols / group)), max};
+}
+
+TEST(RangeLevels, MatchesBruteForceAtEveryCandidate) {
+  for (int64_t cols : {int64_t{768}, int64_t{5120}, int64_t{100}, int64_t{96}}) {
+    const int64_t rows = 37;
+    std::vector<float> w = gaussian(rows, cols, static_cast<uint32_t>(cols));
+    plant_outlier_channels(w, cols, {cols / 3}, 20.0f);
+    const std::vector<GroupLevel> levels = range_levels(view(w, rows, cols));
+    const std::vector<int64_t> groups = allowed_groups(cols);
+    ASSERT_EQ(levels.size(), groups.size());
+    for (size_t i = 0; i < levels.size(); ++i) {
+      SCOPED_TRACE("K=" + std::to_string(cols) + " group " + std::to_string(groups[i]));
+      EXPECT_EQ(levels[i].group, groups[i]);
+      const auto [mean, max] = brute_range(w, rows, cols, groups[i]);
+      EXPECT_NEAR(levels[i].mean_range, mean, 1e-9 * mean);
+      EXPECT_EQ(levels[i].max_range, max);
+      EXPECT_EQ(levels[i].rel_error, -1.0);
+      if (i == 0) {
+        EXPECT_EQ(levels[i].ratio, 0.0);
+      } else {
+        EXPECT_NEAR(levels[i].ratio, levels[i - 1].mean_range / levels[i].mean_range, 1e-12);
+        EXPECT_GE(levels[i].ratio, 1.0);  // a child's absmax never exceeds its parent's
+      }
+    }
+  }
+}
+
+TEST(RangeLevels, SameAtAnyThreadCountAndRejectsNaN) {
+  const int64_t rows = 700, cols = 256;
+  std::vector<float> w = gaussian(rows, cols, 3);
+  const int saved = omp_get_max_threads();
+  omp_set_num_threads(1);
+  const std::vector<GroupLevel> one = range_levels(view(w, rows, cols));
+  omp_set_num_threads(3);
+  const std::vector<GroupLevel> three = range_levels(view(w, rows, cols));
+  omp_set_num_threads(saved);
+  ASSERT_EQ(one.size(), three.size());
+  for (size_t i = 0; i < one.size(); ++i) EXPECT_EQ(one[i].mean_range, three[i].mean_range);
+
+  w[static_cast<size_t>(650 * cols + 17)] = std::numeric_limits<float>::quiet_NaN();
+  try {
+    range_levels(view(w, rows, cols));
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("row 650, column 17 is NaN"), std::string::npos) << e.what();
+  }
+}
+
+TEST(Adaptive, GaussianStaysCoarse) {
+  for (int64_t cols : {int64_t{2048}, int64_t{4096}, int64_t{5120}}) {
+    const std::vector<float> w = gaussian(96, cols, static_cast<uint32_t>(cols) + 1);
+    const GroupDecision d = choose_group(view(w, 96, cols), GroupOptions{});
+    EXPECT_EQ(d.mode, GroupMode::Adaptive);
+    EXPECT_GE(d.group, 1024) << "K=" << cols << ": " << d.reason;
+    EXPECT_FALSE(d.levels.empty());
+    EXPECT_NE(d.reason.find("α"), std::string::npos) << d.reason;
+  }
+}
+
+TEST(Adaptive, PlantedOutlierChannelsRefineAndCutTheError) {
+  const int64_t rows = 96, cols = 4096;
+  std::vector<float> w = gaussian(rows, cols, 77);
+  std::vector<int64_t> channels;
+  for (int64_t c = 0; c < 40; ++c) channels.push_back((c * 997 + 13) % cols);  // ~1% of the channels
+  plant_outlier_channels(w, cols, channels, 10.0f);
+
+  const GroupDecision d = choose_group(view(w, rows, cols), GroupOptions{});
+  EXPECT_LT(d.group, cols) << d.reason;
+  EXPECT_LE(d.group, 256) << d.reason;
+  const double err_column = quantize(view(w, rows, cols), 4, cols).rel_error;
+  const double err_chosen = quantize(view(w, rows, cols), 4, d.group).rel_error;
+  EXPECT_LT(err_chosen, 0.7 * err_column) << d.reason;
+}
+
+TEST(Adaptive, AlphaControlsHowFarItRefines) {
+  const int64_t rows = 32, cols = 1024;
+  const std::vector<float> w = gaussian(rows, cols, 5);
+  GroupOptions options;
+  options.alpha = 1e9;  // nothing beats it: column-wise
+  GroupDecision d = choose_group(view(w, rows, cols), options);
+  EXPECT_EQ(d.group, cols);
+  EXPECT_NE(d.reason.find("column-wise"), std::string::npos) << d.reason;
+  options.alpha = 1.0;  // every halving shrinks random ranges a little: all the way down
+  d = choose_group(view(w, rows, cols), options);
+  EXPECT_EQ(d.group, 32);
+  EXPECT_NE(d.reason.find("finest"), std::string::npos) << d.reason;
+  // The decision is the walk down the ratios: stop at the first one <= alpha.
+  for (double alpha : {1.02, 1.05, 1.08, 1.1, 1.15, 1.2}) {
+    options.alpha = alpha;
+    d = choose_group(view(w, rows, cols), options);
+    size_t i = 0;
+    while (i + 1 < d.levels.size() && d.levels[i + 1].ratio > alpha) ++i;
+    EXPECT_EQ(d.group, d.levels[i].group) << "alpha " << alpha << ": " << d.reason;
+  }
+  options.alpha = -1;
+  EXPECT_THROW(choose_group(view(w, rows, cols), options), Error);
+  options.alpha = std::numeric_limits<double>::quiet_NaN();
+  EXPECT_THROW(choose_group(view(w, rows, cols), options), Error);
+}
+
+TEST(Adaptive, OnlyColumnWiseAllowedAndZeroMatrices) {
+  const std::vector<float> w = gaussian(8, 100, 2);
+  GroupDecision d = choose_group(view(w, 8, 100), GroupOptions{});
+  EXPECT_EQ(d.group, 100);
+  EXPECT_EQ(d.levels.size(), 1u);
+  EXPECT_FALSE(d.reason.empty());
+
+  const std::vector<float> zeros(8 * 256, 0.0f);
+  d = choose_group(view(zeros, 8, 256), GroupOptions{});
+  EXPECT_EQ(d.group, 256);
+  for (size_t i = 1; i < d.levels.size(); ++i) EXPECT_EQ(d.levels[i].ratio, 1.0);
+}
+
+TEST(Fixed, AllowedGroupsAndErrors) {
+  const std::vector<float> w = gaussian(4, 768, 9);
+  GroupOptions options;
+  options.mode = GroupMode::Fixed;
+  options.group = -1;
+  GroupDecision d = choose_group(view(w, 4, 768), options);
+  EXPECT_EQ(d.group, 768);
+  EXPECT_EQ(d.mode, GroupMode::Fixed);
+  options.group = 128;
+  EXPECT_EQ(choose_group(view(w, 4, 768), options).group, 128);
+
+  options.group = 100;
+  try {
+    choose_group(view(w, 4, 768), options);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("group 100 does not divide K=768 (allowed: 768, 256, 128, 64, 32)"),
+              std::string::npos)
+        << e.what();
+  }
+  for (int64_t bad : {int64_t{384}, int64_t{16}, int64_t{512}, int64_t{0}, int64_t{-2}}) {
+    options.group = bad;
+    EXPECT_THROW(choose_group(view(w, 4, 768), options), Error) << bad;
+  }
+  options.group = 128;
+  options.bits = 5;
+  EXPECT_THROW(choose_group(view(w, 4, 768), options), Error);
+}
+
+TEST(MaxRelError, CoarsestGroupMeetingTheTarget) {
+  const int64_t rows = 40, cols = 768;
+  std::vector<float> w = gaussian(rows, cols, 31);
+  plant_outlier_channels(w, cols, {3, 300, 301, 700}, 8.0f);
+  for (int bits : {4, 8}) {
+    const std::vector<int64_t> groups = allowed_groups(cols);
+    std::vector<double> brute;
+    for (int64_t g : groups) brute.push_back(quantize(view(w, rows, cols), bits, g).rel_error);
+
+    GroupOptions options;
+    options.mode = GroupMode::MaxRelError;
+    options.bits = bits;
+    // Targets between every pair of neighbouring errors, and one below all of them.
+    for (size_t i = 0; i + 1 < brute.size(); ++i) {
+      options.max_rel_error = std::sqrt(brute[i] * brute[i + 1]);
+      const GroupDecision d = choose_group(view(w, rows, cols), options);
+      size_t want = 0;
+      while (want < brute.size() && brute[want] > options.max_rel_error) ++want;
+      ASSERT_LT(want, brute.size());
+      EXPECT_EQ(d.group, groups[want]) << d.reason;
+      EXPECT_TRUE(d.target_met);
+      ASSERT_EQ(d.levels.size(), groups.size());
+      for (size_t l = 0; l < groups.size(); ++l) EXPECT_NEAR(d.levels[l].rel_error, brute[l], 1e-12);
+    }
+    options.max_rel_error = brute.back() * 0.5;
+    const GroupDecision missed = choose_group(view(w, rows, cols), options);
+    EXPECT_FALSE(missed.target_met);
+    EXPECT_EQ(missed.group, 32);
+    EXPECT_NE(missed.reason.find("not met"), std::string::npos) << missed.reason;
+  }
+  GroupOptions options;
+  options.mode = GroupMode::MaxRelError;
+  options.max_rel_error = 0;
+  EXPECT_THROW(choose_group(view(w, rows, cols), options), Error);
+}
+
+}  // namespace
+}  // namespace fineserve::quant
