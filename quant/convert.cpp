@@ -1,0 +1,333 @@
+#include "quant/convert.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <regex>
+#include <sstream>
+
+#include "kernels/base.h"
+#include "kernels/cpu/convert.h"
+#include "models/checkpoint/atomic_dir.h"
+#include "models/checkpoint/config.h"
+#include "models/checkpoint/safetensors.h"
+
+namespace fineserve::quant {
+namespace fs = std::filesystem;
+namespace {
+
+struct Plan {
+  const ckpt::TensorInfo* info = nullptr;
+  const ckpt::SafetensorsFile* file = nullptr;
+  bool quantize = false;
+  std::string why_kept;  // when !quantize
+};
+
+std::string stem_of(const std::string& weight_name) {  // "x.fc1.weight" -> "x.fc1"
+  return weight_name.substr(0, weight_name.size() - std::string(".weight").size());
+}
+
+bool ends_with(const std::string& s, const std::string& suffix) {
+  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+}
+
+std::string mode_name(GroupMode m) {
+  switch (m) {
+    case GroupMode::Adaptive: return "adaptive";
+    case GroupMode::Fixed: return "fixed";
+    case GroupMode::MaxRelError: return "max-rel-error";
+  }
+  return "?";
+}
+
+// Asks the kernel to start reading a tensor's pages while the previous one is being quantized.
+void prefetch(const ckpt::SafetensorsFile& file, const ckpt::TensorInfo& t) {
+  const ckpt::TensorView v = file.view(t);
+  const auto page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  auto begin = reinterpret_cast<uintptr_t>(v.data) & ~(page - 1);
+  auto end = reinterpret_cast<uintptr_t>(v.data) + v.nbytes();
+  if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_WILLNEED);
+}
+
+std::span<const std::byte> as_bytes_of(const auto& vec) { return std::as_bytes(std::span(vec)); }
+
+uint64_t fnv1a(uint64_t h, std::string_view bytes) {
+  for (unsigned char c : bytes) h = (h ^ c) * 1099511628211ull;
+  return h;
+}
+
+}  // namespace
+
+std::vector<std::string> default_keep_patterns() {
+  return {"embed", "lm_head", "norm", "\\.gate\\.weight$", "router"};
+}
+
+std::string source_fingerprint(const fs::path& model) {
+  const ckpt::Checkpoint src = ckpt::Checkpoint::open(model);
+  uint64_t h = 1469598103934665603ull;
+  std::ifstream cfg(src.dir() / "config.json", std::ios::binary);
+  std::string text((std::istreambuf_iterator<char>(cfg)), std::istreambuf_iterator<char>());
+  h = fnv1a(h, text);
+  for (const auto& f : src.files()) {
+    h = fnv1a(h, f->header_json());
+    h = fnv1a(h, std::to_string(f->file_size()));
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "fnv1a64:%016llx", static_cast<unsigned long long>(h));
+  return buf;
+}
+
+ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<void(const Progress&)>& progress) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const int bits = o.group.bits;
+  if (bits != 8 && bits != 4) throw Error("--bits must be 8 or 4 (got " + std::to_string(bits) + ")");
+  if (o.group.mode == GroupMode::Adaptive && o.group.alpha != 0 && !(o.group.alpha > 1.0))
+    throw Error("--alpha must be > 1 (the ratio of mean group ranges before and after halving)");
+  if (o.group.mode == GroupMode::MaxRelError && !(o.group.max_rel_error > 0 && o.group.max_rel_error < 1))
+    throw Error("--max-rel-error must be in (0, 1)");
+
+  const ckpt::Checkpoint src = ckpt::Checkpoint::open(o.model);
+  if (!fs::exists(src.dir() / "config.json")) throw Error("no config.json in " + src.dir().string());
+  nlohmann::json config = ckpt::read_json_file(src.dir() / "config.json");
+  if (config.contains("quantization_config"))
+    throw Error(o.model.string() + " is already quantized (config.json has quantization_config)");
+
+  std::vector<std::regex> keep;
+  for (const auto& p : o.keep) {
+    try {
+      keep.emplace_back(p);
+    } catch (const std::regex_error& e) {
+      throw Error("invalid --keep pattern '" + p + "': " + e.what());
+    }
+  }
+
+  // Plan every tensor first, so that a matrix the options cannot handle (a fixed group that does
+  // not divide its K) fails before anything is written.
+  std::vector<Plan> plan;
+  for (const auto& file : src.files()) {
+    for (const ckpt::TensorInfo& t : file->tensors()) {
+      Plan p{&t, file.get(), false, ""};
+      const bool matrix = t.shape.size() == 2 && is_float(t.dtype) && ends_with(t.name, ".weight");
+      const bool kept = std::any_of(keep.begin(), keep.end(), [&](const std::regex& r) { return std::regex_search(t.name, r); });
+      if (!matrix) {
+        p.why_kept = t.shape.size() == 2 ? "not a float .weight" : "not a matrix";
+      } else if (kept) {
+        p.why_kept = "matches --keep";
+      } else if (bits == 4 && t.shape[1] % 2 != 0) {
+        p.why_kept = "odd K cannot be packed as int4";
+      } else if (t.shape[0] == 0 || t.shape[1] == 0) {
+        p.why_kept = "empty";
+      } else {
+        p.quantize = true;
+        if (o.group.mode == GroupMode::Fixed && o.group.group != -1 && !is_allowed_group(t.shape[1], o.group.group)) {
+          std::string allowed;
+          for (int64_t g : allowed_groups(t.shape[1])) allowed += (allowed.empty() ? "" : ", ") + std::to_string(g);
+          throw Error("--group " + std::to_string(o.group.group) + " is not allowed for " + t.name + " (K = " +
+                      std::to_string(t.shape[1]) + "; allowed: " + allowed + ")");
+        }
+      }
+      plan.push_back(p);
+    }
+  }
+
+  ConvertReport report;
+  report.source = o.model.string();
+  report.fingerprint = source_fingerprint(o.model);
+  report.options = o.group;
+
+  // Output names, and a metadata template with the longest values, to size the headers.
+  std::vector<std::string> names;
+  nlohmann::json groups_template = nlohmann::json::object();
+  for (const Plan& p : plan) {
+    if (p.quantize) {
+      names.push_back(stem_of(p.info->name) + ".qweight");
+      names.push_back(stem_of(p.info->name) + ".scales");
+      groups_template[stem_of(p.info->name)] = 99999999999LL;
+    } else {
+      names.push_back(p.info->name);
+    }
+  }
+  ckpt::Metadata meta{{"format", kFormatName},
+                      {"quantizer_version", std::to_string(kQuantizerVersion)},
+                      {"bits", std::to_string(bits)},
+                      {"group_mode", mode_name(o.group.mode)},
+                      {"alpha", std::to_string(o.group.alpha == 0 ? kDefaultAlpha : o.group.alpha)},
+                      {"source_fingerprint", report.fingerprint},
+                      {"groups", groups_template.dump()}};
+
+  ckpt::AtomicDirectory dir(o.out, o.overwrite);
+  ckpt::CheckpointWriter writer(dir.path(), names, meta, o.max_shard_bytes);
+
+  Progress prog;
+  prog.tensors_total = plan.size();
+  for (const Plan& p : plan) prog.bytes_total += p.info->nbytes();
+
+  nlohmann::json groups = nlohmann::json::object();
+  std::vector<float> f32;
+  std::vector<uint16_t> f16;
+  for (size_t i = 0; i < plan.size(); ++i) {
+    const Plan& p = plan[i];
+    const ckpt::TensorInfo& t = *p.info;
+    if (i + 1 < plan.size()) prefetch(*plan[i + 1].file, *plan[i + 1].info);
+    prog.current = t.name;
+    if (progress) progress(prog);
+    const ckpt::TensorView v = p.file->view(t);
+    report.bytes_in += t.nbytes();
+
+    if (p.quantize) {
+      const MatrixView m{v.data, t.dtype, t.shape[0], t.shape[1]};
+      MatrixReport r;
+      r.name = t.name;
+      r.rows = m.rows;
+      r.cols = m.cols;
+      r.bits = bits;
+      r.decision = choose_group(m, o.group);
+      const QuantizedMatrix q = quantize(m, bits, r.decision.group);
+      const std::string stem = stem_of(t.name);
+      const std::vector<int64_t> code_shape{m.rows, bits == 4 ? m.cols / 2 : m.cols};
+      writer.add(stem + ".qweight", bits == 4 ? DType::U8 : DType::I8, code_shape, as_bytes_of(q.codes));
+      writer.add(stem + ".scales", DType::F16, {m.rows, m.cols / q.group}, as_bytes_of(q.scales));
+      groups[stem] = q.group;
+      r.rel_error = q.rel_error;
+      r.absmax = r.decision.levels.empty() ? 0 : r.decision.levels.front().max_range;
+      r.bits_per_weight = bits + 16.0 / static_cast<double>(q.group);
+      r.bytes_in = t.nbytes();
+      r.bytes_out = q.codes.size() + q.scales.size() * 2;
+      report.bytes_out += r.bytes_out;
+      report.matrices.push_back(std::move(r));
+    } else if (t.dtype == DType::F32) {  // non-quantized tensors stay in 16 bits
+      f32.resize(static_cast<size_t>(t.numel()));
+      f16.resize(f32.size());
+      cpu::to_f32(v.data, DType::F32, t.numel(), f32.data());
+      cpu::from_f32(f32.data(), t.numel(), DType::F16, f16.data());
+      writer.add(t.name, DType::F16, t.shape, as_bytes_of(f16));
+      report.bytes_out += f16.size() * 2;
+      report.kept.push_back({t.name, "F16", t.shape, p.why_kept});
+    } else {
+      writer.add(t.name, t.dtype, t.shape, std::span<const std::byte>(v.data, t.nbytes()));
+      report.bytes_out += t.nbytes();
+      report.kept.push_back({t.name, std::string(dtype_name(t.dtype)), t.shape, p.why_kept});
+    }
+    p.file->release(t);
+    prog.tensors_done = i + 1;
+    prog.bytes_done += t.nbytes();
+    if (progress) progress(prog);
+  }
+  meta["groups"] = groups.dump();
+  writer.finish(meta);
+
+  // Everything that is not a safetensors shard (config, tokenizer, generation config) is copied;
+  // config.json records how the weights were quantized.
+  for (const auto& entry : fs::directory_iterator(src.dir())) {
+    const std::string fname = entry.path().filename().string();
+    if (!entry.is_regular_file() || entry.path().extension() == ".safetensors" ||
+        fname == "model.safetensors.index.json" || fname == "quant_report.json" || fname == "config.json")
+      continue;
+    fs::copy_file(entry.path(), dir.path() / fname);
+  }
+  config["quantization_config"] = {{"quant_method", "finequant"},
+                                   {"format", kFormatName},
+                                   {"quantizer_version", kQuantizerVersion},
+                                   {"bits", bits},
+                                   {"group_mode", mode_name(o.group.mode)},
+                                   {"groups", groups},
+                                   {"source_fingerprint", report.fingerprint}};
+  {
+    std::ofstream out(dir.path() / "config.json");
+    out << config.dump(2) << "\n";
+    if (!out) throw Error("cannot write config.json in " + dir.path().string());
+  }
+  report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  {
+    std::ofstream out(dir.path() / "quant_report.json");
+    out << to_json(report).dump(2) << "\n";
+    if (!out) throw Error("cannot write quant_report.json in " + dir.path().string());
+  }
+  dir.commit();
+  return report;
+}
+
+nlohmann::json to_json(const ConvertReport& r) {
+  nlohmann::json matrices = nlohmann::json::array();
+  for (const MatrixReport& m : r.matrices) {
+    nlohmann::json levels = nlohmann::json::array();
+    for (const GroupLevel& l : m.decision.levels) {
+      nlohmann::json j = {{"group", l.group}, {"mean_range", l.mean_range}, {"max_range", l.max_range}, {"ratio", l.ratio}};
+      if (l.rel_error >= 0) j["rel_error"] = l.rel_error;
+      levels.push_back(j);
+    }
+    matrices.push_back({{"name", m.name},
+                        {"shape", {m.rows, m.cols}},
+                        {"bits", m.bits},
+                        {"group", m.decision.group},
+                        {"mode", mode_name(m.decision.mode)},
+                        {"reason", m.decision.reason},
+                        {"target_met", m.decision.target_met},
+                        {"levels", levels},
+                        {"absmax", m.absmax},
+                        {"rel_error", m.rel_error},
+                        {"bits_per_weight", m.bits_per_weight},
+                        {"bytes_in", m.bytes_in},
+                        {"bytes_out", m.bytes_out}});
+  }
+  nlohmann::json kept = nlohmann::json::array();
+  for (const auto& k : r.kept) kept.push_back({{"name", k.name}, {"dtype", k.dtype}, {"shape", k.shape}, {"why", k.why}});
+  nlohmann::json opts = {{"bits", r.options.bits}, {"mode", mode_name(r.options.mode)}};
+  if (r.options.mode == GroupMode::Adaptive) opts["alpha"] = r.options.alpha == 0 ? kDefaultAlpha : r.options.alpha;
+  if (r.options.mode == GroupMode::Fixed) opts["group"] = r.options.group;
+  if (r.options.mode == GroupMode::MaxRelError) opts["max_rel_error"] = r.options.max_rel_error;
+  return {{"format", kFormatName},
+          {"quantizer_version", kQuantizerVersion},
+          {"source", r.source},
+          {"source_fingerprint", r.fingerprint},
+          {"options", opts},
+          {"matrices", matrices},
+          {"kept", kept},
+          {"totals",
+           {{"bytes_in", r.bytes_in},
+            {"bytes_out", r.bytes_out},
+            {"compression", r.bytes_out ? static_cast<double>(r.bytes_in) / static_cast<double>(r.bytes_out) : 0.0},
+            {"seconds", r.seconds}}}};
+}
+
+std::string format_report(const ConvertReport& r) {
+  std::ostringstream os;
+  char line[512];
+  std::snprintf(line, sizeof line, "%-48s %13s %6s %9s %9s %9s %9s %8s\n", "matrix", "shape", "group", "R(K)",
+                "R(group)", "absmax", "rel err", "bits/w");
+  os << line;
+  for (const MatrixReport& m : r.matrices) {
+    const auto& lv = m.decision.levels;
+    double r_k = lv.empty() ? 0 : lv.front().mean_range, r_g = r_k;
+    for (const GroupLevel& l : lv)
+      if (l.group == m.decision.group) r_g = l.mean_range;
+    const std::string shape = std::to_string(m.rows) + "x" + std::to_string(m.cols);
+    const std::string group = m.decision.group == m.cols ? "K" : std::to_string(m.decision.group);
+    std::string name = m.name.size() > 48 ? "..." + m.name.substr(m.name.size() - 45) : m.name;
+    std::snprintf(line, sizeof line, "%-48s %13s %6s %9.3g %9.3g %9.3g %9.5f %8.3f%s\n", name.c_str(), shape.c_str(),
+                  group.c_str(), r_k, r_g, m.absmax, m.rel_error, m.bits_per_weight,
+                  m.decision.target_met ? "" : "  (target not met)");
+    os << line;
+  }
+  uint64_t q_in = 0, q_out = 0;
+  for (const MatrixReport& m : r.matrices) {
+    q_in += m.bytes_in;
+    q_out += m.bytes_out;
+  }
+  const double gb = 1e9;
+  std::snprintf(line, sizeof line,
+                "\n%zu matrices quantized to int%d (%.3f GB -> %.3f GB), %zu tensors kept\n"
+                "checkpoint: %.3f GB -> %.3f GB, compression %.2fx, %.1f s (%.2f GB/s of input)\n",
+                r.matrices.size(), r.options.bits, static_cast<double>(q_in) / gb, static_cast<double>(q_out) / gb,
+                r.kept.size(), static_cast<double>(r.bytes_in) / gb, static_cast<double>(r.bytes_out) / gb,
+                r.bytes_out ? static_cast<double>(r.bytes_in) / static_cast<double>(r.bytes_out) : 0.0, r.seconds,
+                r.seconds > 0 ? static_cast<double>(r.bytes_in) / gb / r.seconds : 0.0);
+  os << line;
+  return os.str();
+}
+
+}  // namespace fineserve::quant

@@ -1,0 +1,85 @@
+// The conversion pipeline: a Hugging Face checkpoint in, a FineQuant checkpoint out.
+//
+// Streams tensor by tensor (peak memory: the tensor being converted plus its codes), decides each
+// linear weight's group size (quant/adaptive.h), quantizes it, and writes
+//   <name>.qweight  int8 codes [N, K] (8 bits) or packed int4 [N, K/2] (4 bits, see quantizer.h)
+//   <name>.scales   fp16 [N, K/group]
+// in place of <name>.weight; every other tensor is copied (fp32 ones stored as fp16). Files other
+// than safetensors (config.json, tokenizer files) are copied, and config.json gains a
+// "quantization_config" entry. The output appears only when complete (AtomicDirectory), with
+// quant_report.json beside the weights.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "quant/adaptive.h"
+
+namespace fineserve::quant {
+
+inline constexpr const char* kFormatName = "fineserve-finequant";
+inline constexpr int kQuantizerVersion = 1;
+
+struct ConvertOptions {
+  std::filesystem::path model;  // the source checkpoint (directory or .safetensors file)
+  std::filesystem::path out;    // the FineQuant checkpoint directory to create
+  GroupOptions group;           // bits and the group-size rule
+  // Linear weights whose names match any of these (ECMAScript regex, searched) stay in 16 bits.
+  std::vector<std::string> keep;
+  uint64_t max_shard_bytes = 4ull << 30;
+  bool overwrite = false;
+};
+
+// The default `keep` list: embeddings, the LM head, norms and MoE routers stay in 16 bits.
+std::vector<std::string> default_keep_patterns();
+
+struct MatrixReport {
+  std::string name;  // the source tensor (".weight")
+  int64_t rows = 0, cols = 0;
+  int bits = 0;
+  GroupDecision decision;
+  double rel_error = 0;
+  double absmax = 0;
+  double bits_per_weight = 0;  // code bits + 16 / group (scales)
+  uint64_t bytes_in = 0, bytes_out = 0;
+};
+
+struct ConvertReport {
+  std::string source;
+  std::string fingerprint;
+  GroupOptions options;
+  std::vector<MatrixReport> matrices;
+  struct Kept {
+    std::string name;
+    std::string dtype;
+    std::vector<int64_t> shape;
+    std::string why;
+  };
+  std::vector<Kept> kept;
+  uint64_t bytes_in = 0, bytes_out = 0;  // all tensors
+  double seconds = 0;
+};
+
+struct Progress {
+  size_t tensors_done = 0, tensors_total = 0;
+  uint64_t bytes_done = 0, bytes_total = 0;
+  std::string current;
+};
+
+ConvertReport convert_checkpoint(const ConvertOptions& options,
+                                 const std::function<void(const Progress&)>& progress = {});
+
+nlohmann::json to_json(const ConvertReport& report);
+// The per-matrix table and the totals, as `fineserve quantize` prints them.
+std::string format_report(const ConvertReport& report);
+
+// A fingerprint of a checkpoint that is cheap to compute on hundreds of GB: FNV-1a 64 over
+// config.json and every safetensors header (names, dtypes, shapes, offsets) and file size.
+std::string source_fingerprint(const std::filesystem::path& model_dir);
+
+}  // namespace fineserve::quant

@@ -1,0 +1,83 @@
+// `fineserve inspect`: a checkpoint's tensors, dtypes, shapes and quantization settings.
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+
+#include <nlohmann/json.hpp>
+
+#include "kernels/base.h"
+#include "models/checkpoint/config.h"
+#include "models/checkpoint/safetensors.h"
+#include "server/commands.h"
+
+namespace fineserve {
+namespace {
+
+std::string shape_str(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+}  // namespace
+
+void add_inspect_command(CLI::App& app) {
+  struct Flags {
+    std::string path;
+    bool json = false;
+  };
+  auto f = std::make_shared<Flags>();
+  CLI::App* cmd = app.add_subcommand("inspect", "List a checkpoint's tensors and quantization settings");
+  cmd->add_option("path", f->path, "Checkpoint directory or .safetensors file")->required();
+  cmd->add_flag("--json", f->json, "Print JSON instead of a table");
+  cmd->callback([f] {
+    const ckpt::Checkpoint c = ckpt::Checkpoint::open(f->path);
+    nlohmann::json groups = nlohmann::json::object();
+    const ckpt::Metadata& meta = c.metadata();
+    if (auto it = meta.find("groups"); it != meta.end()) {
+      try {
+        groups = nlohmann::json::parse(it->second);
+      } catch (const nlohmann::json::exception&) {
+        throw Error(f->path + ": metadata 'groups' is not valid JSON");
+      }
+    }
+    const bool quantized = meta.count("format") && meta.at("format") == "fineserve-finequant";
+    nlohmann::json out = {{"path", f->path}, {"files", c.files().size()}, {"bytes", c.total_bytes()}};
+    out["metadata"] = meta;
+    nlohmann::json tensors = nlohmann::json::array();
+    for (const ckpt::TensorInfo* t : c.tensors()) {
+      nlohmann::json j = {{"name", t->name}, {"dtype", dtype_name(t->dtype)}, {"shape", t->shape}, {"bytes", t->nbytes()}};
+      const std::string suffix = ".qweight";
+      if (quantized && t->name.size() > suffix.size() && t->name.ends_with(suffix)) {
+        const std::string stem = t->name.substr(0, t->name.size() - suffix.size());
+        if (groups.contains(stem)) j["group"] = groups[stem];
+        j["bits"] = std::stoi(meta.at("bits"));
+      }
+      tensors.push_back(j);
+    }
+    out["tensors"] = tensors;
+    if (f->json) {
+      std::printf("%s\n", out.dump(2).c_str());
+      return;
+    }
+    std::printf("%s: %zu file(s), %zu tensors, %.3f GB\n", f->path.c_str(), c.files().size(), tensors.size(),
+                static_cast<double>(c.total_bytes()) / 1e9);
+    for (const auto& [k, v] : meta) {
+      if (k == "groups") continue;
+      std::printf("  %s = %s\n", k.c_str(), v.c_str());
+    }
+    std::printf("\n%-60s %-5s %-20s %12s %s\n", "tensor", "dtype", "shape", "bytes", quantized ? "quant" : "");
+    for (const auto& j : tensors) {
+      std::string q;
+      if (j.contains("bits")) {
+        const int64_t g = j.contains("group") ? j["group"].get<int64_t>() : 0;
+        q = "int" + std::to_string(j["bits"].get<int>()) + " g=" + std::to_string(g);
+      }
+      std::printf("%-60s %-5s %-20s %12llu %s\n", j["name"].get<std::string>().c_str(),
+                  j["dtype"].get<std::string>().c_str(), shape_str(j["shape"].get<std::vector<int64_t>>()).c_str(),
+                  static_cast<unsigned long long>(j["bytes"].get<uint64_t>()), q.c_str());
+    }
+  });
+}
+
+}  // namespace fineserve

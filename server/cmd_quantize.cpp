@@ -1,0 +1,80 @@
+// `fineserve quantize`: a Hugging Face checkpoint in, a FineQuant checkpoint out.
+#include <cstdio>
+#include <fstream>
+#include <memory>
+
+#include "kernels/base.h"
+#include "quant/convert.h"
+#include "server/commands.h"
+#include "server/progress.h"
+
+namespace fineserve {
+
+void add_quantize_command(CLI::App& app) {
+  struct Flags {
+    std::string model, out;
+    int bits = 4;
+    double alpha = 0;
+    int64_t group = 0;
+    double max_rel_error = 0;
+    std::vector<std::string> keep;
+    bool quantize_embeddings = false;
+    double shard_gb = 4;
+    bool force = false;
+    bool quiet = false;
+  };
+  auto f = std::make_shared<Flags>();
+  CLI::App* cmd = app.add_subcommand("quantize", "Quantize a Hugging Face checkpoint with FineQuant");
+  cmd->add_option("--model", f->model, "Source checkpoint directory (config.json + *.safetensors)")->required();
+  cmd->add_option("--out", f->out, "Output directory (created; must not exist unless --force)")->required();
+  cmd->add_option("--bits", f->bits, "Code width: 8 or 4")->check(CLI::IsMember({8, 4}));
+  auto* alpha = cmd->add_option("--alpha", f->alpha,
+                                "Adaptive group size (default): refine while the mean group range shrinks by more "
+                                "than this factor when the group is halved");
+  auto* group = cmd->add_option("--group", f->group, "Fixed group size for every matrix (-1 = K, column-wise)");
+  auto* err = cmd->add_option("--max-rel-error", f->max_rel_error,
+                              "Coarsest group whose relative Frobenius error is <= this target");
+  alpha->excludes(group)->excludes(err);
+  group->excludes(err);
+  cmd->add_option("--keep", f->keep,
+                  "Regex of linear weights to keep in 16 bits (repeatable; replaces the default: embed, "
+                  "lm_head, norm, MoE routers)");
+  cmd->add_flag("--quantize-embeddings", f->quantize_embeddings,
+                "Also quantize the token embedding and LM head matrices");
+  cmd->add_option("--shard-gb", f->shard_gb, "Maximum shard size in GB")->check(CLI::PositiveNumber);
+  cmd->add_flag("--force", f->force, "Replace an existing output directory");
+  cmd->add_flag("-q,--quiet", f->quiet, "Do not print the per-matrix table");
+  cmd->callback([f, group, err] {
+    quant::ConvertOptions o;
+    o.model = f->model;
+    o.out = f->out;
+    o.group.bits = f->bits;
+    if (*group) {
+      o.group.mode = quant::GroupMode::Fixed;
+      if (f->group != -1 && f->group <= 0) throw Error("--group must be positive or -1 (column-wise)");
+      o.group.group = f->group;
+    } else if (*err) {
+      o.group.mode = quant::GroupMode::MaxRelError;
+      o.group.max_rel_error = f->max_rel_error;
+    } else {
+      o.group.mode = quant::GroupMode::Adaptive;
+      o.group.alpha = f->alpha;
+    }
+    o.keep = f->keep.empty() ? quant::default_keep_patterns() : f->keep;
+    if (f->quantize_embeddings && f->keep.empty())
+      std::erase_if(o.keep, [](const std::string& p) { return p == "embed" || p == "lm_head"; });
+    o.max_shard_bytes = static_cast<uint64_t>(f->shard_gb * 1e9);
+    o.overwrite = f->force;
+
+    ProgressBar bar("quantize");
+    const quant::ConvertReport report = quant::convert_checkpoint(o, [&](const quant::Progress& p) {
+      bar.update(p.bytes_total ? static_cast<double>(p.bytes_done) / static_cast<double>(p.bytes_total) : 0.0,
+                 std::to_string(p.tensors_done) + "/" + std::to_string(p.tensors_total) + " " + p.current);
+    });
+    bar.done();
+    if (!f->quiet) std::fputs(quant::format_report(report).c_str(), stdout);
+    std::printf("wrote %s (report: %s/quant_report.json)\n", f->out.c_str(), f->out.c_str());
+  });
+}
+
+}  // namespace fineserve
