@@ -1,0 +1,186 @@
+// `fineserve bench cpu-gemm`: the CPU backend's linear layer on OPT-1.3B's layer shapes at decode
+// batch 1 and 8, for int4 (group 128 and column-wise), int8 (column-wise) and dense fp16, against
+// the machine's read bandwidth measured in the same run.
+//
+// Decode is memory-bound, so the figure of merit is GB/s of weight bytes (WeightMatrix::bytes():
+// codes + fp16 scales, or fp16 values) and its share of the measured read bandwidth; the int4
+// speedup is against the fp16 time on the same shape. Several copies of each weight are rotated so
+// that the bytes touched exceed the last-level cache and every call streams from DRAM.
+// Derived figures use the best call time, like the bandwidth they are compared with (best of
+// several passes): on a machine shared with other work the best call is the one that ran
+// undisturbed. The median is printed and recorded too.
+#include <algorithm>
+#include <chrono>
+#include <fstream>
+#include <cstdio>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "bench/membw.h"
+#include "bench/report.h"
+#include "kernels/cpu/cpu_backend.h"
+#include "kernels/half.h"
+
+namespace fineserve::bench {
+namespace {
+
+struct Shape {
+  const char* name;
+  int64_t k, n;
+};
+
+struct Format {
+  const char* name;
+  int bits;       // 0 = dense fp16
+  int64_t group;  // 0 = column-wise (K)
+};
+
+struct HostWeight {
+  WeightMatrix w;
+  std::vector<uint8_t> data;
+  std::vector<uint16_t> scales;
+};
+
+HostWeight make_host_weight(const Shape& s, const Format& f, uint32_t seed) {
+  std::mt19937 rng(seed);
+  HostWeight h;
+  h.w.rows = s.n;
+  h.w.cols = s.k;
+  h.w.bits = f.bits;
+  if (f.bits == 0) {
+    h.w.dtype = DType::F16;
+    std::vector<uint16_t> v(static_cast<size_t>(s.n * s.k));
+    std::normal_distribution<float> d(0.0f, 0.02f);
+    for (auto& x : v) x = float_to_half(d(rng));
+    h.data.resize(v.size() * 2);
+    std::memcpy(h.data.data(), v.data(), h.data.size());
+  } else {
+    h.w.dtype = f.bits == 8 ? DType::I8 : DType::U8;
+    h.w.group = f.group ? f.group : s.k;
+    h.data.resize(static_cast<size_t>(s.n * s.k * f.bits / 8));
+    for (auto& b : h.data) b = static_cast<uint8_t>(rng());
+    if (f.bits == 4)  // nibbles 1..15 (code + 8 never 0), as a quantizer writes them
+      for (auto& b : h.data) b = static_cast<uint8_t>((b & 0xf ? b & 0xf : 1) | ((b >> 4 ? b >> 4 : 1) << 4));
+    h.scales.resize(static_cast<size_t>(s.n * (s.k / h.w.group)));
+    std::uniform_real_distribution<float> d(0.001f, 0.01f);
+    for (auto& x : h.scales) x = float_to_half(d(rng));
+    h.w.scales = h.scales.data();
+  }
+  h.w.data = h.data.data();
+  return h;
+}
+
+// The 1-minute load average: a benchmark on a busy machine says so in its result.
+double load_average() {
+  std::ifstream in("/proc/loadavg");
+  double l = -1;
+  in >> l;
+  return l;
+}
+
+struct Timing {
+  double us_median = 0, us_min = 0;
+};
+
+// Median and best µs per call over the rotating copies, after one warm-up pass.
+Timing time_linear(Backend& be, const std::vector<WeightMatrix>& copies, const std::vector<float>& x, int64_t m,
+                   std::vector<float>& y, double min_seconds) {
+  for (const auto& w : copies) be.linear(w, x.data(), m, nullptr, DType::F32, y.data());
+  std::vector<double> us;
+  const auto start = std::chrono::steady_clock::now();
+  for (size_t i = 0;; ++i) {
+    const auto t0 = std::chrono::steady_clock::now();
+    be.linear(copies[i % copies.size()], x.data(), m, nullptr, DType::F32, y.data());
+    const auto t1 = std::chrono::steady_clock::now();
+    us.push_back(std::chrono::duration<double, std::micro>(t1 - t0).count());
+    if (us.size() >= 20 && std::chrono::duration<double>(t1 - start).count() >= min_seconds) break;
+  }
+  std::sort(us.begin(), us.end());
+  return {us[us.size() / 2], us.front()};
+}
+
+void run(const std::string& out, int threads, double min_seconds, double rotate_mb) {
+  const std::vector<Shape> shapes = {{"qkv 2048->6144", 2048, 6144},
+                                     {"out_proj 2048->2048", 2048, 2048},
+                                     {"fc1 2048->8192", 2048, 8192},
+                                     {"fc2 8192->2048", 8192, 2048}};
+  const std::vector<Format> formats = {{"fp16", 0, 0}, {"int4 g128", 4, 128}, {"int4 col", 4, 0}, {"int8 col", 8, 0}};
+  auto be = make_cpu_backend(CpuOptions{.threads = threads});
+  const double load_before = load_average();
+  std::printf("backend %s, measuring read bandwidth ...\n", be->name().c_str());
+  const double bw_before = measure_read_bandwidth_gbs(threads);
+  std::printf("read bandwidth: %.1f GB/s\n", bw_before);
+
+  Table table({"shape", "m", "format", "MB", "us best", "us median", "GB/s", "% of bw", "x vs fp16"});
+  nlohmann::json rows = nlohmann::json::array();
+  for (const Shape& s : shapes) {
+    for (int64_t m : {1, 8}) {
+      double fp16_us = 0;
+      for (const Format& f : formats) {
+        const HostWeight h = make_host_weight(s, f, 42);
+        const double mb = static_cast<double>(h.w.bytes()) / 1e6;
+        const size_t n_copies = static_cast<size_t>(std::max(2.0, rotate_mb / mb + 1));
+        std::vector<WeightMatrix> copies;
+        for (size_t c = 0; c < n_copies; ++c) copies.push_back(be->upload_weight(h.w));
+        std::mt19937 rng(7);
+        std::normal_distribution<float> d(0.0f, 1.0f);
+        std::vector<float> x(static_cast<size_t>(m * s.k)), y(static_cast<size_t>(m * s.n));
+        for (auto& v : x) v = d(rng);
+        const Timing t = time_linear(*be, copies, x, m, y, min_seconds);
+        if (f.bits == 0) fp16_us = t.us_min;
+        const double gbs = static_cast<double>(h.w.bytes()) / (t.us_min * 1e3);
+        const double speedup = fp16_us / t.us_min;
+        table.add_row({s.name, std::to_string(m), f.name, fmt(mb, 1), fmt(t.us_min, 1), fmt(t.us_median, 1),
+                       fmt(gbs, 1), fmt(100 * gbs / bw_before, 0), fmt(speedup, 2)});
+        rows.push_back({{"shape", s.name},
+                        {"k", s.k},
+                        {"n", s.n},
+                        {"m", m},
+                        {"format", f.name},
+                        {"weight_bytes", h.w.bytes()},
+                        {"copies_rotated", n_copies},
+                        {"us_median", t.us_median},
+                        {"us_min", t.us_min},
+                        {"weight_gbs_best", gbs},
+                        {"pct_of_read_bw", 100 * gbs / bw_before},
+                        {"speedup_vs_fp16", speedup}});
+      }
+    }
+  }
+  const double bw_after = measure_read_bandwidth_gbs(threads);
+  table.print();
+  std::printf("read bandwidth: %.1f GB/s before, %.1f GB/s after the runs; load average %.2f before, %.2f after\n",
+              bw_before, bw_after, load_before, load_average());
+  const nlohmann::json result = {{"backend", be->name()},
+                                 {"threads", threads},
+                                 {"read_bw_gbs_before", bw_before},
+                                 {"read_bw_gbs_after", bw_after},
+                                 {"load_average_before", load_before},
+                                 {"load_average_after", load_average()},
+                                 {"rows", rows}};
+  write_result(out, "cpu-gemm", cpu_name() + ", " + std::to_string(threads > 0 ? threads : 0) + " threads (0 = all)",
+               result);
+}
+
+void setup(CLI::App& group) {
+  struct Flags {
+    std::string out = "docs/results/cpu_gemm.json";
+    int threads = 0;
+    double min_seconds = 0.5;
+    double rotate_mb = 128;
+  };
+  auto f = std::make_shared<Flags>();
+  CLI::App* cmd = group.add_subcommand("cpu-gemm", "CPU linear layer: int4/int8/fp16 at decode batch 1 and 8");
+  cmd->add_option("--out", f->out, "JSON result path");
+  cmd->add_option("--threads", f->threads, "OpenMP threads (0 = all cores)");
+  cmd->add_option("--min-seconds", f->min_seconds, "Minimum timed seconds per configuration");
+  cmd->add_option("--rotate-mb", f->rotate_mb, "Total MB of weight copies rotated per configuration (> L3)");
+  cmd->callback([f] { run(f->out, f->threads, f->min_seconds, f->rotate_mb); });
+}
+
+const Registrar registrar(setup);
+
+}  // namespace
+}  // namespace fineserve::bench

@@ -1,0 +1,118 @@
+// The generation loop: continuous batching over a paged KV cache, one model step at a time.
+//
+// Scheduling rule (DESIGN): every sequence has num_computed (tokens whose keys and values are in
+// the cache) and num_tokens (prompt + generated). Each step hands out tokens under a token budget
+// (max_batch_tokens) and a sequence cap (max_seqs), first to running sequences in arrival order,
+// then to waiting ones (FCFS): a decoding sequence takes 1 token, a prefilling one
+// min(remaining, budget left) (chunked prefill). A sequence is admitted only when KV blocks for
+// its chunk are free; when a running sequence cannot grow, the youngest running sequence is
+// preempted (its blocks freed) and recomputed from its tokens later.
+//
+// The same loop serves `fineserve generate` (generate()) and the HTTP server (add/step/cancel).
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "engine/kv_cache.h"
+#include "engine/sampler.h"
+#include "engine/stop.h"
+#include "models/model.h"
+#include "models/tokenizer/tokenizer.h"
+
+namespace fineserve {
+
+struct EngineConfig {
+  int block_size = 16;
+  int num_blocks = 0;            // 0: derived from kv_cache_bytes
+  uint64_t kv_cache_bytes = 256ull << 20;
+  int max_batch_tokens = 512;    // tokens per step (prefill chunks + decodes)
+  int max_seqs = 32;             // sequences per step
+};
+
+struct GenerationRequest {
+  std::vector<int32_t> prompt;  // token ids (BOS already applied by the tokenizer)
+  SamplingParams sampling;
+  StopConditions stop;     // the model's EOS is added to stop.eos_token_ids unless ignore_eos
+  bool ignore_eos = false;
+};
+
+// One generated token, as the engine reports it after a step.
+struct TokenEvent {
+  uint64_t request_id = 0;
+  int32_t token = 0;
+  float logprob = 0;
+  std::string text;  // text that is safe to emit now (stop strings held back)
+  std::optional<FinishReason> finish;
+};
+
+struct GenerationResult {
+  std::vector<int32_t> tokens;
+  std::string text;
+  FinishReason finish = FinishReason::Length;
+};
+
+// What the last step() scheduled, for the server's metrics (batch size, batched tokens, queue time).
+struct StepStats {
+  int seqs = 0;               // sequences in the step
+  int tokens = 0;             // tokens in the step (prefill chunks + decodes)
+  std::vector<uint64_t> ids;  // their request ids
+};
+
+struct EngineStats {
+  int running = 0, waiting = 0;
+  double kv_usage = 0;
+  int free_blocks = 0, total_blocks = 0;
+  uint64_t preemptions = 0;
+};
+
+class Engine {
+ public:
+  // tokenizer may be null (benchmarks on synthetic models): events then carry no text and stop
+  // strings never match.
+  Engine(Model& model, const Tokenizer* tokenizer, const EngineConfig& config);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // Queues a request; throws fineserve::Error for an empty prompt, one longer than the context,
+  // or one that can never fit in the KV cache.
+  uint64_t add(GenerationRequest request);
+  // Drops a request (finished or not) and frees its KV blocks; unknown ids are ignored.
+  void cancel(uint64_t request_id);
+  // Schedules and runs one step; returns the tokens it generated. Empty when idle.
+  std::vector<TokenEvent> step();
+  bool idle() const { return running_.empty() && waiting_.empty(); }
+  EngineStats stats() const;
+  const StepStats& last_step() const { return last_step_; }
+  const EngineConfig& config() const { return config_; }
+  const Model& model() const { return model_; }
+
+  // Runs requests to completion (prefill then decode, batched); on_event sees every token.
+  std::vector<GenerationResult> generate(std::vector<GenerationRequest> requests,
+                                         const std::function<void(const TokenEvent&)>& on_event = {});
+
+ private:
+  struct Sequence;
+  bool try_grow(Sequence& seq, int64_t n_tokens);
+  void preempt(Sequence& seq);
+  void finish(uint64_t id);
+
+  Model& model_;
+  const Tokenizer* tokenizer_;
+  EngineConfig config_;
+  BlockManager blocks_;
+  uint64_t next_id_ = 1;
+  uint64_t preemptions_ = 0;
+  std::vector<std::unique_ptr<Sequence>> running_;  // arrival order
+  std::deque<std::unique_ptr<Sequence>> waiting_;   // FCFS
+  std::vector<float> logits_;
+  StepStats last_step_;
+};
+
+}  // namespace fineserve

@@ -1,0 +1,482 @@
+// Fast CPU linear layer (see gemm.h).
+//
+// Packed layout (built by pack_weight at upload time). Rows go in tiles of 4, columns in blocks of
+// 32 (both zero padded). For each tile the blocks follow each other along K and each block holds
+// the 4 rows' 32 columns back to back, so one tile streams from memory as one sequential run: the
+// hardware prefetcher follows one stream instead of four, which took single-core int4 GEMV from
+// ~6 to ~12 GB/s on the machine this was tuned on. Per row and block:
+//  - F32 / F16 / BF16: the 32 values in order (128 / 64 / 64 bytes);
+//  - int8: the 32 codes in order (32 bytes);
+//  - int4: 16 bytes = four 32-bit words; nibble j (bits 4j..4j+3) of word i holds column
+//    8*(j/2) + 4*(j%2) + i. One 128-bit load broadcast to both halves of a 256-bit register and
+//    ANDed with a per-lane mask then yields columns 8s..8s+7 of step s in order, each nibble still
+//    at bit 4j of its lane. Nibbles 0..6 hold code + 8 (0..15), nibble 7 (bits 28..31, columns
+//    28..31) holds the code in two's complement, so that an AND keeps its sign.
+// Scales: fp16 [tile][group][4 rows].
+//
+// GEMV (m <= 3, the decode hot spot, memory-bound): per step AND + int->float convert + FMA, with
+// no per-element shift: the 2^(4j) left in each masked lane is folded into a copy of x scaled by
+// 2^-(4j) once per call (exact: a power-of-two scaling), and the +8 offset is removed once per
+// group as 8 * (sum of x over the group's offset columns), also precomputed per call. Each group's
+// partial dot products are reduced and multiplied by the group scale once.
+// GEMM (m > 3): a 16-row x 256-column tile of W is dequantized once into an L1-resident fp32
+// buffer (exactly: code * scale has at most 19 significant bits) and reused by every row of x
+// through a 3 x 4 register-blocked FMA microkernel.
+#include "kernels/cpu/gemm.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "kernels/base.h"
+#include "kernels/cpu/convert.h"
+#include "kernels/cpu/simd.h"
+#include "kernels/cpu/validate.h"
+#include "kernels/half.h"
+
+namespace fineserve::cpu {
+namespace {
+
+enum class Kind { Q4, Q8, F16, BF16, F32 };
+
+constexpr int64_t kTileRows = 4;
+constexpr int64_t kBlockCols = 32;
+
+Kind kind_of(const WeightMatrix& w) {
+  if (w.bits == 4) return Kind::Q4;
+  if (w.bits == 8) return Kind::Q8;
+  if (w.dtype == DType::F16) return Kind::F16;
+  if (w.dtype == DType::BF16) return Kind::BF16;
+  return Kind::F32;
+}
+
+constexpr int64_t block_bytes(Kind k) {
+  switch (k) {
+    case Kind::Q4: return 16;
+    case Kind::Q8: return 32;
+    case Kind::F16:
+    case Kind::BF16: return 64;
+    case Kind::F32: return 128;
+  }
+  return 0;
+}
+
+// The power-of-two exponent j*4 that column c of a block sits at in the int4 layout.
+constexpr int q4_shift(int64_t c) {
+  const int64_t in_block = c % kBlockCols;
+  return static_cast<int>(4 * (2 * (in_block / 8) + (in_block % 8 >= 4 ? 1 : 0)));
+}
+
+int8_t source_code(const WeightMatrix& w, int64_t r, int64_t c) {
+  if (w.bits == 8) return static_cast<const int8_t*>(w.data)[r * w.cols + c];
+  const uint8_t byte = static_cast<const uint8_t*>(w.data)[r * (w.cols / 2) + c / 2];
+  return static_cast<int8_t>((c % 2 == 0 ? byte & 0xf : byte >> 4) - 8);
+}
+
+// ---- GEMV -----------------------------------------------------------------------------------
+
+struct GemvArgs {
+  const uint8_t* codes = nullptr;
+  const uint16_t* scales = nullptr;
+  int64_t blocks = 0, groups = 1, blocks_per_group = 0;
+  const float* x = nullptr;     // [M, blocks * 32], padded (and scaled per column for int4)
+  const float* xsum = nullptr;  // [M, groups]: int4 only, sum of x over each group's +8 columns
+  const float* bias = nullptr;  // [tiles * 4] fp32, zero padded, or null
+  float* y = nullptr;           // [M, rows]
+  int64_t rows = 0;
+};
+
+// How far ahead of the current block to prefetch (bytes): a few KiB in flight per core keeps the
+// DRAM pipe full; the stream is sequential so the distance needs no per-shape tuning.
+constexpr int64_t kPrefetchBytes = 2048;
+
+template <Kind KD, int M>
+FS_AVX2 void gemv_tiles(const GemvArgs& a, int64_t t0, int64_t t1) {
+  // One accumulator per (x row, W row) is enough to hide FMA latency when M >= 2; M = 1 needs two.
+  constexpr int NA = M == 1 ? 2 : 1;
+  constexpr int64_t BB = block_bytes(KD);
+  constexpr bool quantized = KD == Kind::Q4 || KD == Kind::Q8;
+  const int64_t xs = a.blocks * kBlockCols;
+  const __m256i mask0 = _mm256_setr_epi32(0xf, 0xf, 0xf, 0xf, 0xf0, 0xf0, 0xf0, 0xf0);
+  const __m256i mask[4] = {mask0, _mm256_slli_epi32(mask0, 8), _mm256_slli_epi32(mask0, 16),
+                           _mm256_slli_epi32(mask0, 24)};
+  for (int64_t t = t0; t < t1; ++t) {
+    const uint8_t* tile = a.codes + t * a.blocks * kTileRows * BB;
+    __m128 tot[M];
+    for (int i = 0; i < M; ++i) tot[i] = _mm_setzero_ps();
+    // M = 1 keeps each W row's total as a vector and scales the group's partial sums in vector
+    // form: no horizontal reduction per group (that cost ~20% at group 128), one per tile.
+    __m256 tot1[kTileRows];
+    for (int r = 0; r < kTileRows; ++r) tot1[r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < a.groups; ++g) {
+      __m256 acc[M][kTileRows][NA];
+      for (int i = 0; i < M; ++i)
+        for (int r = 0; r < kTileRows; ++r)
+          for (int k = 0; k < NA; ++k) acc[i][r][k] = _mm256_setzero_ps();
+      const int64_t b0 = g * a.blocks_per_group, b1 = std::min(b0 + a.blocks_per_group, a.blocks);
+      for (int64_t b = b0; b < b1; ++b) {
+        const uint8_t* blk = tile + b * kTileRows * BB;
+        for (int64_t line = 0; line < kTileRows * BB; line += 64)
+          _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + line), _MM_HINT_T0);
+        const float* xb = a.x + b * kBlockCols;
+        // With one row of x, its 32 values for this block stay in registers for all 4 W rows:
+        // a quarter of the loads (the load ports, not the ALUs, limited this loop).
+        __m256 x1[4];
+        if constexpr (M == 1)
+          for (int s = 0; s < 4; ++s) x1[s] = _mm256_loadu_ps(xb + 8 * s);
+#pragma GCC unroll 4
+        for (int r = 0; r < kTileRows; ++r) {
+          const uint8_t* rb = blk + r * BB;
+          __m256i v = _mm256_setzero_si256();
+          if constexpr (KD == Kind::Q4) v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb)));
+#pragma GCC unroll 4
+          for (int s = 0; s < 4; ++s) {
+            __m256 w;
+            if constexpr (KD == Kind::Q4) {
+              w = _mm256_cvtepi32_ps(_mm256_and_si256(v, mask[s]));
+            } else if constexpr (KD == Kind::Q8) {
+              w = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rb + 8 * s))));
+            } else if constexpr (KD == Kind::F16) {
+              w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb + 16 * s)));
+            } else if constexpr (KD == Kind::BF16) {
+              const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb + 16 * s)));
+              w = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+            } else {
+              w = _mm256_loadu_ps(reinterpret_cast<const float*>(rb) + 8 * s);
+            }
+            if constexpr (M == 1) {
+              acc[0][r][s % NA] = _mm256_fmadd_ps(x1[s], w, acc[0][r][s % NA]);
+            } else {
+#pragma GCC unroll 4
+              for (int i = 0; i < M; ++i)
+                acc[i][r][s % NA] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + i * xs + 8 * s), w, acc[i][r][s % NA]);
+            }
+          }
+        }
+      }
+      __m128 sc = _mm_setzero_ps();
+      if constexpr (quantized)
+        sc = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.scales + (t * a.groups + g) * kTileRows)));
+      if constexpr (M == 1 && quantized) {
+        const __m256 sc8 = _mm256_castps128_ps256(sc);
+        for (int r = 0; r < kTileRows; ++r)
+          tot1[r] = _mm256_fmadd_ps(_mm256_add_ps(acc[0][r][0], acc[0][r][NA - 1]),
+                                    _mm256_permutevar8x32_ps(sc8, _mm256_set1_epi32(r)), tot1[r]);
+        // The +8 offset, scaled per row: tot[0] collects scale * 8 * (sum of x over offset columns).
+        if constexpr (KD == Kind::Q4) tot[0] = _mm_fmadd_ps(sc, _mm_set1_ps(8.0f * a.xsum[g]), tot[0]);
+        continue;
+      }
+      for (int i = 0; i < M; ++i) {
+        __m256 r4[kTileRows];
+        for (int r = 0; r < kTileRows; ++r) r4[r] = NA == 2 ? _mm256_add_ps(acc[i][r][0], acc[i][r][NA - 1]) : acc[i][r][0];
+        __m128 sums = simd::hsum4(r4[0], r4[1], r4[2], r4[3]);
+        if constexpr (KD == Kind::Q4) sums = _mm_sub_ps(sums, _mm_set1_ps(8.0f * a.xsum[i * a.groups + g]));
+        tot[i] = quantized ? _mm_fmadd_ps(sums, sc, tot[i]) : _mm_add_ps(sums, tot[i]);
+      }
+    }
+    if constexpr (M == 1 && quantized) tot[0] = _mm_sub_ps(simd::hsum4(tot1[0], tot1[1], tot1[2], tot1[3]), tot[0]);
+    const int64_t row0 = t * kTileRows;
+    for (int i = 0; i < M; ++i) {
+      if (a.bias) tot[i] = _mm_add_ps(tot[i], _mm_loadu_ps(a.bias + row0));
+      float* yi = a.y + i * a.rows + row0;
+      if (row0 + kTileRows <= a.rows) {
+        _mm_storeu_ps(yi, tot[i]);
+      } else {
+        alignas(16) float out[4];
+        _mm_store_ps(out, tot[i]);
+        for (int64_t r = 0; r < a.rows - row0; ++r) yi[r] = out[r];
+      }
+    }
+  }
+}
+
+// In place on one padded row of x for the int4 GEMV: column c becomes x[c] * 2^-(4j) (exact) for
+// the nibble position j it has in the layout, and xsum[g] collects the group's sum of the original
+// x over the columns whose nibbles carry the +8 offset (all but columns 28..31 of each block).
+FS_AVX2 void prepare_q4_x(float* x, int64_t k, int64_t blocks_per_group, float* xsum) {
+  const __m256 pow0 = _mm256_setr_ps(1, 1, 1, 1, 0x1p-4f, 0x1p-4f, 0x1p-4f, 0x1p-4f);
+  const __m256 offset_lanes_last = _mm256_castsi256_ps(_mm256_setr_epi32(-1, -1, -1, -1, 0, 0, 0, 0));
+  const int64_t full = k / kBlockCols;
+  for (int64_t b = 0; b < full; ++b) {
+    float* xb = x + b * kBlockCols;
+    __m256 sum = _mm256_setzero_ps();
+    __m256 scale = pow0;
+    for (int s = 0; s < 4; ++s) {
+      const __m256 v = _mm256_loadu_ps(xb + 8 * s);
+      sum = _mm256_add_ps(sum, s == 3 ? _mm256_and_ps(v, offset_lanes_last) : v);
+      _mm256_storeu_ps(xb + 8 * s, _mm256_mul_ps(v, scale));
+      scale = _mm256_mul_ps(scale, _mm256_set1_ps(0x1p-8f));
+    }
+    xsum[b / blocks_per_group] += simd::hsum(sum);
+  }
+  for (int64_t c = full * kBlockCols; c < k; ++c) {  // a column-wise group's last partial block
+    const int shift = q4_shift(c);
+    if (shift != 28) xsum[c / (blocks_per_group * kBlockCols)] += x[c];
+    x[c] = std::ldexp(x[c], -shift);
+  }
+}
+
+template <Kind KD>
+void gemv_dispatch_m(const GemvArgs& a, int m, int64_t t0, int64_t t1) {
+  switch (m) {
+    case 1: return gemv_tiles<KD, 1>(a, t0, t1);
+    case 2: return gemv_tiles<KD, 2>(a, t0, t1);
+    case 3: return gemv_tiles<KD, 3>(a, t0, t1);
+    default: FS_ASSERT(false, "gemv handles 1..3 rows");
+  }
+}
+
+void gemv(Kind kind, const GemvArgs& a, int m, int64_t t0, int64_t t1) {
+  switch (kind) {
+    case Kind::Q4: return gemv_dispatch_m<Kind::Q4>(a, m, t0, t1);
+    case Kind::Q8: return gemv_dispatch_m<Kind::Q8>(a, m, t0, t1);
+    case Kind::F16: return gemv_dispatch_m<Kind::F16>(a, m, t0, t1);
+    case Kind::BF16: return gemv_dispatch_m<Kind::BF16>(a, m, t0, t1);
+    case Kind::F32: return gemv_dispatch_m<Kind::F32>(a, m, t0, t1);
+  }
+}
+
+// ---- GEMM -----------------------------------------------------------------------------------
+
+constexpr int64_t kGemmTiles = 4;     // W rows per dequantized tile: 4 tiles = 16 rows
+constexpr int64_t kGemmCols = 256;    // K columns per dequantized tile: 16 x 256 fp32 = 16 KiB (L1)
+constexpr int kMicroRows = 3;         // x rows per microkernel call: 3 x 4 accumulators + 3 x + 1 w = 16 ymm
+
+// Dequantizes blocks [b0, b0 + nb) of tile t into wbuf [4 rows][kGemmCols] as exact fp32.
+template <Kind KD>
+FS_AVX2 void dequant_tile(const PackedWeight& p, int64_t t, int64_t b0, int64_t nb, float* wbuf) {
+  constexpr int64_t BB = block_bytes(KD);
+  const uint8_t* tile = p.codes.get() + t * p.blocks * kTileRows * BB;
+  const uint16_t* scales = reinterpret_cast<const uint16_t*>(p.scales.get());
+  const __m256i mask0 = _mm256_setr_epi32(0xf, 0xf, 0xf, 0xf, 0xf0, 0xf0, 0xf0, 0xf0);
+  const __m256i mask[4] = {mask0, _mm256_slli_epi32(mask0, 8), _mm256_slli_epi32(mask0, 16),
+                           _mm256_slli_epi32(mask0, 24)};
+  // Lane multipliers 2^-(4j) that undo the nibble position, and which lanes carry the +8 offset.
+  const __m256 pow0 = _mm256_setr_ps(1, 1, 1, 1, 0x1p-4f, 0x1p-4f, 0x1p-4f, 0x1p-4f);
+  const __m256 pow[4] = {pow0, _mm256_mul_ps(pow0, _mm256_set1_ps(0x1p-8f)), _mm256_mul_ps(pow0, _mm256_set1_ps(0x1p-16f)),
+                         _mm256_mul_ps(pow0, _mm256_set1_ps(0x1p-24f))};
+  const __m256 offset_last = _mm256_setr_ps(-8, -8, -8, -8, 0, 0, 0, 0);
+  for (int r = 0; r < kTileRows; ++r) {
+    float* out = wbuf + r * kGemmCols;
+    int64_t group = -1;
+    __m256 sc[4] = {}, off = _mm256_setzero_ps(), off_last = _mm256_setzero_ps(), scale = _mm256_setzero_ps();
+    for (int64_t b = b0; b < b0 + nb; ++b) {
+      const uint8_t* rb = tile + (b * kTileRows + r) * BB;
+      if constexpr (KD == Kind::Q4 || KD == Kind::Q8) {
+        const int64_t g = std::min(b / p.blocks_per_group, p.groups - 1);
+        if (g != group) {
+          group = g;
+          scale = _mm256_set1_ps(half_to_float(scales[(t * p.groups + g) * kTileRows + r]));
+          for (int s = 0; s < 4; ++s) sc[s] = _mm256_mul_ps(scale, pow[s]);
+          off = _mm256_mul_ps(scale, _mm256_set1_ps(-8.0f));
+          off_last = _mm256_mul_ps(scale, offset_last);
+        }
+      }
+      __m256i v = _mm256_setzero_si256();
+      if constexpr (KD == Kind::Q4) v = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb)));
+      for (int s = 0; s < 4; ++s) {
+        __m256 w;
+        if constexpr (KD == Kind::Q4) {
+          // (n * 2^4j) * (scale * 2^-4j) - 8 * scale = code * scale, exact in one FMA.
+          w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, mask[s])), sc[s], s == 3 ? off_last : off);
+        } else if constexpr (KD == Kind::Q8) {
+          w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rb + 8 * s)))), scale);
+        } else if constexpr (KD == Kind::F16) {
+          w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb + 16 * s)));
+        } else if constexpr (KD == Kind::BF16) {
+          const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb + 16 * s)));
+          w = _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+        } else {
+          w = _mm256_loadu_ps(reinterpret_cast<const float*>(rb) + 8 * s);
+        }
+        _mm256_store_ps(out + (b - b0) * kBlockCols + 8 * s, w);
+      }
+    }
+  }
+}
+
+// y[i, n] += Σ_k x[i, k] w[n, k] for MR rows of x and the 4 rows of a dequantized tile, k < kv.
+template <int MR>
+FS_AVX2 void microkernel(const float* x, int64_t ldx, const float* w, int64_t kv, float* y, int64_t ldy,
+                         int64_t n_valid) {
+  __m256 acc[MR][kTileRows];
+  for (int i = 0; i < MR; ++i)
+    for (int n = 0; n < kTileRows; ++n) acc[i][n] = _mm256_setzero_ps();
+  const int64_t k8 = kv / 8 * 8;
+  for (int64_t k = 0; k < k8; k += 8) {
+    __m256 xv[MR];
+    for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(x + i * ldx + k);
+#pragma GCC unroll 4
+    for (int n = 0; n < kTileRows; ++n) {
+      const __m256 wv = _mm256_load_ps(w + n * kGemmCols + k);
+      for (int i = 0; i < MR; ++i) acc[i][n] = _mm256_fmadd_ps(xv[i], wv, acc[i][n]);
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    alignas(16) float s[4];
+    _mm_store_ps(s, simd::hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
+    for (int64_t k = k8; k < kv; ++k)
+      for (int n = 0; n < kTileRows; ++n) s[n] += x[i * ldx + k] * w[n * kGemmCols + k];
+    for (int64_t n = 0; n < n_valid; ++n) y[i * ldy + n] += s[n];
+  }
+}
+
+template <Kind KD>
+FS_AVX2 void gemm_tiles(const PackedWeight& p, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
+                        int64_t t1) {
+  const int64_t N = p.shape.rows, K = p.shape.cols;
+  thread_local std::vector<float> storage;
+  storage.resize(kGemmTiles * kTileRows * kGemmCols + 16);
+  // 64-byte align the tile buffer inside the vector.
+  float* wbuf = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t{63});
+  for (int64_t tb = t0; tb < t1; tb += kGemmTiles) {
+    const int64_t nt = std::min(kGemmTiles, t1 - tb);
+    const int64_t n0 = tb * kTileRows, n1 = std::min(N, (tb + nt) * kTileRows);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t n = n0; n < n1; ++n) y[i * N + n] = bias ? bias[n] : 0.0f;
+    for (int64_t b0 = 0; b0 < p.blocks; b0 += kGemmCols / kBlockCols) {
+      const int64_t nb = std::min(kGemmCols / kBlockCols, p.blocks - b0);
+      for (int64_t q = 0; q < nt; ++q) dequant_tile<KD>(p, tb + q, b0, nb, wbuf + q * kTileRows * kGemmCols);
+      const int64_t k0 = b0 * kBlockCols, kv = std::min(nb * kBlockCols, K - k0);
+      for (int64_t i0 = 0; i0 < m; i0 += kMicroRows) {
+        const int64_t mr = std::min<int64_t>(kMicroRows, m - i0);
+        for (int64_t q = 0; q < nt; ++q) {
+          const int64_t row0 = (tb + q) * kTileRows;
+          if (row0 >= N) break;
+          const float* xq = x + i0 * K + k0;
+          const float* wq = wbuf + q * kTileRows * kGemmCols;
+          float* yq = y + i0 * N + row0;
+          const int64_t valid = std::min(kTileRows, N - row0);
+          if (mr == 3) microkernel<3>(xq, K, wq, kv, yq, N, valid);
+          else if (mr == 2) microkernel<2>(xq, K, wq, kv, yq, N, valid);
+          else microkernel<1>(xq, K, wq, kv, yq, N, valid);
+        }
+      }
+    }
+  }
+}
+
+void gemm(Kind kind, const PackedWeight& p, const float* x, int64_t m, const float* bias, float* y, int64_t t0,
+          int64_t t1) {
+  switch (kind) {
+    case Kind::Q4: return gemm_tiles<Kind::Q4>(p, x, m, bias, y, t0, t1);
+    case Kind::Q8: return gemm_tiles<Kind::Q8>(p, x, m, bias, y, t0, t1);
+    case Kind::F16: return gemm_tiles<Kind::F16>(p, x, m, bias, y, t0, t1);
+    case Kind::BF16: return gemm_tiles<Kind::BF16>(p, x, m, bias, y, t0, t1);
+    case Kind::F32: return gemm_tiles<Kind::F32>(p, x, m, bias, y, t0, t1);
+  }
+}
+
+}  // namespace
+
+PackedWeight pack_weight(const WeightMatrix& w) {
+  validate_weight(w, "linear weight");
+  const Kind kind = kind_of(w);
+  PackedWeight p;
+  p.shape = w;
+  p.tiles = (w.rows + kTileRows - 1) / kTileRows;
+  p.blocks = (w.cols + kBlockCols - 1) / kBlockCols;
+  const int64_t bb = block_bytes(kind);
+  p.code_bytes = p.tiles * p.blocks * kTileRows * bb;
+  p.codes = aligned_zeros(static_cast<size_t>(p.code_bytes));
+  if (w.quantized()) {
+    p.groups = w.groups_per_row();
+    p.blocks_per_group = p.groups == 1 ? p.blocks : w.group / kBlockCols;
+    p.scale_bytes = p.tiles * p.groups * kTileRows * 2;
+    p.scales = aligned_zeros(static_cast<size_t>(p.scale_bytes));
+  } else {
+    p.groups = 1;
+    p.blocks_per_group = p.blocks;
+  }
+  const int64_t cols_padded = p.blocks * kBlockCols;
+  const size_t esize = dtype_size(w.dtype);
+#pragma omp parallel for schedule(static)
+  for (int64_t r = 0; r < w.rows; ++r) {
+    const int64_t t = r / kTileRows, rr = r % kTileRows;
+    for (int64_t c = 0; c < cols_padded; ++c) {
+      const int64_t b = c / kBlockCols, in_block = c % kBlockCols;
+      uint8_t* dst = p.codes.get() + ((t * p.blocks + b) * kTileRows + rr) * bb;
+      if (kind == Kind::Q4) {
+        const int8_t code = c < w.cols ? source_code(w, r, c) : 0;
+        const int shift = q4_shift(c);
+        const uint32_t nibble = shift == 28 ? static_cast<uint32_t>(code) & 0xfu : static_cast<uint32_t>(code + 8);
+        const int64_t word = in_block % 4;  // columns 8*(j/2) + 4*(j%2) + i live in word i
+        uint32_t bits;
+        std::memcpy(&bits, dst + 4 * word, 4);
+        bits |= nibble << shift;
+        std::memcpy(dst + 4 * word, &bits, 4);
+      } else if (kind == Kind::Q8) {
+        if (c < w.cols) dst[in_block] = static_cast<uint8_t>(source_code(w, r, c));
+      } else if (c < w.cols) {
+        std::memcpy(dst + in_block * static_cast<int64_t>(esize),
+                    static_cast<const uint8_t*>(w.data) + (r * w.cols + c) * static_cast<int64_t>(esize), esize);
+      }
+    }
+    if (w.quantized()) {
+      auto* sc = reinterpret_cast<uint16_t*>(p.scales.get());
+      for (int64_t g = 0; g < p.groups; ++g) sc[(t * p.groups + g) * kTileRows + rr] = w.scales[r * p.groups + g];
+    }
+  }
+  p.shape.data = p.codes.get();
+  p.shape.scales = w.quantized() ? reinterpret_cast<const uint16_t*>(p.scales.get()) : nullptr;
+  return p;
+}
+
+void linear(const PackedWeight& p, const float* x, int64_t m, const void* bias, DType bias_dtype, float* y,
+            int threads) {
+  FS_ASSERT(has_avx2(), "fast linear needs AVX2");
+  if (m <= 0) return;
+  const Kind kind = kind_of(p.shape);
+  const int64_t N = p.shape.rows, K = p.shape.cols, kp = p.blocks * kBlockCols;
+  if (threads <= 0) threads = omp_get_max_threads();
+  // Below ~64K multiply-adds a thread team costs more than it saves.
+  const bool parallel = threads > 1 && m * N * K >= (int64_t{1} << 16);
+
+  // Row tiles are handed out in chunks, dynamically: on a shared machine a thread that loses its
+  // core for a while no longer holds up the whole call. ~16 chunks per thread keep each one a long
+  // sequential stream (and a multiple of the GEMM's 4-tile blocks).
+  const int64_t chunk = std::max<int64_t>(kGemmTiles, (p.tiles / (16 * threads) + kGemmTiles - 1) / kGemmTiles * kGemmTiles);
+  const int64_t chunks = (p.tiles + chunk - 1) / chunk;
+
+  thread_local std::vector<float> bias_f32;
+  const float* bias_ptr = nullptr;
+  if (bias) {
+    bias_f32.assign(static_cast<size_t>(p.tiles * kTileRows), 0.0f);
+    to_f32(bias, bias_dtype, N, bias_f32.data());
+    bias_ptr = bias_f32.data();
+  }
+
+  if (m <= 3) {
+    // x padded to whole blocks; for int4 each column scaled by 2^-(4j) of its nibble position, and
+    // the sum of x over each group's +8-offset columns (all but the two's complement nibble 7).
+    thread_local std::vector<float> xs, xsum;
+    xs.assign(static_cast<size_t>(m * kp), 0.0f);
+    for (int64_t i = 0; i < m; ++i) std::memcpy(xs.data() + i * kp, x + i * K, static_cast<size_t>(K) * 4);
+    if (kind == Kind::Q4) {
+      xsum.assign(static_cast<size_t>(m * p.groups), 0.0f);
+      for (int64_t i = 0; i < m; ++i) prepare_q4_x(xs.data() + i * kp, K, p.blocks_per_group, xsum.data() + i * p.groups);
+    }
+    GemvArgs a;
+    a.codes = p.codes.get();
+    a.scales = reinterpret_cast<const uint16_t*>(p.scales.get());
+    a.blocks = p.blocks;
+    a.groups = p.groups;
+    a.blocks_per_group = p.blocks_per_group;
+    a.x = xs.data();
+    a.xsum = xsum.data();
+    a.bias = bias_ptr;
+    a.y = y;
+    a.rows = N;
+    const int mi = static_cast<int>(m);
+#pragma omp parallel for num_threads(threads) if (parallel) schedule(dynamic, 1)
+    for (int64_t c = 0; c < chunks; ++c) gemv(kind, a, mi, c * chunk, std::min(p.tiles, (c + 1) * chunk));
+    return;
+  }
+#pragma omp parallel for num_threads(threads) if (parallel) schedule(dynamic, 1)
+  for (int64_t c = 0; c < chunks; ++c) gemm(kind, p, x, m, bias_ptr, y, c * chunk, std::min(p.tiles, (c + 1) * chunk));
+}
+
+}  // namespace fineserve::cpu

@@ -1,0 +1,35 @@
+// The fast CPU linear layer: y[m, N] = x[m, K] · Wᵀ (+ bias) for FineQuant int4 / int8 codes and
+// dense F32 / F16 / BF16 weights, multi-threaded over N (OpenMP) and vectorised with AVX2 + FMA.
+//
+// Weights are re-laid out once, at upload time, by pack_weight() (layout in gemm.cpp); the
+// checkpoint format stays as it is. Accumulation is fp32 and activations stay fp32 (weight-only
+// quantization: x is never quantized).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/cpu/aligned.h"
+#include "kernels/ops.h"
+
+namespace fineserve::cpu {
+
+struct PackedWeight {
+  WeightMatrix shape;  // rows, cols, dtype, bits, group of the source (data/scales point at ours)
+  int64_t tiles = 0;   // ceil(rows / 4): rows are packed 4 at a time
+  int64_t blocks = 0;  // ceil(cols / 32): columns are packed 32 at a time, zero padded
+  int64_t groups = 1;  // scale groups per row (1 for dense)
+  int64_t blocks_per_group = 0;
+  AlignedBytes codes;   // [tiles][blocks][4 rows][block bytes]
+  AlignedBytes scales;  // fp16 [tiles][groups][4 rows] (quantized only)
+  int64_t code_bytes = 0, scale_bytes = 0;
+};
+
+// Re-lays out a checkpoint-layout weight (validated first; throws fineserve::Error when malformed).
+PackedWeight pack_weight(const WeightMatrix& w);
+
+// y[m, N] = x[m, K] · Wᵀ (+ bias[N] of bias_dtype when not null). Needs has_avx2().
+// threads <= 0 uses OpenMP's default.
+void linear(const PackedWeight& w, const float* x, int64_t m, const void* bias, DType bias_dtype, float* y,
+            int threads);
+
+}  // namespace fineserve::cpu
