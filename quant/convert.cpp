@@ -186,6 +186,8 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
       r.cols = m.cols;
       r.bits = bits;
       r.decision = choose_group(m, o.group);
+      // The report shows range statistics in every mode; a fixed group does not compute them.
+      if (r.decision.levels.empty()) r.decision.levels = range_levels(m);
       const QuantizedMatrix q = quantize(m, bits, r.decision.group);
       const std::string stem = stem_of(t.name);
       const std::vector<int64_t> code_shape{m.rows, bits == 4 ? m.cols / 2 : m.cols};

@@ -81,6 +81,12 @@ TEST_F(QuantizeCli, Int8FixedGroupAndDeterministic) {
   ASSERT_EQ(run_fineserve("quantize -q --model " + src.string() + " --out " + b.string() + " --bits 8 --group 64").status, 0);
   const ckpt::Checkpoint q = ckpt::Checkpoint::open(a);
   EXPECT_EQ(q.get("model.decoder.layers.0.fc2.qweight").dtype(), DType::I8);
+  const auto report = nlohmann::json::parse(std::ifstream(a / "quant_report.json"));
+  for (const auto& m : report["matrices"]) {
+    EXPECT_EQ(m["group"], 64) << m["name"];
+    EXPECT_FALSE(m["levels"].empty()) << "range statistics are reported for a fixed group too";
+    EXPECT_GT(m["absmax"].get<double>(), 0.0) << m["name"];
+  }
   EXPECT_EQ(q.get("model.decoder.layers.0.fc2.scales").shape(), (std::vector<int64_t>{128, 4}));
   auto slurp = [](const fs::path& p) {
     std::ifstream in(p, std::ios::binary);
