@@ -17,10 +17,13 @@
 #include "models/tokenizer/tokenizer.h"
 #include "quant/convert.h"
 #include "quant/quantizer.h"
+#include "golden_util.h"
 
 namespace fineserve {
 namespace {
 namespace fs = std::filesystem;
+using testing::prefill_logits;
+using testing::rel_max_error;
 
 const fs::path kGolden = fs::path(FINESERVE_TEST_DATA) / "golden";
 
@@ -52,34 +55,6 @@ Golden read_golden(const fs::path& dir) {
     g.prompts.push_back(std::move(p));
   }
   return g;
-}
-
-// Logits of every prompt position in one prefill step.
-std::vector<float> prefill_logits(Model& model, const std::vector<int32_t>& ids) {
-  model.allocate_kv_cache(64, 16);
-  StepInput s;
-  s.token_ids = ids;
-  for (size_t i = 0; i < ids.size(); ++i) {
-    s.positions.push_back(static_cast<int32_t>(i));
-    s.logit_rows.push_back(static_cast<int32_t>(i));
-  }
-  s.query_start = {0, static_cast<int32_t>(ids.size())};
-  s.context_len = {static_cast<int32_t>(ids.size())};
-  s.max_blocks = static_cast<int>((ids.size() + 15) / 16);
-  for (int b = 0; b < s.max_blocks; ++b) s.block_table.push_back(b);
-  std::vector<float> out(ids.size() * static_cast<size_t>(model.info().vocab_size), NAN);
-  model.forward(s, out.data());
-  return out;
-}
-
-// max |a - b| / max |b|: the error relative to the logits' scale.
-double rel_max_error(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num = std::max(num, std::abs(static_cast<double>(a[i]) - b[i]));
-    den = std::max(den, std::abs(static_cast<double>(b[i])));
-  }
-  return num / den;
 }
 
 std::vector<std::vector<int32_t>> greedy(Model& model, const Tokenizer& tok, const Golden& g, int max_batch_tokens) {
