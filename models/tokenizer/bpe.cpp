@@ -76,6 +76,8 @@ BpeTokenizer::BpeTokenizer(BpeSpec spec)
     : fuse_unk_(spec.fuse_unk),
       add_prefix_space_(spec.add_prefix_space),
       use_regex_(spec.use_regex),
+      split_digits_(spec.split_digits),
+      individual_digits_(spec.individual_digits),
       ignore_merges_(spec.ignore_merges) {
   int64_t max_id = -1;
   for (const auto& [token, id] : spec.vocab) max_id = std::max<int64_t>(max_id, checked_id(id, spec.source));
@@ -204,6 +206,17 @@ std::vector<int32_t> BpeTokenizer::encode(std::string_view text, bool add_specia
 
 void BpeTokenizer::encode_piece(std::string_view piece, std::vector<int32_t>& out) const {
   if (piece.empty()) return;
+  if (!split_digits_) {
+    encode_split(piece, out);
+    return;
+  }
+  std::vector<std::string_view> splits;
+  split_digits(piece, individual_digits_, splits);
+  for (std::string_view s : splits) encode_split(s, out);
+}
+
+// One split of the pre-tokenizer chain, through the ByteLevel step (prefix space, GPT-2 regex).
+void BpeTokenizer::encode_split(std::string_view piece, std::vector<int32_t>& out) const {
   std::string prefixed;
   if (add_prefix_space_ && piece.front() != ' ') {
     prefixed.reserve(piece.size() + 1);
@@ -529,15 +542,21 @@ std::vector<const json*> flatten(const json& component, const char* list_key) {
   return {&component};
 }
 
+// Accepted: ByteLevel, optionally preceded by Digits (SmolLM2's Sequence[Digits, ByteLevel]).
 void read_pre_tokenizer(const json& root, const std::string& where, BpeSpec& spec) {
   const json* pre = find_field(root, "pre_tokenizer");
   const std::string at = where + " pre_tokenizer";
   if (pre == nullptr) throw Error(at + ": none given; FineServe needs a ByteLevel pre-tokenizer");
-  const auto parts = flatten(*pre, "pretokenizers");
+  auto parts = flatten(*pre, "pretokenizers");
+  if (parts.size() == 2 && type_of(*parts[0], at) == "Digits") {
+    spec.split_digits = true;
+    spec.individual_digits = json_bool(*parts[0], "individual_digits", false, at);
+    parts.erase(parts.begin());
+  }
   if (parts.size() != 1 || type_of(*parts[0], at) != "ByteLevel") {
-    throw Error(at + ": only a ByteLevel pre-tokenizer is supported (found " +
-                (parts.size() == 1 ? "\"" + type_of(*parts[0], at) + "\"" : "a sequence of " + std::to_string(parts.size())) +
-                ")");
+    std::string found;
+    for (const json* p : parts) found += (found.empty() ? "" : ", ") + type_of(*p, at);
+    throw Error(at + ": only ByteLevel, optionally after Digits, is supported (found [" + found + "])");
   }
   spec.add_prefix_space = json_bool(*parts[0], "add_prefix_space", true, at);
   spec.use_regex = json_bool(*parts[0], "use_regex", true, at);

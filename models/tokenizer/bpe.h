@@ -35,6 +35,8 @@ struct BpeSpec {
   bool fuse_unk = false;                 // consecutive unknown bytes become one unk
   bool add_prefix_space = false;         // pre-tokenizer: a piece not starting with ' ' gets one
   bool use_regex = true;                 // pre-tokenizer: split pieces with the GPT-2 regex
+  bool split_digits = false;             // pre-tokenizer: a "Digits" step before ByteLevel ...
+  bool individual_digits = false;        // ... isolating each digit rather than runs of them
   bool ignore_merges = false;            // a word that is itself in the vocab is one token
   std::vector<int32_t> prefix_ids;       // added before the text by encode(add_special_tokens)
   std::vector<int32_t> suffix_ids;       // ... and after it
@@ -73,6 +75,7 @@ class BpeTokenizer final : public Tokenizer {
   using WordCache = std::unordered_map<std::string, std::vector<int32_t>, StringHash, std::equal_to<>>;
 
   void encode_piece(std::string_view piece, std::vector<int32_t>& out) const;
+  void encode_split(std::string_view piece, std::vector<int32_t>& out) const;
   void encode_word(std::string_view word, std::vector<int32_t>& out) const;
   // The merge loop: O(n log n) in the word's length with a heap of candidate pairs.
   void merge_word(std::string_view word, std::vector<int32_t>& out) const;
@@ -90,6 +93,8 @@ class BpeTokenizer final : public Tokenizer {
   bool fuse_unk_ = false;
   bool add_prefix_space_ = false;
   bool use_regex_ = true;
+  bool split_digits_ = false;
+  bool individual_digits_ = false;
   bool ignore_merges_ = false;
   std::vector<int32_t> prefix_ids_, suffix_ids_;
   std::optional<int32_t> bos_id_, eos_id_;

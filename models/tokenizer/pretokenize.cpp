@@ -83,4 +83,22 @@ void split_gpt2_pretokens(std::string_view text, std::vector<std::string_view>& 
   }
 }
 
+void split_digits(std::string_view text, bool individual, std::vector<std::string_view>& out) {
+  out.clear();
+  size_t start = 0;
+  size_t pos = 0;
+  while (pos < text.size()) {
+    const Char c = char_at(text, pos);
+    if (c.cls != CharClass::kNumber) {
+      pos += c.length;
+      continue;
+    }
+    if (pos > start) out.push_back(text.substr(start, pos - start));
+    const size_t end = individual ? pos + c.length : run_end(text, pos, CharClass::kNumber);
+    out.push_back(text.substr(pos, end - pos));
+    start = pos = end;
+  }
+  if (pos > start) out.push_back(text.substr(start, pos - start));
+}
+
 }  // namespace fineserve

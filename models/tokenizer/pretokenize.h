@@ -18,4 +18,8 @@ namespace fineserve {
 // Replaces `out` with the pieces of `text`, in order; their concatenation is `text`.
 void split_gpt2_pretokens(std::string_view text, std::vector<std::string_view>& out);
 
+// Hugging Face's "Digits" pre-tokenizer (SmolLM, StarCoder): characters of \p{N} are isolated
+// from the rest, each on its own when `individual` is set, else as runs. Replaces `out`.
+void split_digits(std::string_view text, bool individual, std::vector<std::string_view>& out);
+
 }  // namespace fineserve

@@ -290,6 +290,26 @@ def main():
             TRICKY + ADDED_TOKEN_TEXTS),
     }
 
+    # SmolLM/StarCoder's chain: a Digits pre-tokenizer ahead of ByteLevel, isolating each digit
+    # (individual_digits, as SmolLM2 ships it) or runs of digits.
+    digit_texts = TRICKY + ADDED_TOKEN_TEXTS + texts[len(TRICKY):len(TRICKY) + 60]
+    for name, individual in (("tokenizer_json_digits", True), ("tokenizer_json_digit_runs", False)):
+        stored_digits = json.loads(path.read_text(encoding="utf-8"))
+        byte_level = dict(stored_digits["pre_tokenizer"], add_prefix_space=False)
+        stored_digits["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Digits", "individual_digits": individual}, byte_level]}
+        digits_path = work / f"{name}.json"
+        digits_path.write_text(json.dumps(stored_digits), encoding="utf-8")
+        tok_digits = Tokenizer.from_file(str(digits_path))
+        ref[name] = {
+            "pre_tokenizer": stored_digits["pre_tokenizer"],
+            "vocab_size": tok_digits.get_vocab_size(with_added_tokens=True), "bos_id": eot,
+            "cases": cases_for(
+                lambda t, s, tk=tok_digits: tk.encode(t, add_special_tokens=s).ids,
+                lambda ids, skip, tk=tok_digits: tk.decode(ids, skip_special_tokens=skip),
+                digit_texts),
+        }
+
     # --- opt_style: vocab.json + merges.txt + an OPT-like tokenizer_config.json ---------------
     opt_dir = work / "opt"
     opt_dir.mkdir()

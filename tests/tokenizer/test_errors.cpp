@@ -118,7 +118,7 @@ TEST(TokenizerErrors, TokenizerJsonUnsupported) {
   expect_error(j, "normalizer: \"NFC\" is not supported");
   j = tokenizer_json(tiny_bpe());
   j["pre_tokenizer"] = {{"type", "Metaspace"}, {"replacement", "_"}};
-  expect_error(j, "only a ByteLevel pre-tokenizer");
+  expect_error(j, "only ByteLevel, optionally after Digits");
   j = tokenizer_json(tiny_bpe());
   j["decoder"] = {{"type", "WordPiece"}};
   expect_error(j, "decoder \"WordPiece\" is not supported");

@@ -110,6 +110,20 @@ TEST(TokenizerReference, TokenizerJsonWithPrefixSpace) {
   check_cases(*load_tokenizer(dir.path()), reference().at("tokenizer_json_prefix_space"));
 }
 
+// SmolLM2's pre-tokenizer: Sequence[Digits, ByteLevel], digits isolated one by one or as runs.
+TEST(TokenizerReference, TokenizerJsonWithDigitsPreTokenizer) {
+  for (const char* name : {"tokenizer_json_digits", "tokenizer_json_digit_runs"}) {
+    SCOPED_TRACE(name);
+    const json& section = reference().at(name);
+    TempDir dir;
+    write_tokenizer_json(dir.path(), true);
+    json tj = read_json_file(dir.path() / "tokenizer.json");
+    tj["pre_tokenizer"] = section.at("pre_tokenizer");
+    write_file(dir.path() / "tokenizer.json", tj.dump());
+    check_cases(*load_tokenizer(dir.path()), section);
+  }
+}
+
 TEST(TokenizerReference, TokenizerJsonIsPreferredOverVocabMerges) {
   TempDir dir;
   write_tokenizer_json(dir.path(), true);
