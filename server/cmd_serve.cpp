@@ -1,20 +1,91 @@
-// `fineserve serve`: the HTTP server. The engine that it drives is not built yet; until it is,
-// the command says what it would serve and exits non-zero.
+// `fineserve serve`: the HTTP server (docs/api.md). Defaults come from configs/server.json (or
+// --config FILE); flags override them. SIGTERM / SIGINT drain: /ready turns 503, new requests get
+// 503, requests in flight finish within --drain-timeout, and the process exits 0.
+#include <pthread.h>
+#include <signal.h>
+
 #include <cstdio>
+#include <filesystem>
 #include <memory>
+
+#include <spdlog/spdlog.h>
 
 #include "kernels/base.h"
 #include "server/commands.h"
+#include "server/serve.h"
 
 namespace fineserve {
 
+namespace {
+constexpr const char* kDefaultConfig = "configs/server.json";
+}
+
 void add_serve_command(CLI::App& app) {
-  auto model = std::make_shared<std::string>();
-  CLI::App* cmd = app.add_subcommand("serve", "Serve a model over HTTP");
-  cmd->add_option("--model", *model, "Checkpoint to serve (default: the embedded default model)");
-  cmd->callback([model] {
-    throw Error("serving is not implemented yet: the inference engine lands with the CPU engine issue; "
-                "would serve " + (model->empty() ? std::string("the embedded default model") : *model));
+  struct Flags {
+    std::string config = kDefaultConfig;
+    ServeOptions o = default_serve_options();
+    int port = 0;
+  };
+  auto f = std::make_shared<Flags>();
+  CLI::App* cmd = app.add_subcommand("serve", "Serve a model over HTTP (TGI and OpenAI-compatible routes)");
+  auto* config = cmd->add_option("--config", f->config, "Server defaults (JSON); flags override them")->capture_default_str();
+  cmd->add_option("--model", f->o.model, "Checkpoint to serve (dense or FineQuant)");
+  auto* name = cmd->add_option("--served-model-name", f->o.served_model_name, "Model id for /v1 routes (default: the checkpoint folder's name)");
+  auto* device = cmd->add_option("--device", f->o.device, "cpu (cuda when built with it)");
+  auto* host = cmd->add_option("--host", f->o.http.host, "Address to listen on (0.0.0.0: every interface)");
+  auto* port = cmd->add_option("--port", f->port, "Port to listen on (0: any free port)")->check(CLI::Range(0, 65535));
+  auto* mbt = cmd->add_option("--max-batch-tokens", f->o.engine.max_batch_tokens, "Tokens per engine step (prefill chunk + decodes)")->check(CLI::PositiveNumber);
+  auto* seqs = cmd->add_option("--max-seqs", f->o.engine.max_seqs, "Sequences per engine step")->check(CLI::PositiveNumber);
+  auto* kv = cmd->add_option("--kv-cache-mb", f->o.kv_cache_mb, "KV-cache budget in MiB")->check(CLI::PositiveNumber);
+  auto* queue = cmd->add_option("--max-queue", f->o.loop.max_queue, "Requests that may wait for a batch slot; more get 429")->check(CLI::PositiveNumber);
+  auto* timeout = cmd->add_option("--request-timeout", f->o.loop.request_timeout_s, "Seconds a request may take (0: no limit)")->check(CLI::NonNegativeNumber);
+  auto* drain = cmd->add_option("--drain-timeout", f->o.drain_timeout_s, "Seconds in-flight requests get to finish on SIGTERM")->check(CLI::NonNegativeNumber);
+  auto* body = cmd->add_option("--max-body-bytes", f->o.http.max_body_bytes, "Largest request body; larger ones get 413")->check(CLI::PositiveNumber);
+
+  cmd->callback([f, config, name, device, host, port, mbt, seqs, kv, queue, timeout, drain, body] {
+    if (f->o.model.empty())
+      throw Error("no --model given: pass --model CHECKPOINT_DIR (scripts/serve.sh fetches, quantizes and "
+                  "serves the embedded default model, SmolLM2-135M-Instruct int4)");
+    // The config first, then every flag the user gave on top of it.
+    const ServeOptions flags = f->o;
+    ServeOptions o = default_serve_options();
+    o.model = flags.model;
+    if (config->count() > 0 || std::filesystem::exists(f->config)) load_server_config(f->config, o);
+    if (name->count()) o.served_model_name = flags.served_model_name;
+    if (device->count()) o.device = flags.device;
+    if (host->count()) o.http.host = flags.http.host;
+    if (port->count()) o.http.port = f->port;
+    if (mbt->count()) o.engine.max_batch_tokens = flags.engine.max_batch_tokens;
+    if (seqs->count()) o.engine.max_seqs = flags.engine.max_seqs;
+    if (kv->count()) o.kv_cache_mb = flags.kv_cache_mb;
+    if (queue->count()) o.loop.max_queue = flags.loop.max_queue;
+    if (timeout->count()) o.loop.request_timeout_s = flags.loop.request_timeout_s;
+    if (drain->count()) o.drain_timeout_s = flags.drain_timeout_s;
+    if (body->count()) o.http.max_body_bytes = flags.http.max_body_bytes;
+
+    // Signals are taken synchronously by this thread (sigwait) rather than by a handler: block
+    // them before any thread starts so that every thread inherits the mask. A client that goes
+    // away must not kill the process either (writes to its socket fail with EPIPE instead).
+    sigset_t stop_signals;
+    sigemptyset(&stop_signals);
+    sigaddset(&stop_signals, SIGTERM);
+    sigaddset(&stop_signals, SIGINT);
+    pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+    signal(SIGPIPE, SIG_IGN);
+
+    ServingStack stack(o);
+    spdlog::info("listening on http://{}:{} (/ready turns 200 once the model is loaded)", o.http.host, stack.port());
+    stack.load();
+    const EngineStats s = stack.loop()->stats();
+    spdlog::info("ready: {} on {}; max_seqs {}, max_batch_tokens {}, {} KV blocks", o.model, o.device,
+                 o.engine.max_seqs, o.engine.max_batch_tokens, s.total_blocks);
+
+    int sig = 0;
+    sigwait(&stop_signals, &sig);
+    spdlog::info("{}: draining (up to {} s)", sig == SIGTERM ? "SIGTERM" : "SIGINT", o.drain_timeout_s);
+    const bool clean = stack.drain();
+    stack.stop();
+    spdlog::info(clean ? "drained; exiting" : "drain timeout: requests still in flight were ended; exiting");
   });
 }
 

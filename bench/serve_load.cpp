@@ -1,0 +1,259 @@
+// `fineserve bench serve`: an offered-load sweep over loopback HTTP. For each concurrency C, C
+// clients each send `rounds` streaming /generate_stream requests back to back (fixed prompt
+// length, fixed max_new_tokens, EOS ignored); reported: generated tokens/s over the point's wall
+// time, and time to first token and time per output token (p50, p99 over requests). The same
+// sweep runs twice in one process: against the continuous-batching server (max_seqs = the largest
+// C) and against the same server limited to one sequence per step (max_seqs = 1).
+//
+// Default model: a synthetic OPT of a real shape (configs/models/<name>.json, Gaussian weights),
+// FineQuant int8, with the GPT-2 tokenizer files copied in (tests/data/gpt2), written once to the
+// work directory. --model serves any checkpoint with a tokenizer instead.
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <thread>
+
+#include <nlohmann/json.hpp>
+
+#include "bench/report.h"
+#include "kernels/base.h"
+#include "models/synthetic.h"
+#include "quant/convert.h"
+#include "server/engine_loop.h"
+#include "server/http_client.h"
+#include "server/serve.h"
+
+namespace fineserve::bench {
+namespace {
+namespace fs = std::filesystem;
+using json = nlohmann::json;
+
+struct Flags {
+  std::string model;  // "" -> synthetic
+  std::string synthetic = "opt-125m";
+  int bits = 8;
+  std::string tokenizer = "tests/data/gpt2";
+  std::vector<int> concurrency = {1, 2, 4, 8, 16, 32, 64};
+  int rounds = 2;
+  int prompt_words = 32;
+  int new_tokens = 32;
+  double kv_cache_mb = 512;
+  int max_batch_tokens = 512;
+  std::string work;
+  std::string out = "docs/results/serve_cpu.json";
+};
+
+struct Point {
+  int concurrency = 0;
+  int requests = 0, errors = 0;
+  double seconds = 0, tokens_per_s = 0;
+  double ttft_p50 = 0, ttft_p99 = 0, tpot_p50 = 0, tpot_p99 = 0;
+  double prompt_tokens = 0;
+  std::string first_error;
+};
+
+// Nearest-rank percentile.
+double percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  const size_t rank = static_cast<size_t>(std::ceil(p * static_cast<double>(v.size())));
+  return v[std::min(v.size() - 1, rank == 0 ? 0 : rank - 1)];
+}
+
+// Words that are one GPT-2 token each (with their leading space), for prompts of a known length.
+std::string prompt_text(int words, int salt) {
+  static const char* kWords[] = {"the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "was", "with",
+                                 "be", "by", "on", "not", "he", "this", "are", "or", "his", "from", "at", "which"};
+  std::string s = "Request " + std::to_string(salt) + ":";
+  for (int i = 0; i < words; ++i) s += std::string(" ") + kWords[(i * 7 + salt) % 24];
+  return s;
+}
+
+Point run_point(int port, int concurrency, const Flags& f) {
+  Point pt;
+  pt.concurrency = concurrency;
+  std::vector<std::vector<double>> ttft(static_cast<size_t>(concurrency)), tpot(static_cast<size_t>(concurrency));
+  std::vector<double> prompt_tokens(static_cast<size_t>(concurrency), 0);
+  std::atomic<int> errors{0}, generated{0};
+  std::string first_error;
+  std::mutex err_mu;
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<std::thread> clients;
+  for (int c = 0; c < concurrency; ++c)
+    clients.emplace_back([&, c] {
+      HttpClient client("127.0.0.1", port);
+      for (int r = 0; r < f.rounds; ++r) {
+        const json body = {{"inputs", prompt_text(f.prompt_words, c * f.rounds + r)},
+                           {"parameters", {{"max_new_tokens", f.new_tokens}, {"ignore_eos", true}}}};
+        const SseTiming t = client.post_sse("/generate_stream", body.dump());
+        if (t.status != 200 || static_cast<int>(t.event_s.size()) != f.new_tokens) {
+          ++errors;
+          std::lock_guard lk(err_mu);
+          if (first_error.empty()) first_error = std::to_string(t.status) + " " + t.error;
+          continue;
+        }
+        generated += static_cast<int>(t.event_s.size());
+        ttft[static_cast<size_t>(c)].push_back(t.event_s.front());
+        if (t.event_s.size() > 1)
+          tpot[static_cast<size_t>(c)].push_back((t.event_s.back() - t.event_s.front()) / static_cast<double>(t.event_s.size() - 1));
+        const json last = json::parse(t.data.back(), nullptr, false);
+        if (last.is_object() && last["details"].is_object()) prompt_tokens[static_cast<size_t>(c)] = last["details"]["input_length"].get<double>();
+      }
+    });
+  for (auto& t : clients) t.join();
+  pt.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::vector<double> all_ttft, all_tpot;
+  for (auto& v : ttft) all_ttft.insert(all_ttft.end(), v.begin(), v.end());
+  for (auto& v : tpot) all_tpot.insert(all_tpot.end(), v.begin(), v.end());
+  pt.requests = concurrency * f.rounds;
+  pt.errors = errors;
+  pt.first_error = first_error;
+  pt.tokens_per_s = generated / pt.seconds;
+  pt.ttft_p50 = percentile(all_ttft, 0.5);
+  pt.ttft_p99 = percentile(all_ttft, 0.99);
+  pt.tpot_p50 = percentile(all_tpot, 0.5);
+  pt.tpot_p99 = percentile(all_tpot, 0.99);
+  pt.prompt_tokens = *std::max_element(prompt_tokens.begin(), prompt_tokens.end());
+  return pt;
+}
+
+std::vector<Point> sweep(const fs::path& model, int max_seqs, const Flags& f) {
+  ServeOptions o = default_serve_options();
+  o.model = model.string();
+  o.http.host = "127.0.0.1";
+  o.http.port = 0;
+  o.http.threads = std::max(64, 2 * *std::max_element(f.concurrency.begin(), f.concurrency.end()));
+  o.engine.max_seqs = max_seqs;
+  o.engine.max_batch_tokens = f.max_batch_tokens;
+  o.kv_cache_mb = f.kv_cache_mb;
+  o.loop.max_queue = 1 << 20;
+  o.loop.request_timeout_s = 0;
+  ServingStack stack(o);
+  stack.load();
+  // Warm-up: one request (first-touch of the weights and the KV cache).
+  HttpClient(std::string("127.0.0.1"), stack.port()).post_sse("/generate_stream",
+      json{{"inputs", prompt_text(f.prompt_words, 0)}, {"parameters", {{"max_new_tokens", 4}, {"ignore_eos", true}}}}.dump());
+  std::vector<Point> points;
+  for (int c : f.concurrency) {
+    Point p = run_point(stack.port(), c, f);
+    std::printf("  max_seqs %2d  concurrency %2d: %7.1f tokens/s  TTFT p50 %.3f s  TPOT p50 %.4f s  (%d requests, %d errors, %.1f s)\n",
+                max_seqs, c, p.tokens_per_s, p.ttft_p50, p.tpot_p50, p.requests, p.errors, p.seconds);
+    if (p.errors) std::printf("    first error: %s\n", p.first_error.c_str());
+    std::fflush(stdout);
+    points.push_back(p);
+  }
+  stack.drain();
+  return points;
+}
+
+fs::path synthetic_model(const Flags& f) {
+  const fs::path work = f.work.empty() ? fs::temp_directory_path() / "fineserve-bench-serve" : fs::path(f.work);
+  fs::create_directories(work);
+  const fs::path dense = work / f.synthetic;
+  if (!fs::exists(dense / "config.json")) {
+    std::printf("writing synthetic %s ...\n", f.synthetic.c_str());
+    SynthOptions so;
+    so.config = fs::path("configs/models") / (f.synthetic + ".json");
+    so.out = dense;
+    so.overwrite = true;
+    write_synthetic_opt(so);
+  }
+  for (const char* file : {"vocab.json", "merges.txt"}) {
+    const fs::path src = fs::path(f.tokenizer) / file;
+    if (!fs::exists(src)) throw Error("the benchmark's tokenizer file " + src.string() + " is missing (--tokenizer)");
+    if (!fs::exists(dense / file)) fs::copy_file(src, dense / file);
+  }
+  if (f.bits == 16) return dense;
+  const fs::path q = work / (f.synthetic + "-int" + std::to_string(f.bits));
+  if (!fs::exists(q / "config.json")) {
+    std::printf("quantizing to FineQuant int%d ...\n", f.bits);
+    quant::ConvertOptions o;
+    o.model = dense;
+    o.out = q;
+    o.group.bits = f.bits;
+    o.keep = quant::default_keep_patterns();
+    o.overwrite = true;
+    quant::convert_checkpoint(o);
+  }
+  return q;
+}
+
+// "dir" for "/some/where/dir" and "/some/where/dir/".
+std::string folder_name(const fs::path& p) {
+  const fs::path n = fs::absolute(p).lexically_normal();
+  return n.has_filename() ? n.filename().string() : n.parent_path().filename().string();
+}
+
+json to_json(const Point& p) {
+  return {{"concurrency", p.concurrency}, {"requests", p.requests}, {"errors", p.errors}, {"seconds", p.seconds},
+          {"tokens_per_s", p.tokens_per_s}, {"ttft_p50_s", p.ttft_p50}, {"ttft_p99_s", p.ttft_p99},
+          {"tpot_p50_s", p.tpot_p50}, {"tpot_p99_s", p.tpot_p99}};
+}
+
+void setup(CLI::App& group) {
+  auto f = std::make_shared<Flags>();
+  CLI::App* cmd = group.add_subcommand("serve", "Serving throughput and latency over loopback HTTP vs concurrency, "
+                                                "continuous batching vs one sequence per step");
+  cmd->add_option("--model", f->model, "Checkpoint to serve (default: a synthetic OPT, see --synthetic)");
+  cmd->add_option("--synthetic", f->synthetic, "configs/models/<name>.json for the synthetic model");
+  cmd->add_option("--bits", f->bits, "Synthetic model weights: 16 (dense), 8 or 4 (FineQuant)")->check(CLI::IsMember({4, 8, 16}));
+  cmd->add_option("--tokenizer", f->tokenizer, "Folder with vocab.json and merges.txt for the synthetic model");
+  cmd->add_option("--concurrency", f->concurrency, "Client counts to sweep")->check(CLI::PositiveNumber);
+  cmd->add_option("--rounds", f->rounds, "Requests per client per point")->check(CLI::PositiveNumber);
+  cmd->add_option("--prompt-words", f->prompt_words, "Prompt length in words (about one token each)")->check(CLI::PositiveNumber);
+  cmd->add_option("--new-tokens", f->new_tokens, "Generated tokens per request")->check(CLI::PositiveNumber);
+  cmd->add_option("--kv-cache-mb", f->kv_cache_mb)->check(CLI::PositiveNumber);
+  cmd->add_option("--max-batch-tokens", f->max_batch_tokens)->check(CLI::PositiveNumber);
+  cmd->add_option("--work", f->work, "Scratch directory for the synthetic checkpoint (kept for reuse)");
+  cmd->add_option("--out", f->out, "JSON result path");
+  cmd->callback([f] {
+    const fs::path model = f->model.empty() ? synthetic_model(*f) : fs::path(f->model);
+    const int max_c = *std::max_element(f->concurrency.begin(), f->concurrency.end());
+    // Other processes on the machine skew the figures: record how busy it was.
+    double load_at_start = -1;
+    if (std::FILE* la = std::fopen("/proc/loadavg", "r")) {
+      if (std::fscanf(la, "%lf", &load_at_start) != 1) load_at_start = -1;
+      std::fclose(la);
+    }
+    std::printf("serving %s: %d-word prompts, %d new tokens, %d requests per client per point, %u hardware threads\n",
+                model.string().c_str(), f->prompt_words, f->new_tokens, f->rounds, std::thread::hardware_concurrency());
+    const std::vector<Point> batched = sweep(model, max_c, *f);
+    const std::vector<Point> single = sweep(model, 1, *f);
+
+    Table table({"clients", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "1-seq tok/s", "1-seq TTFT p50",
+                 "1-seq TPOT p50", "speedup", "TPOT p99 / c1"});
+    json rows = json::array();
+    for (size_t i = 0; i < batched.size(); ++i) {
+      const Point& b = batched[i];
+      const Point& s = single[i];
+      const double speedup = s.tokens_per_s > 0 ? b.tokens_per_s / s.tokens_per_s : 0;
+      const double tpot_ratio = batched[0].tpot_p50 > 0 ? b.tpot_p99 / batched[0].tpot_p50 : 0;
+      table.add_row({std::to_string(b.concurrency), fmt(b.tokens_per_s, 1), fmt(b.ttft_p50, 3), fmt(b.ttft_p99, 3),
+                     fmt(b.tpot_p50 * 1e3, 1) + " ms", fmt(b.tpot_p99 * 1e3, 1) + " ms", fmt(s.tokens_per_s, 1),
+                     fmt(s.ttft_p50, 3), fmt(s.tpot_p50 * 1e3, 1) + " ms", fmt(speedup) + "x", fmt(tpot_ratio) + "x"});
+      rows.push_back({{"concurrency", b.concurrency}, {"batched", to_json(b)}, {"one_seq", to_json(s)},
+                      {"speedup_tokens_per_s", speedup}, {"tpot_p99_over_c1_tpot_p50", tpot_ratio}});
+    }
+    std::printf("\n");
+    table.print();
+    // The model as a description, not a path of this machine.
+    const std::string model_name =
+        f->model.empty() ? "synthetic " + f->synthetic + " (configs/models/" + f->synthetic + ".json, Gaussian weights), " +
+                               (f->bits == 16 ? std::string("fp16") : "FineQuant int" + std::to_string(f->bits)) +
+                               ", GPT-2 tokenizer"
+                         : folder_name(model);
+    write_result(f->out, "serve_load", cpu_name(),
+                 {{"model", model_name}, {"load_average_1m_at_start", load_at_start}, {"prompt_tokens", batched.empty() ? 0.0 : batched[0].prompt_tokens},
+                  {"new_tokens", f->new_tokens}, {"rounds", f->rounds}, {"max_batch_tokens", f->max_batch_tokens},
+                  {"batched_max_seqs", max_c}, {"hardware_threads", std::thread::hardware_concurrency()},
+                  {"points", rows}});
+  });
+}
+
+const Registrar registrar(setup);
+
+}  // namespace
+}  // namespace fineserve::bench

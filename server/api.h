@@ -1,0 +1,107 @@
+// The HTTP API's requests: parsing and validation of the JSON bodies of every generation route,
+// and the errors they map to. Pure functions (no sockets, no model), so they can be tested and
+// fuzzed on their own.
+//
+// Routes and their shapes (docs/api.md has the full reference):
+//   POST /generate, /generate_stream   TGI: {"inputs", "parameters": {...}}
+//   POST /v1/completions               OpenAI: {"model", "prompt", "max_tokens", ...}
+//   POST /v1/chat/completions          OpenAI: {"model", "messages", "max_tokens", ...}
+//
+// Status codes: a body that is not JSON or not an object, or a field of the wrong JSON type -> 400;
+// an unknown field, a value out of range, an unsupported option -> 422; a model name the server
+// does not serve -> 404.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "engine/sampler.h"
+#include "engine/stop.h"
+
+namespace fineserve {
+
+// An error that becomes an HTTP response: status, a machine-readable type and a message.
+class ApiError : public std::runtime_error {
+ public:
+  ApiError(int status, std::string type, const std::string& message)
+      : std::runtime_error(message), status_(status), type_(std::move(type)) {}
+  int status() const { return status_; }
+  const std::string& type() const { return type_; }
+
+ private:
+  int status_;
+  std::string type_;
+};
+
+// The error types the API uses (TGI's names where TGI has one).
+namespace error_type {
+inline constexpr const char* kBadRequest = "bad_request";        // 400
+inline constexpr const char* kNotFound = "not_found";            // 404
+inline constexpr const char* kPayloadTooLarge = "payload_too_large";  // 413
+inline constexpr const char* kValidation = "validation";         // 422
+inline constexpr const char* kOverloaded = "overloaded";         // 429
+inline constexpr const char* kInternal = "internal";             // 500
+inline constexpr const char* kUnavailable = "unavailable";       // 503
+inline constexpr const char* kTimeout = "timeout";               // request ran past its deadline
+}  // namespace error_type
+
+enum class Endpoint { Generate, GenerateStream, Completions, ChatCompletions };
+std::string_view endpoint_name(Endpoint e);  // "generate", "generate_stream", "completions", "chat_completions"
+bool is_openai(Endpoint e);
+
+// What the parsers need to know about the served model.
+struct ApiLimits {
+  std::string model_name;       // the id /v1/models lists; OpenAI requests must name it
+  int64_t max_context = 2048;   // positions the model attends to (prompt + generated)
+  int default_max_new_tokens = 100;  // TGI routes when max_new_tokens is absent
+  int max_stop_sequences = 4;
+  int max_stop_length = 256;    // bytes per stop string
+};
+
+// One chat message after validation (content parts joined).
+struct ChatMessage {
+  std::string role;  // system, user, assistant, tool
+  std::string content;
+};
+
+// A validated generation request, before tokenization.
+struct ApiRequest {
+  Endpoint endpoint = Endpoint::Generate;
+  bool stream = false;
+  std::string prompt;                 // text to tokenize (chat: the rendered template)
+  std::vector<int32_t> prompt_ids;    // /v1/completions with a token-id prompt; then prompt is ""
+  SamplingParams sampling;            // validated; seed meaningful only when seed_given
+  bool seed_given = false;
+  // Stop strings and max_new_tokens. When the request does not give max_new_tokens, it holds the
+  // route's default (TGI: ApiLimits::default_max_new_tokens, completions: 16, chat: 0 = the rest
+  // of the context), which the server lowers to what the context leaves after the prompt.
+  StopConditions stop;
+  bool max_new_tokens_given = false;
+  bool ignore_eos = false;            // extension (vLLM): keep generating past EOS
+  bool details = false;               // TGI: return details
+  bool decoder_input_details = false; // TGI: accepted, prefill details are not returned
+  bool return_full_text = false;      // TGI: prepend the prompt to generated_text
+  bool echo = false;                  // OpenAI completions: prepend the prompt to the text
+  bool include_usage = false;         // OpenAI streams: a final chunk with usage
+  std::string model;                  // OpenAI: the model named by the request
+};
+
+// Parses and validates one request body for `endpoint` (/generate and /generate_stream differ only
+// in `stream`). Throws ApiError (400, 404 or 422).
+ApiRequest parse_request(Endpoint endpoint, std::string_view body, const ApiLimits& limits);
+
+// The default chat template, ChatML-style (documented in docs/api.md):
+//   <|im_start|>{role}\n{content}<|im_end|>\n   for every message, then
+//   <|im_start|>assistant\n                      when add_generation_prompt.
+std::string render_chat_template(const std::vector<ChatMessage>& messages, bool add_generation_prompt);
+// The stop string chat requests get by default: the template's end of turn.
+inline constexpr const char* kChatEndOfTurn = "<|im_end|>";
+
+// OpenAI's finish_reason for an engine finish: "stop" (EOS token or stop string) or "length".
+std::string_view openai_finish_reason(FinishReason reason);
+
+}  // namespace fineserve

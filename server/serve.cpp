@@ -1,0 +1,135 @@
+#include "server/serve.h"
+
+#include <ctime>
+#include <fstream>
+#include <functional>
+#include <map>
+
+#include <spdlog/spdlog.h>
+
+#include "kernels/base.h"
+#include "models/model.h"
+#include "models/tokenizer/tokenizer.h"
+#include "server/commands.h"
+#include "server/metrics.h"
+
+namespace fineserve {
+
+using json = nlohmann::json;
+
+ServeOptions default_serve_options() { return ServeOptions{}; }
+
+namespace {
+
+double number_in(const json& v, const std::string& where, double lo, double hi) {
+  if (!v.is_number()) throw Error(where + " must be a number");
+  const double d = v.get<double>();
+  if (!(d >= lo && d <= hi)) throw Error(where + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  return d;
+}
+
+int64_t integer_in(const json& v, const std::string& where, int64_t lo, int64_t hi) {
+  if (!v.is_number_integer()) throw Error(where + " must be an integer");
+  if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(hi))
+    throw Error(where + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  const int64_t i = v.get<int64_t>();
+  if (i < lo || i > hi) throw Error(where + " must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]");
+  return i;
+}
+
+std::string string_of(const json& v, const std::string& where) {
+  if (!v.is_string()) throw Error(where + " must be a string");
+  return v.get<std::string>();
+}
+
+}  // namespace
+
+void apply_server_config(const json& config, const std::string& source, ServeOptions& o) {
+  if (!config.is_object()) throw Error(source + ": the server config must be a JSON object");
+  constexpr int64_t kIntMax = 1 << 30;
+  using Setter = std::function<void(const json&, const std::string&)>;
+  const std::map<std::string, Setter> setters = {
+      {"host", [&](const json& v, const std::string& w) { o.http.host = string_of(v, w); }},
+      {"port", [&](const json& v, const std::string& w) { o.http.port = static_cast<int>(integer_in(v, w, 0, 65535)); }},
+      {"device", [&](const json& v, const std::string& w) { o.device = string_of(v, w); }},
+      {"served_model_name", [&](const json& v, const std::string& w) { o.served_model_name = string_of(v, w); }},
+      {"max_batch_tokens", [&](const json& v, const std::string& w) { o.engine.max_batch_tokens = static_cast<int>(integer_in(v, w, 1, kIntMax)); }},
+      {"max_seqs", [&](const json& v, const std::string& w) { o.engine.max_seqs = static_cast<int>(integer_in(v, w, 1, kIntMax)); }},
+      {"block_size", [&](const json& v, const std::string& w) { o.engine.block_size = static_cast<int>(integer_in(v, w, 1, 1024)); }},
+      {"kv_cache_mb", [&](const json& v, const std::string& w) { o.kv_cache_mb = number_in(v, w, 1e-3, 1 << 24); }},
+      {"max_queue", [&](const json& v, const std::string& w) { o.loop.max_queue = static_cast<int>(integer_in(v, w, 1, kIntMax)); }},
+      {"request_timeout_s", [&](const json& v, const std::string& w) { o.loop.request_timeout_s = number_in(v, w, 0, 1e9); }},
+      {"drain_timeout_s", [&](const json& v, const std::string& w) { o.drain_timeout_s = number_in(v, w, 0, 1e9); }},
+      {"max_body_bytes", [&](const json& v, const std::string& w) { o.http.max_body_bytes = static_cast<size_t>(integer_in(v, w, 1, kIntMax)); }},
+      {"http_threads", [&](const json& v, const std::string& w) { o.http.threads = static_cast<int>(integer_in(v, w, 2, 65536)); }},
+      {"heartbeat_s", [&](const json& v, const std::string& w) { o.http.heartbeat_s = number_in(v, w, 1e-3, 3600); }},
+      {"default_max_new_tokens", [&](const json& v, const std::string& w) { o.http.default_max_new_tokens = static_cast<int>(integer_in(v, w, 1, kIntMax)); }},
+      {"max_stop_sequences", [&](const json& v, const std::string& w) { o.http.max_stop_sequences = static_cast<int>(integer_in(v, w, 0, 1024)); }},
+  };
+  for (auto it = config.begin(); it != config.end(); ++it) {
+    if (it.key().rfind("_comment", 0) == 0) continue;  // documentation keys
+    auto s = setters.find(it.key());
+    if (s == setters.end()) throw Error(source + ": unknown key '" + it.key() + "'");
+    s->second(it.value(), source + ": '" + it.key() + "'");
+  }
+}
+
+void load_server_config(const std::filesystem::path& path, ServeOptions& options) {
+  std::ifstream in(path);
+  if (!in) throw Error("cannot read the server config " + path.string());
+  json j = json::parse(in, nullptr, /*allow_exceptions=*/false, /*ignore_comments=*/true);
+  if (j.is_discarded()) throw Error(path.string() + " is not valid JSON");
+  apply_server_config(j, path.string(), options);
+}
+
+// ---- ServingStack -------------------------------------------------------------------------------
+
+ServingStack::ServingStack(const ServeOptions& options) : options_(options) {
+  metrics_ = std::make_unique<Metrics>();
+  http_ = std::make_unique<HttpServer>(options_.http, *metrics_);
+  http_->bind();
+  http_->start();
+}
+
+ServingStack::~ServingStack() { stop(); }
+
+void ServingStack::load() {
+  FS_ASSERT(!loop_, "load() once");
+  if (options_.model.empty()) throw Error("no model to serve (--model)");
+  const std::filesystem::path dir(options_.model);
+  tokenizer_ = load_tokenizer(dir);
+  backend_ = make_backend(options_.device);
+  model_ = load_model(dir, *backend_);
+  EngineConfig ec = options_.engine;
+  ec.kv_cache_bytes = static_cast<uint64_t>(options_.kv_cache_mb * (1 << 20));
+  engine_ = std::make_unique<Engine>(*model_, tokenizer_.get(), ec);
+  loop_ = std::make_unique<EngineLoop>(*engine_, options_.loop, metrics_.get());
+
+  ModelCard card;
+  card.name = options_.served_model_name;
+  if (card.name.empty()) card.name = std::filesystem::absolute(dir).lexically_normal().filename().string();
+  if (card.name.empty()) card.name = std::filesystem::absolute(dir).lexically_normal().parent_path().filename().string();
+  card.path = options_.model;
+  card.device = options_.device;
+  card.info = model_->info();
+  card.engine = engine_->config();
+  card.loop = options_.loop;
+  card.created = static_cast<int64_t>(std::time(nullptr));
+  if (std::filesystem::exists(dir / "tokenizer_config.json")) {
+    std::ifstream in(dir / "tokenizer_config.json");
+    json tc = json::parse(in, nullptr, false);
+    if (tc.is_object() && tc.contains("chat_template"))
+      spdlog::warn("the checkpoint has a chat_template; FineServe applies its built-in ChatML template instead (docs/api.md)");
+  }
+  http_->attach(*loop_, *tokenizer_, card);
+}
+
+bool ServingStack::drain() {
+  return http_->drain(std::chrono::duration<double>(options_.drain_timeout_s));
+}
+
+void ServingStack::stop() {
+  if (http_) http_->stop();
+}
+
+}  // namespace fineserve

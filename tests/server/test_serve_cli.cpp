@@ -1,0 +1,154 @@
+// `fineserve serve` as a process: startup, bad flags, and SIGTERM draining.
+#include <fcntl.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include <atomic>
+#include <mutex>
+#include <thread>
+
+#include "server_util.h"
+
+extern char** environ;
+
+namespace fineserve {
+namespace {
+
+using json = nlohmann::json;
+using namespace fineserve::testing;
+
+// The fineserve binary as a child process, its stdout and stderr collected by a reader thread.
+class ServeProcess {
+ public:
+  explicit ServeProcess(const std::vector<std::string>& args) {
+    int fds[2];
+    if (::pipe(fds) != 0) return;
+    posix_spawn_file_actions_t actions;
+    posix_spawn_file_actions_init(&actions);
+    posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
+    posix_spawn_file_actions_adddup2(&actions, fds[1], 2);
+    posix_spawn_file_actions_addclose(&actions, fds[0]);
+    std::vector<std::string> argv_s = {FINESERVE_BINARY};
+    argv_s.insert(argv_s.end(), args.begin(), args.end());
+    std::vector<char*> argv;
+    for (auto& a : argv_s) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    if (posix_spawn(&pid_, FINESERVE_BINARY, &actions, nullptr, argv.data(), environ) != 0) pid_ = -1;
+    posix_spawn_file_actions_destroy(&actions);
+    ::close(fds[1]);
+    reader_ = std::thread([this, fd = fds[0]] {
+      char buf[4096];
+      ssize_t n;
+      while ((n = ::read(fd, buf, sizeof buf)) > 0) {
+        std::lock_guard lk(mu_);
+        output_.append(buf, static_cast<size_t>(n));
+      }
+      ::close(fd);
+    });
+  }
+  ~ServeProcess() {
+    if (pid_ > 0 && !exited_) {
+      ::kill(pid_, SIGKILL);
+      wait();
+    }
+    if (reader_.joinable()) reader_.join();
+  }
+  std::string output() const {
+    std::lock_guard lk(mu_);
+    return output_;
+  }
+  // The port from the "listening on http://HOST:PORT" line; 0 while it has not appeared.
+  int port() const {
+    const std::string out = output();
+    const std::string key = "listening on http://127.0.0.1:";
+    const size_t at = out.find(key);
+    if (at == std::string::npos) return 0;
+    return std::atoi(out.c_str() + at + key.size());
+  }
+  // Exit code (128 + signal when killed).
+  int wait() {
+    int st = 0;
+    ::waitpid(pid_, &st, 0);
+    exited_ = true;
+    if (reader_.joinable()) reader_.join();
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+  }
+  pid_t pid() const { return pid_; }
+
+ private:
+  pid_t pid_ = -1;
+  bool exited_ = false;
+  std::thread reader_;
+  mutable std::mutex mu_;
+  std::string output_;
+};
+
+TEST(ServeCli, WithoutAModelExplainsAndFails) {
+  ServeProcess p({"serve", "--port", "0"});
+  EXPECT_NE(p.wait(), 0);
+  EXPECT_NE(p.output().find("embedded default model"), std::string::npos) << p.output();
+}
+
+TEST(ServeCli, BadInputFails) {
+  ServeProcess missing({"serve", "--model", "/nonexistent/model", "--port", "0"});
+  EXPECT_NE(missing.wait(), 0);
+  ServeProcess bad_config({"serve", "--model", kModelDir.string(), "--config", "/nonexistent/server.json"});
+  EXPECT_NE(bad_config.wait(), 0);
+  EXPECT_NE(bad_config.output().find("server.json"), std::string::npos) << bad_config.output();
+  ServeProcess bad_flag({"serve", "--model", kModelDir.string(), "--max-seqs", "0"});
+  EXPECT_NE(bad_flag.wait(), 0);
+}
+
+// SIGTERM while requests are in flight: /ready turns 503, new requests are refused, every
+// request in flight completes, and the process exits 0.
+TEST(ServeCli, SigtermDrainsInFlightRequests) {
+  ServeProcess p({"serve", "--model", kModelDir.string(), "--port", "0", "--max-seqs", "1", "--drain-timeout", "120"});
+  ASSERT_TRUE(eventually([&] { return p.port() > 0; }, std::chrono::seconds(60))) << p.output();
+  httplib::Client c("127.0.0.1", p.port());
+  ASSERT_TRUE(eventually([&] { return get(c, "/ready").status == 200; }, std::chrono::seconds(60))) << p.output();
+
+  constexpr int kRequests = 6, kTokens = 120;
+  std::vector<StreamReply> replies(kRequests);
+  std::atomic<bool> first_token{false};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kRequests; ++i)
+    threads.emplace_back([&, i] {
+      httplib::Client cc("127.0.0.1", p.port());
+      cc.set_read_timeout(std::chrono::seconds(120));
+      replies[i] = post_stream(cc, "/generate_stream",
+                               json{{"inputs", "And God said " + std::to_string(i)}, {"parameters", {{"max_new_tokens", kTokens}, {"ignore_eos", true}}}},
+                               [&](const SseEvent&) {
+                                 first_token = true;
+                                 return true;
+                               });
+    });
+  ASSERT_TRUE(eventually([&] { return first_token.load(); }, std::chrono::seconds(60)));
+  ASSERT_EQ(::kill(p.pid(), SIGTERM), 0);
+
+  // /ready turns 503 (or the process is already gone), and new requests are refused.
+  int ready = 200;
+  ASSERT_TRUE(eventually([&] {
+    ready = get(c, "/ready").status;
+    return ready != 200;
+  }, std::chrono::seconds(60)));
+  if (ready == 503) {
+    const Reply r = post(c, "/generate", json{{"inputs", "late"}});
+    EXPECT_TRUE(r.status == 503 || r.status == 0) << r.status << " " << r.body;
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(p.wait(), 0) << p.output();
+  for (int i = 0; i < kRequests; ++i) {
+    ASSERT_EQ(replies[i].status, 200) << i;
+    ASSERT_EQ(replies[i].events.size(), static_cast<size_t>(kTokens)) << i << "\n" << replies[i].raw;
+    EXPECT_EQ(json::parse(replies[i].events.back().data)["details"]["finish_reason"], "length");
+  }
+  EXPECT_NE(p.output().find("draining"), std::string::npos) << p.output();
+}
+
+}  // namespace
+}  // namespace fineserve
