@@ -48,8 +48,9 @@ class Tokenizer {
 
   // The decode hook every tokenizer implements: appends the raw bytes token `id` contributes to
   // decoded text (possibly part of a UTF-8 character; nothing for an unknown id or for a skipped
-  // special token). `at_start` says that no token has contributed yet, for tokenizers that treat
-  // the first piece differently (SentencePiece drops its leading space).
+  // special token). `at_start` says that no token has been decoded yet (every id before it was
+  // unknown or a skipped special token), for tokenizers that treat the first piece differently
+  // (SentencePiece drops its leading space).
   virtual void append_token_bytes(int32_t id, bool skip_special_tokens, bool at_start,
                                   std::string& out) const = 0;
 };
@@ -74,6 +75,8 @@ class StreamDecoder {
 
 // Reads the tokenizer of a Hugging Face checkpoint folder, choosing by the files present:
 //   tokenizer.json             byte-level BPE (GPT-2, OPT, GPT-NeoX style)
+//   tokenizer.model            SentencePiece BPE (Llama, Mistral), with tokenizer_config.json; also
+//                              used when tokenizer.json is SentencePiece-style (byte_fallback)
 //   vocab.json + merges.txt    GPT-2 style BPE files, with tokenizer_config.json and
 //                              special_tokens_map.json when present (OPT)
 // Throws fineserve::Error when there is none, or when the files are unreadable, malformed or
