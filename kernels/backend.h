@@ -65,6 +65,22 @@ class Backend {
                          void* out) = 0;
   // Converts rows of activations to fp32 on the host (logits): dst[m, n].
   virtual void to_host_f32(const void* src, int64_t count, float* dst) = 0;
+
+  // ---- MoE ----------------------------------------------------------------------------------
+  // Mixtral-style sparse experts run grouped: route every token, gather each expert's tokens into
+  // contiguous rows (the row gather is embedding() with the activations as the table), run the
+  // expert's GEMMs through linear(), and scatter-add the outputs back weighted by the router.
+  //
+  // Per token t: p = softmax(router_logits[t, :]) in fp32 (router_logits [n_tokens, n_experts]);
+  // expert_ids[t, :top_k] (int32) = the top_k experts by p, most probable first (ties: lower index
+  // first); weights[t, j] (fp32) = p[expert_ids[t, j]] renormalised over the top_k to sum to 1 (as
+  // HF's MixtralTopKRouter). Both outputs [n_tokens, top_k] in device memory.
+  virtual void moe_route(const void* router_logits, int64_t n_tokens, int n_experts, int top_k, int32_t* expert_ids,
+                         float* weights) = 0;
+  // dst[rows[i], :] += weights[i] * src[i, :] for i < n, in order of i (rows may repeat);
+  // src [n, dim], rows [n], weights [n] fp32, dst [dst_rows, dim].
+  virtual void scatter_add_rows(const void* src, const int32_t* rows, const float* weights, int64_t n, int64_t dim,
+                                void* dst, int64_t dst_rows) = 0;
 };
 
 std::unique_ptr<Backend> make_cpu_backend();

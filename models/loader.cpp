@@ -4,6 +4,7 @@
 #include "kernels/base.h"
 #include "models/checkpoint/config.h"
 #include "models/model.h"
+#include "models/llama.h"
 #include "models/opt.h"
 
 namespace fineserve {
@@ -17,7 +18,11 @@ std::unique_ptr<Model> load_model(const std::filesystem::path& path, Backend& ba
     const ckpt::OptConfig c = ckpt::parse_opt_config(config, config_path.string());
     return std::make_unique<OptModel>(std::move(checkpoint), c, backend);
   }
-  throw Error(config_path.string() + ": model_type '" + type + "' is not supported (supported: opt)");
+  if (type == "llama" || type == "mistral" || type == "mixtral") {
+    const ckpt::LlamaConfig c = ckpt::parse_llama_config(config, config_path.string());
+    return std::make_unique<LlamaModel>(std::move(checkpoint), c, backend);
+  }
+  throw Error(config_path.string() + ": model_type '" + type + "' is not supported (supported: opt, llama, mistral, mixtral)");
 }
 
 }  // namespace fineserve

@@ -11,6 +11,7 @@
 #include "models/checkpoint/atomic_dir.h"
 #include "models/checkpoint/config.h"
 #include "models/checkpoint/safetensors.h"
+#include "models/llama_layout.h"
 #include "models/opt_layout.h"
 
 namespace fineserve {
@@ -52,16 +53,31 @@ void fill_gaussian(float* dst, int64_t n, double stddev, uint64_t seed) {
   }
 }
 
-void write_synthetic_opt(const SynthOptions& o, const std::function<void(size_t, size_t)>& progress) {
+void write_synthetic(const SynthOptions& o, const std::function<void(size_t, size_t)>& progress) {
   nlohmann::json config = ckpt::read_json_file(o.config);
+  if (!o.overrides.is_object()) throw Error("synthetic config overrides must be a JSON object");
+  for (const auto& [key, value] : o.overrides.items()) config[key] = value;
   if (o.num_layers > 0) config["num_hidden_layers"] = o.num_layers;
   config["torch_dtype"] = o.dtype == DType::F32 ? "float32" : o.dtype == DType::BF16 ? "bfloat16" : "float16";
-  const ckpt::OptConfig c = ckpt::parse_opt_config(config, o.config.string());
+  config.erase("dtype");  // transformers 5's name for torch_dtype, which would win over it
   if (!is_float(o.dtype)) throw Error("synthetic weights must be F32, F16 or BF16");
-  if (o.outlier_channels < 0 || o.outlier_channels > c.hidden_size)
+  const std::string type = ckpt::model_type(config, o.config.string());
+  std::vector<TensorSpec> specs;
+  int64_t hidden = 0;
+  if (type == "opt") {
+    const ckpt::OptConfig c = ckpt::parse_opt_config(config, o.config.string());
+    specs = opt_tensor_specs(c);
+    hidden = c.hidden_size;
+  } else if (type == "llama" || type == "mistral" || type == "mixtral") {
+    const ckpt::LlamaConfig c = ckpt::parse_llama_config(config, o.config.string());
+    specs = llama_tensor_specs(c);
+    hidden = c.hidden_size;
+  } else {
+    throw Error(o.config.string() + ": model_type '" + type + "' has no synthetic layout (opt, llama, mistral, mixtral)");
+  }
+  if (o.outlier_channels < 0 || o.outlier_channels > hidden)
     throw Error("--outlier-channels must be between 0 and hidden_size");
 
-  const std::vector<TensorSpec> specs = opt_tensor_specs(c);
   std::vector<std::string> names;
   for (const auto& s : specs) names.push_back(s.name);
 
@@ -69,8 +85,8 @@ void write_synthetic_opt(const SynthOptions& o, const std::function<void(size_t,
   std::vector<int64_t> outliers;
   {
     std::mt19937_64 rng(o.seed ^ 0x6f75746c69657273ull);
-    std::vector<int64_t> all(static_cast<size_t>(c.hidden_size));
-    for (int64_t i = 0; i < c.hidden_size; ++i) all[static_cast<size_t>(i)] = i;
+    std::vector<int64_t> all(static_cast<size_t>(hidden));
+    for (int64_t i = 0; i < hidden; ++i) all[static_cast<size_t>(i)] = i;
     std::shuffle(all.begin(), all.end(), rng);
     outliers.assign(all.begin(), all.begin() + o.outlier_channels);
   }
@@ -82,7 +98,7 @@ void write_synthetic_opt(const SynthOptions& o, const std::function<void(size_t,
     cfg << config.dump(2) << "\n";
     if (!cfg) throw Error("cannot write " + (dir.path() / "config.json").string());
   }
-  ckpt::Metadata meta{{"format", "pt"}, {"fineserve.synthetic", "opt seed=" + std::to_string(o.seed)}};
+  ckpt::Metadata meta{{"format", "pt"}, {"fineserve.synthetic", type + " seed=" + std::to_string(o.seed)}};
   ckpt::CheckpointWriter writer(dir.path(), names, meta, o.max_shard_bytes);
   std::vector<float> values;
   std::vector<std::byte> bytes;
@@ -96,7 +112,7 @@ void write_synthetic_opt(const SynthOptions& o, const std::function<void(size_t,
       case TensorSpec::Init::Ones: std::fill(values.begin(), values.end(), 1.0f); break;
       case TensorSpec::Init::Zeros: break;
     }
-    if (s.linear && !outliers.empty() && std::regex_search(s.name, outlier_re) && s.shape[1] == c.hidden_size) {
+    if (s.linear && !outliers.empty() && std::regex_search(s.name, outlier_re) && s.shape[1] == hidden) {
       for (int64_t r = 0; r < s.shape[0]; ++r)
         for (int64_t ch : outliers) values[static_cast<size_t>(r * s.shape[1] + ch)] *= static_cast<float>(o.outlier_scale);
     }
@@ -107,6 +123,12 @@ void write_synthetic_opt(const SynthOptions& o, const std::function<void(size_t,
   }
   writer.finish();
   dir.commit();
+}
+
+void write_synthetic_opt(const SynthOptions& o, const std::function<void(size_t, size_t)>& progress) {
+  const std::string type = ckpt::model_type(ckpt::read_json_file(o.config), o.config.string());
+  if (type != "opt") throw Error(o.config.string() + ": model_type is '" + type + "', expected 'opt'");
+  write_synthetic(o, progress);
 }
 
 }  // namespace fineserve

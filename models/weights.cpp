@@ -1,5 +1,9 @@
 #include "models/weights.h"
 
+#include <cstring>
+
+#include <nlohmann/json.hpp>
+
 #include "kernels/base.h"
 #include "quant/quantizer.h"
 
@@ -12,17 +16,43 @@ std::string shape_str(const std::vector<int64_t>& s) {
   return out + "]";
 }
 
+// Copies rows [r0, r0 + nr) x bytes [c0, c0 + nc) of a row-major [*, row_bytes] byte matrix
+// into a contiguous buffer (a rank's shard of a checkpoint tensor, which the backend then uploads).
+std::vector<std::byte> copy_block(const void* src, int64_t row_bytes, int64_t r0, int64_t nr, int64_t c0, int64_t nc) {
+  std::vector<std::byte> out(static_cast<size_t>(nr * nc));
+  const auto* s = static_cast<const std::byte*>(src);
+  for (int64_t r = 0; r < nr; ++r)
+    std::memcpy(out.data() + r * nc, s + (r0 + r) * row_bytes + c0, static_cast<size_t>(nc));
+  return out;
+}
+
 }  // namespace
 
-WeightLoader::WeightLoader(const ckpt::Checkpoint& checkpoint, Backend& backend, std::string prefix)
-    : ckpt_(checkpoint), backend_(backend), prefix_(std::move(prefix)) {
+WeightLoader::WeightLoader(const ckpt::Checkpoint& checkpoint, Backend& backend, std::string prefix, ShardSpec shard)
+    : ckpt_(checkpoint), backend_(backend), prefix_(std::move(prefix)), shard_(shard) {
+  FS_ASSERT(shard_.world >= 1 && shard_.rank >= 0 && shard_.rank < shard_.world);
   const auto& meta = ckpt_.metadata();
   if (auto it = meta.find("format"); it != meta.end() && it->second == "fineserve-finequant") {
     auto b = meta.find("bits");
     if (b == meta.end() || (b->second != "8" && b->second != "4"))
       throw Error("checkpoint " + ckpt_.dir().string() + ": FineQuant metadata has no valid 'bits'");
     bits_ = std::stoi(b->second);
+    if (auto mb = meta.find("matrix_bits"); mb != meta.end()) {  // quantize --expert-bits
+      const nlohmann::json j = nlohmann::json::parse(mb->second, nullptr, /*allow_exceptions=*/false);
+      if (!j.is_object()) throw Error("checkpoint " + ckpt_.dir().string() + ": metadata 'matrix_bits' is not a JSON object");
+      for (const auto& [stem, v] : j.items()) {
+        if (!v.is_number_integer() || (v.get<int>() != 8 && v.get<int>() != 4))
+          throw Error("checkpoint " + ckpt_.dir().string() + ": metadata 'matrix_bits' gives " + stem + " " + v.dump() +
+                      " bits (8 or 4 expected)");
+        matrix_bits_[stem] = v.get<int>();
+      }
+    }
   }
+}
+
+int WeightLoader::bits_of(const std::string& stem) const {
+  const auto it = matrix_bits_.find(prefix_ + stem);
+  return it == matrix_bits_.end() ? bits_ : it->second;
 }
 
 bool WeightLoader::has(const std::string& name) const { return ckpt_.has(prefix_ + name); }
@@ -41,10 +71,21 @@ const ckpt::TensorView& WeightLoader::expect(const std::string& name, const std:
   return last_;
 }
 
-WeightMatrix WeightLoader::linear(const std::string& stem, int64_t rows, int64_t cols) {
+// n / world, or an error naming what cannot be split.
+int64_t WeightLoader::split(const std::string& what, int64_t n, const char* dim) const {
+  if (n % shard_.world != 0)
+    throw Error("tensor parallelism: cannot split " + prefix_ + what + " across " + std::to_string(shard_.world) +
+                " ranks: its " + dim + " " + std::to_string(n) + " is not divisible by " + std::to_string(shard_.world));
+  return n / shard_.world;
+}
+
+WeightMatrix WeightLoader::linear(const std::string& stem, int64_t rows, int64_t cols, Parallel parallel) {
+  if (shard_.world == 1) parallel = Parallel::Replicated;
   WeightMatrix host;
   host.rows = rows;
   host.cols = cols;
+  const void* scales = nullptr;
+  int64_t row_bytes = 0;  // of the stored codes / values
   if (has(stem + ".qweight")) {
     if (bits_ == 0) throw Error("checkpoint " + ckpt_.dir().string() + ": " + stem + ".qweight without FineQuant metadata");
     const ckpt::TensorView scales_probe = ckpt_.get(prefix_ + stem + ".scales");
@@ -54,16 +95,64 @@ WeightMatrix WeightLoader::linear(const std::string& stem, int64_t rows, int64_t
     if (!quant::is_allowed_group(cols, group))
       throw Error("checkpoint " + ckpt_.dir().string() + ": " + stem + " has group " + std::to_string(group) +
                   ", not an allowed group size for K = " + std::to_string(cols));
-    host.bits = bits_;
+    const int bits = bits_of(stem);
+    host.bits = bits;
     host.group = group;
-    host.dtype = bits_ == 4 ? DType::U8 : DType::I8;
-    host.data = expect(stem + ".qweight", {rows, bits_ == 4 ? cols / 2 : cols}, {host.dtype}).data;
-    host.scales = reinterpret_cast<const uint16_t*>(expect(stem + ".scales", {rows, cols / group}, {DType::F16}).data);
+    host.dtype = bits == 4 ? DType::U8 : DType::I8;
+    row_bytes = bits == 4 ? cols / 2 : cols;
+    host.data = expect(stem + ".qweight", {rows, row_bytes}, {host.dtype}).data;
+    scales = expect(stem + ".scales", {rows, cols / group}, {DType::F16}).data;
+    host.scales = static_cast<const uint16_t*>(scales);
   } else {
     const ckpt::TensorView& w = expect(stem + ".weight", {rows, cols}, {DType::F32, DType::F16, DType::BF16});
     host.dtype = w.dtype();
     host.data = w.data;
+    row_bytes = cols * static_cast<int64_t>(dtype_size(w.dtype()));
   }
+
+  // This rank's shard, copied out of the mapped checkpoint into contiguous buffers.
+  std::vector<std::byte> data, scale_data;
+  const int64_t r = shard_.rank;
+  if (parallel == Parallel::Column) {
+    const int64_t n = split(stem, rows, "output dimension");
+    data = copy_block(host.data, row_bytes, r * n, n, 0, row_bytes);
+    if (host.quantized()) {
+      const int64_t sb = host.groups_per_row() * 2;
+      scale_data = copy_block(scales, sb, r * n, n, 0, sb);
+    }
+    host.rows = n;
+  } else if (parallel == Parallel::Row) {
+    const int64_t k = split(stem, cols, "input dimension (K)");
+    if (!host.quantized()) {
+      const int64_t eb = static_cast<int64_t>(dtype_size(host.dtype));
+      data = copy_block(host.data, row_bytes, 0, rows, r * k * eb, k * eb);
+    } else {
+      if (host.group != cols && k % host.group != 0)
+        throw Error("tensor parallelism: cannot split the FineQuant matrix " + prefix_ + stem + " across " +
+                    std::to_string(shard_.world) + " ranks: its group size " + std::to_string(host.group) +
+                    " does not divide the per-rank K = " + std::to_string(cols) + " / " + std::to_string(shard_.world) +
+                    " = " + std::to_string(k) + " (requantize it with a group that divides " + std::to_string(k) +
+                    ", or use a tensor-parallel size that keeps whole groups on each rank)");
+      if (host.bits == 4 && k % 2 != 0)
+        throw Error("tensor parallelism: cannot split the int4 matrix " + prefix_ + stem + " across " +
+                    std::to_string(shard_.world) + " ranks: the per-rank K = " + std::to_string(k) +
+                    " is odd and int4 codes are packed two per byte");
+      const int64_t kb = host.bits == 4 ? k / 2 : k;
+      data = copy_block(host.data, row_bytes, 0, rows, r * kb, kb);
+      const int64_t sb = host.groups_per_row() * 2;
+      if (host.group == cols) {
+        // Column-wise: one scale per output row covers all of K, so every slice of K keeps it.
+        scale_data = copy_block(scales, sb, 0, rows, 0, sb);
+        host.group = k;
+      } else {
+        const int64_t per_rank = sb / shard_.world;
+        scale_data = copy_block(scales, sb, 0, rows, r * per_rank, per_rank);
+      }
+    }
+    host.cols = k;
+  }
+  if (!data.empty()) host.data = data.data();
+  if (!scale_data.empty()) host.scales = reinterpret_cast<const uint16_t*>(scale_data.data());
   bytes_ += static_cast<uint64_t>(host.bytes());
   return backend_.upload_weight(host);
 }
@@ -71,6 +160,16 @@ WeightMatrix WeightLoader::linear(const std::string& stem, int64_t rows, int64_t
 DeviceTensor WeightLoader::dense(const std::string& name, const std::vector<int64_t>& shape) {
   const ckpt::TensorView& t = expect(name, shape, {DType::F32, DType::F16, DType::BF16});
   return {backend_.upload(t.data, t.nbytes()), t.dtype(), shape};
+}
+
+DeviceTensor WeightLoader::dense_split(const std::string& name, const std::vector<int64_t>& shape) {
+  FS_ASSERT(!shape.empty());
+  if (shard_.world == 1) return dense(name, shape);
+  const ckpt::TensorView& t = expect(name, shape, {DType::F32, DType::F16, DType::BF16});
+  std::vector<int64_t> local = shape;
+  local[0] = split(name, shape[0], "first dimension");
+  const size_t bytes = t.nbytes() / static_cast<size_t>(shard_.world);
+  return {backend_.upload(t.data + bytes * static_cast<size_t>(shard_.rank), bytes), t.dtype(), local};
 }
 
 }  // namespace fineserve

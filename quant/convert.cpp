@@ -24,6 +24,7 @@ struct Plan {
   const ckpt::TensorInfo* info = nullptr;
   const ckpt::SafetensorsFile* file = nullptr;
   bool quantize = false;
+  int bits = 0;          // when quantize
   std::string why_kept;  // when !quantize
 };
 
@@ -85,6 +86,9 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
   const auto t0 = std::chrono::steady_clock::now();
   const int bits = o.group.bits;
   if (bits != 8 && bits != 4) throw Error("--bits must be 8 or 4 (got " + std::to_string(bits) + ")");
+  if (o.expert_bits != 0 && o.expert_bits != 8 && o.expert_bits != 4)
+    throw Error("--expert-bits must be 8 or 4 (got " + std::to_string(o.expert_bits) + ")");
+  const std::regex expert_re(kExpertPattern), router_re(kRouterPattern);
   if (o.group.mode == GroupMode::Adaptive && o.group.alpha != 0 && !(o.group.alpha > 1.0))
     throw Error("--alpha must be > 1 (the ratio of mean group ranges before and after halving)");
   if (o.group.mode == GroupMode::MaxRelError && !(o.group.max_rel_error > 0 && o.group.max_rel_error < 1))
@@ -110,14 +114,17 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
   std::vector<Plan> plan;
   for (const auto& file : src.files()) {
     for (const ckpt::TensorInfo& t : file->tensors()) {
-      Plan p{&t, file.get(), false, ""};
+      Plan p{&t, file.get(), false, bits, ""};
+      if (o.expert_bits && std::regex_search(t.name, expert_re)) p.bits = o.expert_bits;
       const bool matrix = t.shape.size() == 2 && is_float(t.dtype) && ends_with(t.name, ".weight");
       const bool kept = std::any_of(keep.begin(), keep.end(), [&](const std::regex& r) { return std::regex_search(t.name, r); });
       if (!matrix) {
         p.why_kept = t.shape.size() == 2 ? "not a float .weight" : "not a matrix";
+      } else if (std::regex_search(t.name, router_re)) {
+        p.why_kept = "MoE router (always 16-bit)";
       } else if (kept) {
         p.why_kept = "matches --keep";
-      } else if (bits == 4 && t.shape[1] % 2 != 0) {
+      } else if (p.bits == 4 && t.shape[1] % 2 != 0) {
         p.why_kept = "odd K cannot be packed as int4";
       } else if (t.shape[0] == 0 || t.shape[1] == 0) {
         p.why_kept = "empty";
@@ -138,15 +145,20 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
   report.source = o.model.string();
   report.fingerprint = source_fingerprint(o.model);
   report.options = o.group;
+  report.expert_bits = o.expert_bits;
 
   // Output names, and a metadata template with the longest values, to size the headers.
   std::vector<std::string> names;
   nlohmann::json groups_template = nlohmann::json::object();
+  nlohmann::json matrix_bits = nlohmann::json::object();  // known now: bits do not depend on the data
+  bool mixed_bits = false;
   for (const Plan& p : plan) {
     if (p.quantize) {
       names.push_back(stem_of(p.info->name) + ".qweight");
       names.push_back(stem_of(p.info->name) + ".scales");
       groups_template[stem_of(p.info->name)] = 99999999999LL;
+      matrix_bits[stem_of(p.info->name)] = p.bits;
+      mixed_bits |= p.bits != bits;
     } else {
       names.push_back(p.info->name);
     }
@@ -158,6 +170,10 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
                       {"alpha", std::to_string(o.group.alpha == 0 ? kDefaultAlpha : o.group.alpha)},
                       {"source_fingerprint", report.fingerprint},
                       {"groups", groups_template.dump()}};
+  if (mixed_bits) {
+    meta["expert_bits"] = std::to_string(o.expert_bits);
+    meta["matrix_bits"] = matrix_bits.dump();
+  }
 
   ckpt::AtomicDirectory dir(o.out, o.overwrite);
   ckpt::CheckpointWriter writer(dir.path(), names, meta, o.max_shard_bytes);
@@ -184,19 +200,21 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
       r.name = t.name;
       r.rows = m.rows;
       r.cols = m.cols;
-      r.bits = bits;
-      r.decision = choose_group(m, o.group);
+      r.bits = p.bits;
+      GroupOptions group_options = o.group;
+      group_options.bits = p.bits;  // an error target is judged at the matrix's own bits
+      r.decision = choose_group(m, group_options);
       // The report shows range statistics in every mode; a fixed group does not compute them.
       if (r.decision.levels.empty()) r.decision.levels = range_levels(m);
-      const QuantizedMatrix q = quantize(m, bits, r.decision.group);
+      const QuantizedMatrix q = quantize(m, p.bits, r.decision.group);
       const std::string stem = stem_of(t.name);
-      const std::vector<int64_t> code_shape{m.rows, bits == 4 ? m.cols / 2 : m.cols};
-      writer.add(stem + ".qweight", bits == 4 ? DType::U8 : DType::I8, code_shape, as_bytes_of(q.codes));
+      const std::vector<int64_t> code_shape{m.rows, p.bits == 4 ? m.cols / 2 : m.cols};
+      writer.add(stem + ".qweight", p.bits == 4 ? DType::U8 : DType::I8, code_shape, as_bytes_of(q.codes));
       writer.add(stem + ".scales", DType::F16, {m.rows, m.cols / q.group}, as_bytes_of(q.scales));
       groups[stem] = q.group;
       r.rel_error = q.rel_error;
       r.absmax = r.decision.levels.empty() ? 0 : r.decision.levels.front().max_range;
-      r.bits_per_weight = bits + 16.0 / static_cast<double>(q.group);
+      r.bits_per_weight = p.bits + 16.0 / static_cast<double>(q.group);
       r.bytes_in = t.nbytes();
       r.bytes_out = q.codes.size() + q.scales.size() * 2;
       report.bytes_out += r.bytes_out;
@@ -238,6 +256,10 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
                                    {"group_mode", mode_name(o.group.mode)},
                                    {"groups", groups},
                                    {"source_fingerprint", report.fingerprint}};
+  if (mixed_bits) {
+    config["quantization_config"]["expert_bits"] = o.expert_bits;
+    config["quantization_config"]["matrix_bits"] = matrix_bits;
+  }
   {
     std::ofstream out(dir.path() / "config.json");
     out << config.dump(2) << "\n";
@@ -279,6 +301,7 @@ nlohmann::json to_json(const ConvertReport& r) {
   nlohmann::json kept = nlohmann::json::array();
   for (const auto& k : r.kept) kept.push_back({{"name", k.name}, {"dtype", k.dtype}, {"shape", k.shape}, {"why", k.why}});
   nlohmann::json opts = {{"bits", r.options.bits}, {"mode", mode_name(r.options.mode)}};
+  if (r.expert_bits) opts["expert_bits"] = r.expert_bits;
   if (r.options.mode == GroupMode::Adaptive) opts["alpha"] = r.options.alpha == 0 ? kDefaultAlpha : r.options.alpha;
   if (r.options.mode == GroupMode::Fixed) opts["group"] = r.options.group;
   if (r.options.mode == GroupMode::MaxRelError) opts["max_rel_error"] = r.options.max_rel_error;
@@ -299,8 +322,8 @@ nlohmann::json to_json(const ConvertReport& r) {
 std::string format_report(const ConvertReport& r) {
   std::ostringstream os;
   char line[512];
-  std::snprintf(line, sizeof line, "%-48s %13s %6s %9s %9s %9s %9s %8s\n", "matrix", "shape", "group", "R(K)",
-                "R(group)", "absmax", "rel err", "bits/w");
+  std::snprintf(line, sizeof line, "%-48s %13s %4s %6s %9s %9s %9s %9s %8s\n", "matrix", "shape", "bits", "group",
+                "R(K)", "R(group)", "absmax", "rel err", "bits/w");
   os << line;
   for (const MatrixReport& m : r.matrices) {
     const auto& lv = m.decision.levels;
@@ -310,8 +333,8 @@ std::string format_report(const ConvertReport& r) {
     const std::string shape = std::to_string(m.rows) + "x" + std::to_string(m.cols);
     const std::string group = m.decision.group == m.cols ? "K" : std::to_string(m.decision.group);
     std::string name = m.name.size() > 48 ? "..." + m.name.substr(m.name.size() - 45) : m.name;
-    std::snprintf(line, sizeof line, "%-48s %13s %6s %9.3g %9.3g %9.3g %9.5f %8.3f%s\n", name.c_str(), shape.c_str(),
-                  group.c_str(), r_k, r_g, m.absmax, m.rel_error, m.bits_per_weight,
+    std::snprintf(line, sizeof line, "%-48s %13s %4d %6s %9.3g %9.3g %9.3g %9.5f %8.3f%s\n", name.c_str(),
+                  shape.c_str(), m.bits, group.c_str(), r_k, r_g, m.absmax, m.rel_error, m.bits_per_weight,
                   m.decision.target_met ? "" : "  (target not met)");
     os << line;
   }
@@ -321,10 +344,14 @@ std::string format_report(const ConvertReport& r) {
     q_out += m.bytes_out;
   }
   const double gb = 1e9;
+  const std::string bits_text = "int" + std::to_string(r.options.bits) +
+                                (r.expert_bits && r.expert_bits != r.options.bits
+                                     ? " (experts int" + std::to_string(r.expert_bits) + ")"
+                                     : "");
   std::snprintf(line, sizeof line,
-                "\n%zu matrices quantized to int%d (%.3f GB -> %.3f GB), %zu tensors kept\n"
+                "\n%zu matrices quantized to %s (%.3f GB -> %.3f GB), %zu tensors kept\n"
                 "checkpoint: %.3f GB -> %.3f GB, compression %.2fx, %.1f s (%.2f GB/s of input)\n",
-                r.matrices.size(), r.options.bits, static_cast<double>(q_in) / gb, static_cast<double>(q_out) / gb,
+                r.matrices.size(), bits_text.c_str(), static_cast<double>(q_in) / gb, static_cast<double>(q_out) / gb,
                 r.kept.size(), static_cast<double>(r.bytes_in) / gb, static_cast<double>(r.bytes_out) / gb,
                 r.bytes_out ? static_cast<double>(r.bytes_in) / static_cast<double>(r.bytes_out) : 0.0, r.seconds,
                 r.seconds > 0 ? static_cast<double>(r.bytes_in) / gb / r.seconds : 0.0);

@@ -4,7 +4,10 @@
 // linear weight's group size (quant/adaptive.h), quantizes it, and writes
 //   <name>.qweight  int8 codes [N, K] (8 bits) or packed int4 [N, K/2] (4 bits, see quantizer.h)
 //   <name>.scales   fp16 [N, K/group]
-// in place of <name>.weight; every other tensor is copied (fp32 ones stored as fp16). Files other
+// in place of <name>.weight; every other tensor is copied (fp32 ones stored as fp16). The metadata
+// (and config.json's quantization_config) holds "bits", each matrix's group ("groups": {stem:
+// group}) and, when some matrices use other bits (expert_bits), "expert_bits" and "matrix_bits":
+// {stem: bits} for every quantized matrix. Files other
 // than safetensors (config.json, tokenizer files) are copied, and config.json gains a
 // "quantization_config" entry. The output appears only when complete (AtomicDirectory), with
 // quant_report.json beside the weights.
@@ -25,10 +28,20 @@ namespace fineserve::quant {
 inline constexpr const char* kFormatName = "fineserve-finequant";
 inline constexpr int kQuantizerVersion = 1;
 
+// MoE expert matrices (Mixtral's block_sparse_moe.experts.E.w1/w2/w3, Qwen-MoE's mlp.experts.E.*):
+// the ones ConvertOptions::expert_bits applies to.
+inline constexpr const char* kExpertPattern = "\\.experts\\.[0-9]+\\.";
+// MoE routers (Mixtral's block_sparse_moe.gate): always kept in 16 bits, whatever --keep says. A
+// router is tiny (n_experts x hidden) and sensitive: its error moves tokens to other experts.
+inline constexpr const char* kRouterPattern = "(block_sparse_moe|mlp)\\.gate\\.weight$|router";
+
 struct ConvertOptions {
   std::filesystem::path model;  // the source checkpoint (directory or .safetensors file)
   std::filesystem::path out;    // the FineQuant checkpoint directory to create
   GroupOptions group;           // bits and the group-size rule
+  // > 0: the bits (8 or 4) of MoE expert matrices (kExpertPattern), e.g. 8-bit attention with
+  // 4-bit experts. The checkpoint's metadata then records each matrix's bits ("matrix_bits").
+  int expert_bits = 0;
   // Linear weights whose names match any of these (ECMAScript regex, searched) stay in 16 bits.
   std::vector<std::string> keep;
   uint64_t max_shard_bytes = 4ull << 30;
@@ -53,6 +66,7 @@ struct ConvertReport {
   std::string source;
   std::string fingerprint;
   GroupOptions options;
+  int expert_bits = 0;  // ConvertOptions::expert_bits
   std::vector<MatrixReport> matrices;
   struct Kept {
     std::string name;

@@ -52,6 +52,10 @@ void add_inspect_command(CLI::App& app) {
         const std::string stem = t->name.substr(0, t->name.size() - suffix.size());
         if (groups.contains(stem)) j["group"] = groups[stem];
         j["bits"] = std::stoi(meta.at("bits"));
+        if (auto mb = meta.find("matrix_bits"); mb != meta.end()) {  // quantize --expert-bits
+          const nlohmann::json bits = nlohmann::json::parse(mb->second, nullptr, false);
+          if (bits.is_object() && bits.contains(stem) && bits[stem].is_number_integer()) j["bits"] = bits[stem];
+        }
       }
       tensors.push_back(j);
     }
@@ -63,7 +67,7 @@ void add_inspect_command(CLI::App& app) {
     std::printf("%s: %zu file(s), %zu tensors, %.3f GB\n", f->path.c_str(), c.files().size(), tensors.size(),
                 static_cast<double>(c.total_bytes()) / 1e9);
     for (const auto& [k, v] : meta) {
-      if (k == "groups") continue;
+      if (k == "groups" || k == "matrix_bits") continue;  // shown per tensor
       std::printf("  %s = %s\n", k.c_str(), v.c_str());
     }
     std::printf("\n%-60s %-5s %-20s %12s %s\n", "tensor", "dtype", "shape", "bytes", quantized ? "quant" : "");

@@ -14,6 +14,7 @@ void add_quantize_command(CLI::App& app) {
   struct Flags {
     std::string model, out;
     int bits = 4;
+    int expert_bits = 0;
     double alpha = 0;
     int64_t group = 0;
     double max_rel_error = 0;
@@ -28,6 +29,10 @@ void add_quantize_command(CLI::App& app) {
   cmd->add_option("--model", f->model, "Source checkpoint directory (config.json + *.safetensors)")->required();
   cmd->add_option("--out", f->out, "Output directory (created; must not exist unless --force)")->required();
   cmd->add_option("--bits", f->bits, "Code width: 8 or 4")->check(CLI::IsMember({8, 4}));
+  cmd->add_option("--expert-bits", f->expert_bits,
+                  "Code width of MoE expert matrices (block_sparse_moe.experts.*): 8 or 4, e.g. --bits 8 "
+                  "--expert-bits 4 (default: --bits). MoE routers always stay in 16 bits")
+      ->check(CLI::IsMember({8, 4}));
   auto* alpha = cmd->add_option("--alpha", f->alpha,
                                 "Adaptive group size (default): refine while the mean group range shrinks by more "
                                 "than this factor when the group is halved");
@@ -49,6 +54,7 @@ void add_quantize_command(CLI::App& app) {
     o.model = f->model;
     o.out = f->out;
     o.group.bits = f->bits;
+    o.expert_bits = f->expert_bits;
     if (*group) {
       o.group.mode = quant::GroupMode::Fixed;
       if (f->group != -1 && f->group <= 0) throw Error("--group must be positive or -1 (column-wise)");

@@ -18,6 +18,8 @@ void add_synth_command(CLI::App& app);
 void add_generate_command(CLI::App& app);
 void add_serve_command(CLI::App& app);
 void add_bench_commands(CLI::App& app);  // bench/: `fineserve bench <name>`
+void add_import_gguf_command(CLI::App& app);
+void add_eval_command(CLI::App& app);  // `fineserve eval ppl`
 
 // The backend for --device (cpu; cuda when built with it). Throws fineserve::Error otherwise.
 std::unique_ptr<Backend> make_backend(const std::string& device);

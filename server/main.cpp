@@ -17,6 +17,8 @@ int main(int argc, char** argv) {
   fineserve::add_generate_command(app);
   fineserve::add_serve_command(app);
   fineserve::add_bench_commands(app);
+  fineserve::add_import_gguf_command(app);
+  fineserve::add_eval_command(app);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

@@ -9,6 +9,7 @@
 #include "kernels/cpu/aligned.h"
 #include "kernels/cpu/fast_ops.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/moe.h"
 #include "kernels/cpu/reference.h"
 #include "kernels/cpu/simd.h"
 #include "kernels/cpu/validate.h"
@@ -126,6 +127,19 @@ class CpuBackend final : public Backend {
 
   void to_host_f32(const void* src, int64_t count, float* dst) override {
     if (count > 0) std::memmove(dst, src, static_cast<size_t>(count) * 4);
+  }
+
+  // ---- MoE ----------------------------------------------------------------------------------
+  void moe_route(const void* router_logits, int64_t n_tokens, int n_experts, int top_k, int32_t* expert_ids,
+                 float* weights) override {
+    // One path: n_tokens x n_experts scalars (8 experts), nothing worth vectorising.
+    cpu::ref::moe_route(f(router_logits), n_tokens, n_experts, top_k, expert_ids, weights);
+  }
+
+  void scatter_add_rows(const void* src, const int32_t* rows, const float* weights, int64_t n, int64_t dim, void* dst,
+                        int64_t dst_rows) override {
+    if (fast_) return cpu::scatter_add_rows(f(src), rows, weights, n, dim, f(dst), dst_rows, threads_);
+    cpu::ref::scatter_add_rows(f(src), rows, weights, n, dim, f(dst), dst_rows);
   }
 
  private:

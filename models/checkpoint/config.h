@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -49,5 +50,59 @@ struct OptConfig {
 // throws fineserve::Error naming `source` and the field.
 OptConfig parse_opt_config(const nlohmann::json& config, const std::string& source);
 nlohmann::json to_json(const OptConfig& c);
+
+// Rotary position embedding scaling, as config.json's "rope_scaling" (or transformers 5's
+// "rope_parameters") describes it. The inverse frequencies it implies are computed by the model.
+struct RopeScaling {
+  std::string type = "default";  // "default" (none), "linear", "llama3"
+  double factor = 1.0;           // linear, llama3
+  double low_freq_factor = 1.0;  // llama3
+  double high_freq_factor = 4.0;  // llama3
+  int64_t original_max_position_embeddings = 0;  // llama3: the pre-training context
+
+  bool operator==(const RopeScaling&) const = default;
+};
+
+// Every Llama / Mistral / Mixtral config.json field that changes the graph (HF LlamaConfig /
+// MistralConfig / MixtralConfig defaults where a field is absent). Mixtral is Mistral with each
+// layer's MLP replaced by a sparse mixture of SwiGLU experts (num_local_experts > 0).
+struct LlamaConfig {
+  std::string model_type = "llama";  // "llama", "mistral" or "mixtral"
+  int64_t vocab_size = 32000;
+  int64_t hidden_size = 4096;
+  int64_t intermediate_size = 11008;
+  int64_t num_hidden_layers = 32;
+  int64_t num_attention_heads = 32;
+  int64_t num_key_value_heads = 32;  // < num_attention_heads: grouped-query attention
+  int64_t head_dim = 128;            // hidden_size / num_attention_heads unless given
+  int64_t max_position_embeddings = 2048;
+  double rms_norm_eps = 1e-6;
+  double rope_theta = 10000.0;
+  RopeScaling rope_scaling;
+  bool attention_bias = false;  // q/k/v/o projections have biases
+  bool mlp_bias = false;        // gate/up/down projections have biases
+  bool tie_word_embeddings = false;
+  std::string hidden_act = "silu";
+  int64_t sliding_window = 0;  // > 0: attend to the last sliding_window positions only (Mistral)
+  int64_t bos_token_id = 1;    // -1: none
+  std::vector<int64_t> eos_token_ids = {2};  // config.json allows one id or a list (Llama 3.1)
+  int64_t pad_token_id = -1;
+  DType torch_dtype = DType::F16;
+  // Mixtral: experts per layer (0: a dense MLP) and experts each token is routed to. The router's
+  // auxiliary loss (router_aux_loss_coef) and jitter only matter in training and are not read.
+  int64_t num_local_experts = 0;
+  int64_t num_experts_per_tok = 0;
+
+  bool is_moe() const { return num_local_experts > 0; }
+  bool operator==(const LlamaConfig&) const = default;
+};
+
+// Parses and checks a Llama, Mistral or Mixtral config (model_type "llama" / "mistral" /
+// "mixtral"): positive sizes, 1 <= num_experts_per_tok <= num_local_experts (Mixtral),
+// heads dividing hidden_size or an explicit head_dim, num_key_value_heads dividing
+// num_attention_heads, a known activation and rope scaling type. Throws fineserve::Error naming
+// `source` and the field.
+LlamaConfig parse_llama_config(const nlohmann::json& config, const std::string& source);
+nlohmann::json to_json(const LlamaConfig& c);
 
 }  // namespace fineserve::ckpt

@@ -30,6 +30,7 @@ TEST(Config, PresetsParseWithTheRealShapes) {
   std::map<std::string, OptConfig> seen;
   for (const auto& entry : fs::directory_iterator(presets_dir())) {
     if (entry.path().extension() != ".json") continue;
+    if (!entry.path().stem().string().starts_with("opt-")) continue;  // other architectures: their own tests
     const std::string source = entry.path().string();
     const json j = read_json_file(entry.path());
     EXPECT_EQ(model_type(j, source), "opt") << source;

@@ -1,0 +1,49 @@
+// `fineserve import-gguf`: a llama.cpp GGUF file in, a Hugging Face fp16 checkpoint out.
+#include <cstdio>
+#include <memory>
+
+#include "kernels/base.h"
+#include "models/checkpoint/gguf_import.h"
+#include "server/commands.h"
+#include "server/progress.h"
+
+namespace fineserve {
+
+void add_import_gguf_command(CLI::App& app) {
+  struct Flags {
+    std::string file, out, dtype = "f16";
+    double shard_gb = 4;
+    bool force = false;
+  };
+  auto f = std::make_shared<Flags>();
+  CLI::App* cmd = app.add_subcommand(
+      "import-gguf", "Convert a llama.cpp GGUF file (Llama family) into a Hugging Face checkpoint that quantize takes");
+  cmd->add_option("file", f->file, "The .gguf file")->required();
+  cmd->add_option("--out", f->out, "Output directory (created; must not exist unless --force)")->required();
+  cmd->add_option("--dtype", f->dtype, "Element type of the written weights")
+      ->check(CLI::IsMember({"f16", "bf16", "f32"}));
+  cmd->add_option("--shard-gb", f->shard_gb, "Maximum shard size in GB")->check(CLI::PositiveNumber);
+  cmd->add_flag("--force", f->force, "Replace an existing output directory");
+  cmd->callback([f] {
+    ckpt::GgufImportOptions o;
+    o.gguf = f->file;
+    o.out = f->out;
+    o.dtype = f->dtype == "f16" ? DType::F16 : f->dtype == "bf16" ? DType::BF16 : DType::F32;
+    o.max_shard_bytes = static_cast<uint64_t>(f->shard_gb * 1e9);
+    o.overwrite = f->force;
+    ProgressBar bar("import");
+    const ckpt::GgufImportReport r = ckpt::import_gguf(o, [&](size_t done, size_t total, const std::string& tensor) {
+      bar.update(total ? static_cast<double>(done) / static_cast<double>(total) : 1.0,
+                 std::to_string(done) + "/" + std::to_string(total) + " " + tensor);
+    });
+    bar.done();
+    std::string types;
+    for (const auto& [type, count] : r.source_types) types += (types.empty() ? "" : ", ") + std::to_string(count) + " " + type;
+    std::printf("imported %s%s: %zu tensors (%s), %.1f MB -> %.1f MB %s in %.1f s\nwrote %s\n",
+                r.architecture.c_str(), r.model_name.empty() ? "" : (" '" + r.model_name + "'").c_str(), r.tensors,
+                types.c_str(), static_cast<double>(r.bytes_in) / 1e6, static_cast<double>(r.bytes_out) / 1e6,
+                f->dtype.c_str(), r.seconds, f->out.c_str());
+  });
+}
+
+}  // namespace fineserve

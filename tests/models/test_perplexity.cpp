@@ -1,0 +1,139 @@
+// Perplexity with a sliding window: against transformers' logits (one window) and against a
+// brute-force re-computation of every window (several overlapping windows, awkward sizes).
+#include "models/perplexity.h"
+
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "kernels/backend.h"
+#include "kernels/base.h"
+#include "models/checkpoint/safetensors.h"
+#include "models/model.h"
+
+namespace fineserve {
+namespace {
+namespace fs = std::filesystem;
+
+const fs::path kGolden = fs::path(FINESERVE_TEST_DATA) / "golden" / "llama-gqa";
+
+double nll(const float* row, int64_t vocab, int32_t target) {
+  double mx = row[0];
+  for (int64_t k = 0; k < vocab; ++k) mx = std::max(mx, static_cast<double>(row[k]));
+  double sum = 0;
+  for (int64_t k = 0; k < vocab; ++k) sum += std::exp(row[k] - mx);
+  return mx + std::log(sum) - row[target];
+}
+
+// All logits of one sequence, in one step.
+std::vector<float> all_logits(Model& model, const std::vector<int32_t>& ids) {
+  model.allocate_kv_cache(16, 16);
+  StepInput s;
+  s.token_ids = ids;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    s.positions.push_back(static_cast<int32_t>(i));
+    s.logit_rows.push_back(static_cast<int32_t>(i));
+  }
+  s.query_start = {0, static_cast<int32_t>(ids.size())};
+  s.context_len = {static_cast<int32_t>(ids.size())};
+  s.max_blocks = static_cast<int>((ids.size() + 15) / 16);
+  for (int b = 0; b < s.max_blocks; ++b) s.block_table.push_back(b);
+  std::vector<float> out(ids.size() * static_cast<size_t>(model.info().vocab_size));
+  model.forward(s, out.data());
+  return out;
+}
+
+TEST(Perplexity, OneWindowMatchesTransformersLogits) {
+  const auto meta = nlohmann::json::parse(std::ifstream(kGolden / "golden.json"));
+  const ckpt::Checkpoint golden = ckpt::Checkpoint::open(kGolden / "golden.safetensors");
+  const auto ids = meta["prompts"][2]["ids"].get<std::vector<int32_t>>();
+  const ckpt::TensorView t = golden.get("logits.2");
+  std::vector<float> ref(static_cast<size_t>(t.numel()));
+  std::memcpy(ref.data(), t.data, t.nbytes());
+  const int64_t vocab = t.shape()[1];
+  double want = 0;
+  for (size_t i = 0; i + 1 < ids.size(); ++i) want += nll(ref.data() + i * vocab, vocab, ids[i + 1]);
+
+  auto backend = make_cpu_backend();
+  auto model = load_model(kGolden, *backend);
+  for (int chunk : {256, 5}) {
+    PerplexityOptions o;
+    o.ctx = 64;
+    o.stride = 64;
+    o.chunk = chunk;
+    const PerplexityResult r = perplexity(*model, ids, o);
+    EXPECT_EQ(r.tokens, static_cast<int64_t>(ids.size()) - 1);
+    EXPECT_EQ(r.windows, 1);
+    EXPECT_NEAR(r.nll_sum, want, 1e-4 * want) << "chunk " << chunk;
+    const double want_ppl = std::exp(want / static_cast<double>(ids.size() - 1));
+    EXPECT_NEAR(r.ppl(), want_ppl, 1e-4 * want_ppl);
+  }
+}
+
+TEST(Perplexity, SlidingWindowsScoreEachTokenOnce) {
+  auto backend = make_cpu_backend();
+  auto model = load_model(kGolden, *backend);
+  const int64_t vocab = model->info().vocab_size;
+  std::vector<int32_t> ids;
+  for (int i = 0; i < 29; ++i) ids.push_back(static_cast<int32_t>((i * 37 + 11) % vocab));
+
+  for (const auto& [ctx, stride, chunk] : {std::tuple{7, 3, 2}, std::tuple{12, 12, 5}, std::tuple{10, 4, 3}}) {
+    // Brute force: every window from scratch, scoring the tokens no earlier window scored.
+    double want = 0;
+    int64_t scored = 1, count = 0;
+    int windows = 0;
+    for (int64_t begin = 0;; begin += stride) {
+      const int64_t end = std::min<int64_t>(begin + ctx, static_cast<int64_t>(ids.size()));
+      const std::vector<int32_t> w(ids.begin() + begin, ids.begin() + end);
+      const std::vector<float> logits = all_logits(*model, w);
+      for (int64_t tok = std::max(scored, begin + 1); tok < end; ++tok) {
+        want += nll(logits.data() + (tok - 1 - begin) * vocab, vocab, ids[static_cast<size_t>(tok)]);
+        ++count;
+      }
+      scored = end;
+      ++windows;
+      if (end == static_cast<int64_t>(ids.size())) break;
+    }
+    PerplexityOptions o;
+    o.ctx = ctx;
+    o.stride = stride;
+    o.chunk = chunk;
+    int64_t last_done = 0;
+    const PerplexityResult r = perplexity(*model, ids, o, [&](int64_t done, int64_t total) {
+      EXPECT_GT(done, last_done);
+      EXPECT_EQ(total, count);
+      last_done = done;
+    });
+    EXPECT_EQ(last_done, count);
+    EXPECT_EQ(r.tokens, count) << ctx << "/" << stride;
+    // Overlapping windows score every token but the first; disjoint ones skip each window's first.
+    EXPECT_EQ(count, stride < ctx ? 28 : 28 - (windows - 1));
+    EXPECT_EQ(r.windows, windows);
+    EXPECT_NEAR(r.nll_sum, want, 1e-6 * want) << ctx << "/" << stride;
+  }
+}
+
+TEST(Perplexity, BadOptionsAreErrors) {
+  auto backend = make_cpu_backend();
+  auto model = load_model(kGolden, *backend);
+  const std::vector<int32_t> ids = {1, 5, 9, 12};
+  PerplexityOptions o;
+  o.ctx = 4;
+  o.stride = 2;
+  EXPECT_THROW(perplexity(*model, {1}, o), Error);
+  o.stride = 5;
+  EXPECT_THROW(perplexity(*model, ids, o), Error);
+  o.stride = 2;
+  o.ctx = 1000;  // past max_position_embeddings = 128
+  EXPECT_THROW(perplexity(*model, ids, o), Error);
+  o.ctx = 4;
+  EXPECT_THROW(perplexity(*model, {1, 100000}, o), Error);
+  EXPECT_NO_THROW(perplexity(*model, ids, o));
+}
+
+}  // namespace
+}  // namespace fineserve
