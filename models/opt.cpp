@@ -36,14 +36,30 @@ struct OptModel::Buffers {
   }
 };
 
-OptModel::OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::OptConfig& config, Backend& backend)
-    : checkpoint_(std::move(checkpoint)), c_(config), be_(backend), buf_(std::make_unique<Buffers>(backend)) {
+OptModel::OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::OptConfig& config, Backend& backend,
+                   ShardSpec shard, Communicator* comm)
+    : checkpoint_(std::move(checkpoint)), c_(config), be_(backend), shard_(shard), comm_(comm),
+      buf_(std::make_unique<Buffers>(backend)) {
   const int64_t h = c_.hidden_size, e = c_.word_embed_proj_dim, f = c_.ffn_dim, vocab = c_.vocab_size;
   if (c_.activation_function != "relu" && c_.activation_function != "gelu")
     throw Error("OPT with activation '" + c_.activation_function + "' is not supported (relu, gelu)");
+  const int world = shard_.world;
+  FS_ASSERT(world >= 1 && shard_.rank >= 0 && shard_.rank < world);
+  FS_ASSERT(world == 1 || (comm_ && comm_->world() == world && comm_->rank() == shard_.rank),
+            "a sharded model needs the communicator of its rank");
+  if (c_.num_attention_heads % world != 0)
+    throw Error("tensor parallelism: OPT has " + std::to_string(c_.num_attention_heads) +
+                " attention heads, which cannot be split evenly across " + std::to_string(world) +
+                " ranks (the tensor-parallel size must divide the head count)");
+  if (f % world != 0)
+    throw Error("tensor parallelism: OPT's ffn_dim " + std::to_string(f) + " cannot be split evenly across " +
+                std::to_string(world) + " ranks");
+  heads_ = c_.num_attention_heads / world;
+  hidden_ = heads_ * c_.head_dim();
+  ffn_ = f / world;
   // Original fairseq conversions store "decoder.*"; save_pretrained stores "model.decoder.*".
   const std::string prefix = checkpoint_->has("model.decoder.embed_tokens.weight") ? "model.decoder." : "decoder.";
-  WeightLoader ld(*checkpoint_, be_, prefix);
+  WeightLoader ld(*checkpoint_, be_, prefix, shard_);
 
   w_.embed_tokens = ld.dense("embed_tokens.weight", {vocab, e});
   w_.embed_positions = ld.dense("embed_positions.weight", {c_.max_position_embeddings + ckpt::OptConfig::kPositionOffset, h});
@@ -58,6 +74,14 @@ OptModel::OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::Opt
   auto bias = [&](const std::string& name, int64_t n) {
     return c_.enable_bias ? ld.dense(name, {n}) : DeviceTensor{};
   };
+  // A column-parallel layer's bias: this rank's slice.
+  auto bias_split = [&](const std::string& name, int64_t n) {
+    return c_.enable_bias ? ld.dense_split(name, {n}) : DeviceTensor{};
+  };
+  // A row-parallel layer's bias: added once, by rank 0, before the all-reduce sums the ranks.
+  auto bias_once = [&](const std::string& name, int64_t n) {
+    return shard_.rank == 0 ? bias(name, n) : DeviceTensor{};
+  };
   auto norm = [&](const std::string& name, DeviceTensor& wt, DeviceTensor& bs) {
     if (!c_.layer_norm_elementwise_affine) return;
     wt = ld.dense(name + ".weight", {h});
@@ -66,24 +90,24 @@ OptModel::OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::Opt
   for (int64_t i = 0; i < c_.num_hidden_layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
     OptLayer L;
-    L.q_proj = ld.linear(p + "self_attn.q_proj", h, h);
-    L.k_proj = ld.linear(p + "self_attn.k_proj", h, h);
-    L.v_proj = ld.linear(p + "self_attn.v_proj", h, h);
-    L.out_proj = ld.linear(p + "self_attn.out_proj", h, h);
-    L.q_bias = bias(p + "self_attn.q_proj.bias", h);
-    L.k_bias = bias(p + "self_attn.k_proj.bias", h);
-    L.v_bias = bias(p + "self_attn.v_proj.bias", h);
-    L.out_bias = bias(p + "self_attn.out_proj.bias", h);
+    L.q_proj = ld.linear(p + "self_attn.q_proj", h, h, Parallel::Column);
+    L.k_proj = ld.linear(p + "self_attn.k_proj", h, h, Parallel::Column);
+    L.v_proj = ld.linear(p + "self_attn.v_proj", h, h, Parallel::Column);
+    L.out_proj = ld.linear(p + "self_attn.out_proj", h, h, Parallel::Row);
+    L.q_bias = bias_split(p + "self_attn.q_proj.bias", h);
+    L.k_bias = bias_split(p + "self_attn.k_proj.bias", h);
+    L.v_bias = bias_split(p + "self_attn.v_proj.bias", h);
+    L.out_bias = bias_once(p + "self_attn.out_proj.bias", h);
     norm(p + "self_attn_layer_norm", L.attn_ln_w, L.attn_ln_b);
-    L.fc1 = ld.linear(p + "fc1", f, h);
-    L.fc1_bias = bias(p + "fc1.bias", f);
-    L.fc2 = ld.linear(p + "fc2", h, f);
-    L.fc2_bias = bias(p + "fc2.bias", h);
+    L.fc1 = ld.linear(p + "fc1", f, h, Parallel::Column);
+    L.fc1_bias = bias_split(p + "fc1.bias", f);
+    L.fc2 = ld.linear(p + "fc2", h, f, Parallel::Row);
+    L.fc2_bias = bias_once(p + "fc2.bias", h);
     norm(p + "final_layer_norm", L.ffn_ln_w, L.ffn_ln_b);
     w_.layers.push_back(L);
   }
   // The LM head: a stored lm_head.weight when the checkpoint has an untied one, else the embedding.
-  WeightLoader root(*checkpoint_, be_, "");
+  WeightLoader root(*checkpoint_, be_, "");  // the LM head is replicated
   if (!c_.tie_word_embeddings && (root.has("lm_head.weight") || root.has("lm_head.qweight"))) {
     w_.lm_head = root.linear("lm_head", vocab, e);
   } else {
@@ -100,11 +124,11 @@ OptModel::OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::Opt
   info_.vocab_size = vocab;
   info_.max_context = c_.max_position_embeddings;
   info_.n_layers = static_cast<int>(c_.num_hidden_layers);
-  info_.n_kv_heads = static_cast<int>(c_.num_attention_heads);
+  info_.n_kv_heads = static_cast<int>(c_.num_attention_heads);  // the model's (a rank caches n / world)
   info_.head_dim = static_cast<int>(c_.head_dim());
   info_.bos_token_id = c_.bos_token_id;
   info_.eos_token_id = c_.eos_token_id;
-  info_.weight_bytes = ld.bytes_loaded() + static_cast<uint64_t>(w_.lm_head.bytes());
+  info_.weight_bytes = ld.bytes_loaded() + static_cast<uint64_t>(w_.lm_head.bytes());  // this rank's
 }
 
 OptModel::~OptModel() {
@@ -115,7 +139,7 @@ OptModel::~OptModel() {
 
 uint64_t OptModel::kv_block_bytes(int block_size) const {
   return 2ull * static_cast<uint64_t>(c_.num_hidden_layers) * static_cast<uint64_t>(block_size) *
-         static_cast<uint64_t>(c_.hidden_size) * dtype_size(be_.act_dtype());
+         static_cast<uint64_t>(hidden_) * dtype_size(be_.act_dtype());
 }
 
 void OptModel::allocate_kv_cache(int num_blocks, int block_size) {
@@ -145,11 +169,12 @@ void OptModel::ensure_buffers(int n_tokens, int n_logits) {
   b.h = be_.alloc(T * h * a);
   b.x = be_.alloc(T * std::max(h, e) * a);
   b.emb = be_.alloc(T * e * a);
-  b.q = be_.alloc(T * h * a);
-  b.k = be_.alloc(T * h * a);
-  b.v = be_.alloc(T * h * a);
-  b.attn = be_.alloc(T * h * a);
-  b.ffn = be_.alloc(T * static_cast<size_t>(c_.ffn_dim) * a);
+  const auto hl = static_cast<size_t>(hidden_);  // this rank's heads
+  b.q = be_.alloc(T * hl * a);
+  b.k = be_.alloc(T * hl * a);
+  b.v = be_.alloc(T * hl * a);
+  b.attn = be_.alloc(T * hl * a);
+  b.ffn = be_.alloc(T * static_cast<size_t>(ffn_) * a);
   b.last = be_.alloc(L * std::max(h, e) * a);
   b.out = be_.alloc(L * static_cast<size_t>(c_.vocab_size) * a);
   b.ids = static_cast<int32_t*>(be_.alloc(T * 4));
@@ -191,7 +216,7 @@ void OptModel::forward(const StepInput& s, float* logits) {
   be_.copy_to_device(b.table, s.block_table.data(), s.block_table.size() * 4);
 
   PagedAttention pa;
-  pa.n_heads = pa.n_kv_heads = static_cast<int>(c_.num_attention_heads);
+  pa.n_heads = pa.n_kv_heads = static_cast<int>(heads_);
   pa.head_dim = static_cast<int>(c_.head_dim());
   pa.scale = 1.0f / std::sqrt(static_cast<float>(pa.head_dim));
   pa.block_size = block_size_;
@@ -218,6 +243,10 @@ void OptModel::forward(const StepInput& s, float* logits) {
     else
       be_.layer_norm(in, T, h, nullptr, nullptr, DType::F16, eps, out);
   };
+  // Row-parallel layers leave a partial sum on each rank; the all-reduce completes it.
+  auto all_reduce = [&](void* x) {
+    if (shard_.world > 1) comm_->all_reduce_sum(x, T * h, be_.act_dtype());
+  };
   for (size_t li = 0; li < w_.layers.size(); ++li) {
     const OptLayer& Ly = w_.layers[li];
     // Self-attention block.
@@ -232,6 +261,7 @@ void OptModel::forward(const StepInput& s, float* logits) {
     be_.write_kv(pa, b.k, b.v, k_cache_[li], v_cache_[li]);
     be_.attention(pa, b.q, k_cache_[li], v_cache_[li], b.attn);
     linear(Ly.out_proj, b.attn, T, Ly.out_bias, b.x);
+    all_reduce(b.x);
     be_.add(b.h, b.x, T * h);
     if (!c_.do_layer_norm_before) layer_norm(Ly.attn_ln_w, Ly.attn_ln_b, b.h, b.h);
 
@@ -242,12 +272,13 @@ void OptModel::forward(const StepInput& s, float* logits) {
       mlp_in = b.x;
     }
     linear(Ly.fc1, mlp_in, T, Ly.fc1_bias, b.ffn);
-    be_.activation(act, b.ffn, T * c_.ffn_dim);
+    be_.activation(act, b.ffn, T * ffn_);
     linear(Ly.fc2, b.ffn, T, Ly.fc2_bias, b.x);
+    all_reduce(b.x);
     be_.add(b.h, b.x, T * h);
     if (!c_.do_layer_norm_before) layer_norm(Ly.ffn_ln_w, Ly.ffn_ln_b, b.h, b.h);
   }
-  if (L == 0) return;
+  if (L == 0 || logits == nullptr) return;
 
   // Only the rows whose next token is wanted go through the final norm and the LM head.
   for (int i = 0; i < L; ++i) {

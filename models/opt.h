@@ -1,11 +1,21 @@
 // OPT (Zhang et al. 2022), as Hugging Face's OPTForCausalLM: learned positions with an offset of 2,
 // pre- or post-LayerNorm, optional project_in/project_out (word_embed_proj_dim), ReLU MLP, and an
 // LM head tied to the token embedding.
+//
+// Tensor parallelism (Megatron, DESIGN): given a ShardSpec and a communicator, the model holds
+// only its rank's heads and FFN columns: q/k/v and fc1 are column-parallel (whole heads / a slice
+// of ffn_dim per rank, biases split with them), out_proj and fc2 are row-parallel (a slice of K)
+// and each is followed by one all-reduce of the [T, hidden] partial sums; their biases live on
+// rank 0 only, so the sum adds them once. Embeddings, positions, layer norms, project_in/out and
+// the LM head are replicated (they are a small part of the weights of the models FineServe
+// targets, and a replicated head needs no all-gather of logits). The KV cache of a rank holds
+// its heads only.
 #pragma once
 
 #include <memory>
 #include <vector>
 
+#include "kernels/communicator.h"
 #include "models/checkpoint/config.h"
 #include "models/checkpoint/safetensors.h"
 #include "models/model.h"
@@ -13,16 +23,17 @@
 
 namespace fineserve {
 
+// Shapes per rank: h = hidden / world (this rank's heads), f = ffn / world; world = 1 without TP.
 struct OptLayer {
-  WeightMatrix q_proj, k_proj, v_proj;  // [hidden, hidden]
-  DeviceTensor q_bias, k_bias, v_bias;  // [hidden]
-  WeightMatrix out_proj;                // [hidden, hidden]
-  DeviceTensor out_bias;                // [hidden]
+  WeightMatrix q_proj, k_proj, v_proj;  // [h, hidden] column-parallel
+  DeviceTensor q_bias, k_bias, v_bias;  // [h]
+  WeightMatrix out_proj;                // [hidden, h] row-parallel
+  DeviceTensor out_bias;                // [hidden] (rank 0 only)
   DeviceTensor attn_ln_w, attn_ln_b;    // [hidden] self_attn_layer_norm
-  WeightMatrix fc1;                     // [ffn, hidden]
-  DeviceTensor fc1_bias;                // [ffn]
-  WeightMatrix fc2;                     // [hidden, ffn]
-  DeviceTensor fc2_bias;                // [hidden]
+  WeightMatrix fc1;                     // [f, hidden] column-parallel
+  DeviceTensor fc1_bias;                // [f]
+  WeightMatrix fc2;                     // [hidden, f] row-parallel
+  DeviceTensor fc2_bias;                // [hidden] (rank 0 only)
   DeviceTensor ffn_ln_w, ffn_ln_b;      // [hidden] final_layer_norm (of the layer)
 };
 
@@ -38,12 +49,18 @@ struct OptWeights {
 
 class OptModel : public Model {
  public:
-  OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::OptConfig& config, Backend& backend);
+  // `comm` (world = shard.world, rank = shard.rank) must outlive the model; it may be null when
+  // shard.world == 1. Throws fineserve::Error when the heads or the FFN (or a FineQuant matrix's
+  // groups) cannot be split across shard.world ranks.
+  OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::OptConfig& config, Backend& backend,
+           ShardSpec shard = {}, Communicator* comm = nullptr);
   ~OptModel() override;
 
   const ModelInfo& info() const override { return info_; }
   void allocate_kv_cache(int num_blocks, int block_size) override;
   uint64_t kv_block_bytes(int block_size) const override;
+  // Under tensor parallelism every rank runs forward on the same step (the collectives pair up);
+  // `logits` may be null on ranks whose logits nobody reads: they skip the final norm and LM head.
   void forward(const StepInput& step, float* logits) override;
 
  private:
@@ -54,6 +71,9 @@ class OptModel : public Model {
   std::unique_ptr<ckpt::Checkpoint> checkpoint_;  // the mapped weights the backend may point into
   ckpt::OptConfig c_;
   Backend& be_;
+  ShardSpec shard_;
+  Communicator* comm_ = nullptr;
+  int64_t heads_ = 0, hidden_ = 0, ffn_ = 0;  // this rank's attention heads, heads * head_dim, FFN width
   OptWeights w_;
   ModelInfo info_;
   std::vector<void*> k_cache_, v_cache_;  // per layer [num_blocks, block_size, heads, head_dim]

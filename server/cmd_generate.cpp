@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "engine/engine.h"
+#include "engine/tp.h"
 #include "kernels/base.h"
 #include "models/model.h"
 #include "models/tokenizer/tokenizer.h"
@@ -32,6 +33,8 @@ void add_generate_command(CLI::App& app) {
     double kv_cache_mb = 256;
     int max_batch_tokens = 512;
     bool ignore_eos = false;
+    int tp = 1;
+    double tp_timeout_s = 120;
   };
   auto f = std::make_shared<Flags>();
   CLI::App* cmd = app.add_subcommand("generate", "Generate text from a prompt (flags or stdin), streaming to stdout");
@@ -50,6 +53,11 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--batch", f->batch, "Run each prompt this many times in one batch (throughput)")->check(CLI::PositiveNumber);
   cmd->add_option("--kv-cache-mb", f->kv_cache_mb, "KV cache size")->check(CLI::PositiveNumber);
   cmd->add_option("--max-batch-tokens", f->max_batch_tokens, "Tokens per step (prefill chunk size)")->check(CLI::PositiveNumber);
+  cmd->add_option("--tp", f->tp, "Tensor-parallel ranks (CPU: threads of this process, splitting heads and FFN)")
+      ->check(CLI::Range(1, 1024))
+      ->envname("FINESERVE_TP");
+  cmd->add_option("--tp-timeout", f->tp_timeout_s, "Seconds a tensor-parallel collective may wait for the other ranks")
+      ->check(CLI::PositiveNumber);
   cmd->callback([f] {
     if (f->prompts.empty()) {
       std::string text((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
@@ -58,8 +66,17 @@ void add_generate_command(CLI::App& app) {
     for (const auto& p : f->prompts)
       if (p.empty()) throw Error("the prompt is empty");
     auto tokenizer = load_tokenizer(f->model);
-    auto backend = make_backend(f->device);
-    auto model = load_model(f->model, *backend);
+    std::unique_ptr<Backend> backend;
+    std::unique_ptr<Model> model;
+    if (f->tp == 1) {
+      backend = make_backend(f->device);
+      model = load_model(f->model, *backend);
+    } else {
+      if (f->device != "cpu")
+        throw Error("generate --tp " + std::to_string(f->tp) + " runs the ranks as threads on the CPU (--device cpu); "
+                    "multi-GPU tensor parallelism is `fineserve serve --tp N --device cuda`");
+      model = load_model_tp_cpu(f->model, f->tp, std::chrono::milliseconds(static_cast<int64_t>(f->tp_timeout_s * 1000)));
+    }
     EngineConfig ec;
     ec.kv_cache_bytes = static_cast<uint64_t>(f->kv_cache_mb * (1 << 20));
     ec.max_batch_tokens = f->max_batch_tokens;
