@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/build.sh
 build_dir=${FINESERVE_BUILD_DIR:-build}
-model=$(bash scripts/fetch_default_model.sh "$build_dir/server/fineserve" | tail -n 1)
-exec "$build_dir/server/fineserve" serve --model "$model" "$@"
+model=$(bash scripts/fetch_default_model.sh "$build_dir/fineserve" | tail -n 1)
+exec "$build_dir/fineserve" serve --model "$model" "$@"

@@ -365,8 +365,20 @@ ApiRequest parse_chat(const json& body, const ApiLimits& limits) {
   f.unsupported("tool_choice", "none");
   f.ignored("parallel_tool_calls");
   f.reject_unknown();
-  r.prompt = render_chat_template(msgs, /*add_generation_prompt=*/true);
-  r.stop.stop.push_back(kChatEndOfTurn);
+  if (limits.chat && !limits.chat->builtin()) {
+    nlohmann::ordered_json conversation = nlohmann::ordered_json::array();
+    for (const ChatMessage& m : msgs) conversation.push_back({{"role", m.role}, {"content", m.content}});
+    try {
+      r.prompt = limits.chat->render(conversation, /*add_generation_prompt=*/true);
+    } catch (const ChatTemplateError& e) {  // raise_exception, or a conversation the template cannot take
+      invalid(std::string("the model's chat template rejected the conversation: ") + e.what());
+    }
+    for (const std::string& s : limits.chat->stop) r.stop.stop.push_back(s);
+    r.add_special_tokens = false;
+  } else {
+    r.prompt = render_chat_template(msgs, /*add_generation_prompt=*/true);
+    r.stop.stop.push_back(kChatEndOfTurn);
+  }
   finish_validation(r);
   return r;
 }

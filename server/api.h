@@ -21,6 +21,7 @@
 
 #include "engine/sampler.h"
 #include "engine/stop.h"
+#include "server/chat_template.h"
 
 namespace fineserve {
 
@@ -60,6 +61,8 @@ struct ApiLimits {
   int default_max_new_tokens = 100;  // TGI routes when max_new_tokens is absent
   int max_stop_sequences = 4;
   int max_stop_length = 256;    // bytes per stop string
+  // How chat requests are rendered; nullptr or a built-in format: render_chat_template (ChatML).
+  std::shared_ptr<const ChatFormat> chat;
 };
 
 // One chat message after validation (content parts joined).
@@ -74,6 +77,8 @@ struct ApiRequest {
   bool stream = false;
   std::string prompt;                 // text to tokenize (chat: the rendered template)
   std::vector<int32_t> prompt_ids;    // /v1/completions with a token-id prompt; then prompt is ""
+  bool add_special_tokens = true;     // false for a prompt from a checkpoint's chat template (it
+                                      // writes its own BOS, as in transformers' apply_chat_template)
   SamplingParams sampling;            // validated; seed meaningful only when seed_given
   bool seed_given = false;
   // Stop strings and max_new_tokens. When the request does not give max_new_tokens, it holds the

@@ -4,12 +4,14 @@
 #include <pthread.h>
 #include <signal.h>
 
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <memory>
 
 #include <spdlog/spdlog.h>
 
+#include "engine/tp_launch.h"
 #include "kernels/base.h"
 #include "server/commands.h"
 #include "server/serve.h"
@@ -25,6 +27,8 @@ void add_serve_command(CLI::App& app) {
     std::string config = kDefaultConfig;
     ServeOptions o = default_serve_options();
     int port = 0;
+    int rank = -1;        // tensor parallelism: -1 = not given (rank 0, spawning the others)
+    int local_rank = -1;  // the CUDA device of this rank; -1 = the rank
   };
   auto f = std::make_shared<Flags>();
   CLI::App* cmd = app.add_subcommand("serve", "Serve a model over HTTP (TGI and OpenAI-compatible routes)");
@@ -40,9 +44,24 @@ void add_serve_command(CLI::App& app) {
   auto* queue = cmd->add_option("--max-queue", f->o.loop.max_queue, "Requests that may wait for a batch slot; more get 429")->check(CLI::PositiveNumber);
   auto* timeout = cmd->add_option("--request-timeout", f->o.loop.request_timeout_s, "Seconds a request may take (0: no limit)")->check(CLI::NonNegativeNumber);
   auto* drain = cmd->add_option("--drain-timeout", f->o.drain_timeout_s, "Seconds in-flight requests get to finish on SIGTERM")->check(CLI::NonNegativeNumber);
+  auto* chat_template = cmd->add_option("--chat-template", f->o.chat_template, "Jinja chat template file for /v1/chat/completions (default: the checkpoint's, else ChatML)");
   auto* body = cmd->add_option("--max-body-bytes", f->o.http.max_body_bytes, "Largest request body; larger ones get 413")->check(CLI::PositiveNumber);
 
-  cmd->callback([f, config, name, device, host, port, mbt, seqs, kv, queue, timeout, drain, body] {
+  cmd->add_option("--tp", f->o.tp, "Tensor-parallel ranks (cpu: threads of this process; cuda: one process per GPU)")
+      ->check(CLI::Range(1, 1024))
+      ->envname("FINESERVE_TP");
+  cmd->add_option("--rank", f->rank, "This process's tensor-parallel rank (multi-process groups; without it, rank 0 spawns ranks 1..N-1 on this node)")
+      ->check(CLI::NonNegativeNumber)
+      ->envname("FINESERVE_RANK");
+  cmd->add_option("--coordinator", f->o.coordinator, "HOST:PORT of rank 0's bootstrap/control listener (multi-process groups)")
+      ->envname("FINESERVE_COORDINATOR");
+  cmd->add_option("--local-rank", f->local_rank, "CUDA device of this rank (default: the rank)")
+      ->check(CLI::NonNegativeNumber)
+      ->envname("FINESERVE_LOCAL_RANK");
+  cmd->add_option("--tp-timeout", f->o.tp_timeout_s, "Seconds the tensor-parallel bootstrap or a collective may wait for the other ranks")
+      ->check(CLI::PositiveNumber);
+
+  cmd->callback([f, config, name, device, host, port, mbt, seqs, kv, queue, timeout, drain, body, chat_template] {
     if (f->o.model.empty())
       throw Error("no --model given: pass --model CHECKPOINT_DIR (scripts/serve.sh fetches, quantizes and "
                   "serves the embedded default model, SmolLM2-135M-Instruct int4)");
@@ -62,6 +81,35 @@ void add_serve_command(CLI::App& app) {
     if (timeout->count()) o.loop.request_timeout_s = flags.loop.request_timeout_s;
     if (drain->count()) o.drain_timeout_s = flags.drain_timeout_s;
     if (body->count()) o.http.max_body_bytes = flags.http.max_body_bytes;
+    if (chat_template->count()) o.chat_template = flags.chat_template;
+    o.tp = flags.tp;
+    o.coordinator = flags.coordinator;
+    o.tp_timeout_s = flags.tp_timeout_s;
+
+    // Tensor parallelism across processes: ranks > 0 run no server, only their shard.
+    if (f->rank >= 0 || !o.coordinator.empty()) {
+      if (o.tp < 2) throw Error("--rank / --coordinator need --tp N with N >= 2");
+      if (o.device == "cpu")
+        throw Error("multi-process tensor parallelism needs --device cuda (NCCL); on the CPU, --tp N runs the "
+                    "ranks as threads of one process (drop --rank / --coordinator)");
+      if (f->rank >= o.tp) throw Error("--rank " + std::to_string(f->rank) + " is outside --tp " + std::to_string(o.tp));
+    }
+    if (f->rank > 0) {
+      TpProcessOptions p;
+      p.world = o.tp;
+      p.rank = f->rank;
+      p.coordinator = o.coordinator;
+      p.device_index = f->local_rank >= 0 ? f->local_rank : f->rank;
+      p.collective_timeout = std::chrono::milliseconds(static_cast<int64_t>(o.tp_timeout_s * 1000));
+      p.net.connect_timeout = p.collective_timeout;
+      const std::string dev = o.device;
+      p.make_backend = [dev] { return make_backend(dev); };
+      spdlog::info("tensor-parallel rank {} of {}: joining {}", p.rank, p.world, p.coordinator);
+      run_tp_worker_process(o.model, p);
+      spdlog::info("tensor-parallel rank {}: rank 0 shut the group down; exiting", p.rank);
+      return;
+    }
+    if (f->rank == 0) o.spawn_tp_ranks = false;  // the other ranks are started separately
 
     // Signals are taken synchronously by this thread (sigwait) rather than by a handler: block
     // them before any thread starts so that every thread inherits the mask. A client that goes

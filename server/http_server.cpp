@@ -103,7 +103,7 @@ GenerationRequest HttpServer::Impl::make_generation(const ApiRequest& api, Respo
   const ModelInfo& info = card.info;
   GenerationRequest g;
   if (api.prompt_ids.empty()) {
-    g.prompt = tokenizer->encode(api.prompt);
+    g.prompt = tokenizer->encode(api.prompt, api.add_special_tokens);
     ctx.prompt_text = api.prompt;
   } else {
     for (int32_t id : api.prompt_ids)
@@ -264,7 +264,7 @@ json HttpServer::Impl::info_json() const {
           {"max_body_bytes", config.max_body_bytes},
           {"max_stop_sequences", config.max_stop_sequences},
           {"default_max_new_tokens", config.default_max_new_tokens},
-          {"chat_template", "chatml (built-in default)"},
+          {"chat_template", card.chat ? card.chat->origin : ChatFormat::chatml().origin},
           {"version", "0.1.0"}};
 }
 
@@ -390,6 +390,7 @@ void HttpServer::attach(EngineLoop& loop, const Tokenizer& tokenizer, const Mode
   m.limits.max_context = card.info.max_context;
   m.limits.default_max_new_tokens = m.config.default_max_new_tokens;
   m.limits.max_stop_sequences = m.config.max_stop_sequences;
+  m.limits.chat = card.chat;
   m.loop.store(&loop, std::memory_order_release);
 }
 

@@ -20,6 +20,7 @@
 #include <string>
 
 #include "engine/engine.h"
+#include "server/chat_template.h"
 #include "server/engine_loop.h"
 
 namespace fineserve {
@@ -46,6 +47,7 @@ struct ModelCard {
   EngineConfig engine;  // as the engine resolved it (num_blocks filled in)
   LoopConfig loop;
   int64_t created = 0;  // unix seconds
+  std::shared_ptr<const ChatFormat> chat;  // nullptr: the built-in ChatML template
 };
 
 class HttpServer {

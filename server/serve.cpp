@@ -1,5 +1,6 @@
 #include "server/serve.h"
 
+#include <cstdlib>
 #include <ctime>
 #include <fstream>
 #include <functional>
@@ -7,6 +8,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "engine/tp.h"
+#include "engine/tp_launch.h"
 #include "kernels/base.h"
 #include "models/model.h"
 #include "models/tokenizer/tokenizer.h"
@@ -40,6 +43,30 @@ int64_t integer_in(const json& v, const std::string& where, int64_t lo, int64_t 
 std::string string_of(const json& v, const std::string& where) {
   if (!v.is_string()) throw Error(where + " must be a string");
   return v.get<std::string>();
+}
+
+// Rank 0 of a tensor-parallel group (the TpModel owns the ranks' backends).
+std::unique_ptr<Model> load_tp_model(const ServeOptions& o) {
+  const auto timeout = std::chrono::milliseconds(static_cast<int64_t>(o.tp_timeout_s * 1000));
+  if (o.device == "cpu") return load_model_tp_cpu(o.model, o.tp, timeout);
+  TpProcessOptions p;
+  p.world = o.tp;
+  p.rank = 0;
+  p.coordinator = o.coordinator;
+  p.collective_timeout = timeout;
+  p.net.connect_timeout = timeout;
+  const std::string device = o.device;
+  p.make_backend = [device] { return make_backend(device); };
+  if (o.spawn_tp_ranks) {
+    std::ifstream in("/proc/self/cmdline", std::ios::binary);
+    for (std::string arg; std::getline(in, arg, '\0');) p.spawn_argv.push_back(arg);
+  }
+  p.on_lost = [](const std::string& why) {
+    spdlog::critical("{}; the tensor-parallel group cannot continue, exiting", why);
+    spdlog::shutdown();
+    std::_Exit(1);
+  };
+  return launch_tp_rank0(o.model, p);
 }
 
 }  // namespace
@@ -98,8 +125,15 @@ void ServingStack::load() {
   if (options_.model.empty()) throw Error("no model to serve (--model)");
   const std::filesystem::path dir(options_.model);
   tokenizer_ = load_tokenizer(dir);
-  backend_ = make_backend(options_.device);
-  model_ = load_model(dir, *backend_);
+  // Before the weights, so that a template that does not parse fails fast.
+  auto chat = std::make_shared<const ChatFormat>(load_chat_format(dir, options_.chat_template));
+  spdlog::info("chat template: {}", chat->origin);
+  if (options_.tp > 1) {
+    model_ = load_tp_model(options_);
+  } else {
+    backend_ = make_backend(options_.device);
+    model_ = load_model(dir, *backend_);
+  }
   EngineConfig ec = options_.engine;
   ec.kv_cache_bytes = static_cast<uint64_t>(options_.kv_cache_mb * (1 << 20));
   engine_ = std::make_unique<Engine>(*model_, tokenizer_.get(), ec);
@@ -115,12 +149,7 @@ void ServingStack::load() {
   card.engine = engine_->config();
   card.loop = options_.loop;
   card.created = static_cast<int64_t>(std::time(nullptr));
-  if (std::filesystem::exists(dir / "tokenizer_config.json")) {
-    std::ifstream in(dir / "tokenizer_config.json");
-    json tc = json::parse(in, nullptr, false);
-    if (tc.is_object() && tc.contains("chat_template"))
-      spdlog::warn("the checkpoint has a chat_template; FineServe applies its built-in ChatML template instead (docs/api.md)");
-  }
+  card.chat = std::move(chat);
   http_->attach(*loop_, *tokenizer_, card);
 }
 

@@ -23,6 +23,14 @@ struct ServeOptions {
   std::string device = "cpu";
   double kv_cache_mb = 256;       // KV-cache budget (the engine derives its block count)
   double drain_timeout_s = 30;    // SIGTERM: how long in-flight requests may take to finish
+  std::string chat_template;      // --chat-template FILE; "": the checkpoint's (server/chat_template.h)
+  // Tensor parallelism (engine/tp.h). tp > 1 on the CPU: ranks are threads of this process. On
+  // cuda: one process per GPU; this process is rank 0, listens on `coordinator` (HOST:PORT; empty:
+  // 127.0.0.1, any port) and, when spawn_tp_ranks, starts ranks 1..tp-1 of this node itself.
+  int tp = 1;
+  std::string coordinator;
+  bool spawn_tp_ranks = true;
+  double tp_timeout_s = 120;      // a collective, or the bootstrap, waiting for the other ranks
   HttpConfig http;
   EngineConfig engine;
   LoopConfig loop;
