@@ -251,7 +251,7 @@ json HttpServer::Impl::info_json() const {
           {"architecture", i.architecture},
           {"quantization", i.quantization},
           {"device", card.device},
-          {"tp_size", 1},
+          {"tp_size", card.tp_size},
           {"max_context", i.max_context},
           {"max_input_tokens", i.max_context - 1},
           {"max_total_tokens", i.max_context},

@@ -43,6 +43,7 @@ struct ModelCard {
   std::string name;    // the model id clients use ("model" in OpenAI requests)
   std::string path;    // the checkpoint it came from
   std::string device;  // "cpu", "cuda"
+  int tp_size = 1;      // tensor-parallel ranks
   ModelInfo info;
   EngineConfig engine;  // as the engine resolved it (num_blocks filled in)
   LoopConfig loop;

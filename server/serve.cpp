@@ -145,6 +145,7 @@ void ServingStack::load() {
   if (card.name.empty()) card.name = std::filesystem::absolute(dir).lexically_normal().parent_path().filename().string();
   card.path = options_.model;
   card.device = options_.device;
+  card.tp_size = options_.tp;
   card.info = model_->info();
   card.engine = engine_->config();
   card.loop = options_.loop;
