@@ -18,6 +18,7 @@
 
 #include "kernels/base.h"
 #include "kernels/cpu/convert.h"
+#include "kernels/cpu/simd.h"
 #include "kernels/half.h"
 
 namespace fineserve::quant::detail {
@@ -282,7 +283,7 @@ __attribute__((target("avx2,f16c"))) RowSums quantize_groups_avx2(const float* w
 bool cpu_has(Isa isa) {
   switch (isa) {
     case Isa::Baseline: return true;
-    case Isa::Avx2: return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    case Isa::Avx2: return fineserve::cpu::has_avx2();  // AVX2 + FMA + F16C, asked in a way every compiler knows
   }
   return false;
 }
