@@ -421,37 +421,16 @@ Header parse(std::span<const std::byte> file, const std::string& label) {
 // ---- the mapped file ----------------------------------------------------------------------------
 
 std::unique_ptr<File> File::open(const std::filesystem::path& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw Error(errno_message("cannot open", path, errno));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    throw Error(errno_message("cannot stat", path, err));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw Error(path.string() + ": not a regular file");
-  }
   std::unique_ptr<File> file(new File());
   file->path_ = path;
-  file->size_ = static_cast<uint64_t>(st.st_size);
-  if (file->size_ > 0) {  // mmap refuses a zero length; parse reports the empty file
-    void* p = ::mmap(nullptr, file->size_, PROT_READ, MAP_PRIVATE, fd, 0);
-    const int err = errno;
-    ::close(fd);  // the mapping keeps its own reference to the file
-    if (p == MAP_FAILED) throw Error(errno_message("cannot map", path, err));
-    file->base_ = static_cast<const std::byte*>(p);
-  } else {
-    ::close(fd);
-  }
+  const std::span<const std::byte> mapping = map_file(path);
+  file->base_ = mapping.data();
+  file->size_ = mapping.size();
   file->header_ = parse({file->base_, file->size_}, path.string());
   return file;
 }
 
-File::~File() {
-  if (base_) ::munmap(const_cast<std::byte*>(base_), size_);
-}
+File::~File() { unmap_file({base_, size_}); }
 
 std::span<const std::byte> File::data(const TensorInfo& t) const {
   FS_ASSERT(header_.data_start + t.offset + t.nbytes <= size_ || t.nbytes == 0, "a validated tensor leaves the file");
@@ -461,13 +440,8 @@ std::span<const std::byte> File::data(const TensorInfo& t) const {
 
 void File::release(const TensorInfo& t) const {
   if (t.nbytes == 0) return;
-  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  // Whole pages inside the tensor only (see SafetensorsFile::release): the mapping stays valid and
-  // a later read faults the bytes back in from the file.
   const auto* begin = base_ + header_.data_start + t.offset;
-  const uintptr_t lo = (reinterpret_cast<uintptr_t>(begin) + page - 1) / page * page;
-  const uintptr_t hi = reinterpret_cast<uintptr_t>(begin + t.nbytes) / page * page;
-  if (lo < hi) (void)::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+  release_pages(begin, begin + t.nbytes);
 }
 
 // ---- dequantization -----------------------------------------------------------------------------

@@ -222,32 +222,11 @@ ParsedFile parse_file_bytes(std::span<const std::byte> file, const std::string& 
 // ---- SafetensorsFile --------------------------------------------------------------------------
 
 std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::filesystem::path& path) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) throw Error(errno_message("cannot open", path, errno));
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) {
-    const int err = errno;
-    ::close(fd);
-    throw Error(errno_message("cannot stat", path, err));
-  }
-  if (!S_ISREG(st.st_mode)) {
-    ::close(fd);
-    throw Error(path.string() + ": not a regular file");
-  }
-
   std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
   file->path_ = path;
-  file->size_ = static_cast<uint64_t>(st.st_size);
-  if (file->size_ > 0) {  // mmap refuses a zero length; parse_file_bytes reports the empty file
-    void* p = ::mmap(nullptr, file->size_, PROT_READ, MAP_PRIVATE, fd, 0);
-    const int err = errno;
-    ::close(fd);  // the mapping keeps its own reference to the file
-    if (p == MAP_FAILED) throw Error(errno_message("cannot map", path, err));
-    file->base_ = static_cast<const std::byte*>(p);
-  } else {
-    ::close(fd);
-  }
-
+  const std::span<const std::byte> mapping = map_file(path);
+  file->base_ = mapping.data();
+  file->size_ = mapping.size();
   ParsedFile parsed = parse_file_bytes({file->base_, file->size_}, path.string());
   file->data_start_ = parsed.data_start;
   file->header_ = std::move(parsed.header);
@@ -255,9 +234,7 @@ std::unique_ptr<SafetensorsFile> SafetensorsFile::open(const std::filesystem::pa
   return file;
 }
 
-SafetensorsFile::~SafetensorsFile() {
-  if (base_) ::munmap(const_cast<std::byte*>(base_), size_);
-}
+SafetensorsFile::~SafetensorsFile() { unmap_file({base_, size_}); }
 
 std::string_view SafetensorsFile::header_json() const {
   return {reinterpret_cast<const char*>(base_ + 8), data_start_ - 8};
@@ -275,17 +252,7 @@ TensorView SafetensorsFile::view(const TensorInfo& t) const {
 
 void SafetensorsFile::release(const TensorInfo& t) const {
   FS_ASSERT(find(t.name) == &t, "the TensorInfo belongs to another file");
-  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
-  // Only whole pages inside the tensor: its first and last pages may hold bytes of neighbouring
-  // tensors that a caller is still reading. (Dropping those would be correct, since a private
-  // read-only file mapping refaults from the file, just wasted work.)
-  const uintptr_t lo = (reinterpret_cast<uintptr_t>(base_ + data_start_ + t.begin) + page - 1) / page * page;
-  const uintptr_t hi = reinterpret_cast<uintptr_t>(base_ + data_start_ + t.end) / page * page;
-  if (lo >= hi) return;
-  // MADV_DONTNEED on a read-only MAP_PRIVATE file mapping unmaps the pages from this process
-  // (RSS drops at once, the page cache keeps them) while the mapping stays valid: a later read
-  // faults the bytes back in from the file. It is advice: a failure only leaves the pages resident.
-  (void)::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+  release_pages(base_ + data_start_ + t.begin, base_ + data_start_ + t.end);
 }
 
 }  // namespace fineserve::ckpt

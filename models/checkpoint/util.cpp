@@ -1,6 +1,8 @@
 #include "models/checkpoint/util.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -29,6 +31,31 @@ struct FdGuard {
 
 std::string errno_message(const std::string& what, const std::filesystem::path& path, int err) {
   return what + " " + path.string() + ": " + std::generic_category().message(err);
+}
+
+std::span<const std::byte> map_file(const std::filesystem::path& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw Error(errno_message("cannot open", path, errno));
+  FdGuard guard{fd};  // the mapping keeps its own reference to the file
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) throw Error(errno_message("cannot stat", path, errno));
+  if (!S_ISREG(st.st_mode)) throw Error(path.string() + ": not a regular file");
+  const auto size = static_cast<size_t>(st.st_size);
+  if (size == 0) return {};  // mmap refuses a zero length; the format parsers report the empty file
+  void* p = ::mmap(nullptr, size, PROT_READ, MAP_PRIVATE, fd, 0);
+  if (p == MAP_FAILED) throw Error(errno_message("cannot map", path, errno));
+  return {static_cast<const std::byte*>(p), size};
+}
+
+void unmap_file(std::span<const std::byte> mapping) {
+  if (!mapping.empty()) ::munmap(const_cast<std::byte*>(mapping.data()), mapping.size());
+}
+
+void release_pages(const std::byte* begin, const std::byte* end) {
+  static const uintptr_t page = static_cast<uintptr_t>(::sysconf(_SC_PAGESIZE));
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(begin) + page - 1) / page * page;
+  const uintptr_t hi = reinterpret_cast<uintptr_t>(end) / page * page;
+  if (lo < hi) (void)::madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
 }
 
 std::string read_file(const std::filesystem::path& path) {

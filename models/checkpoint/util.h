@@ -29,6 +29,17 @@ void write_file(const std::filesystem::path& path, std::string_view text);
 // fsync on a directory, so that renames and new entries in it survive a crash.
 void fsync_dir(const std::filesystem::path& dir);
 
+// Maps a whole regular file read-only (MAP_PRIVATE); an empty file gives an empty span. Throws
+// "cannot open|stat|map <path>: <reason>" or "<path>: not a regular file". Undo with unmap_file.
+std::span<const std::byte> map_file(const std::filesystem::path& path);
+void unmap_file(std::span<const std::byte> mapping);
+
+// Drops the whole pages inside [begin, end) of a map_file mapping from this process's resident
+// set. Only whole pages: the edge pages may hold bytes a caller still reads. MADV_DONTNEED on a
+// read-only private file mapping keeps the mapping valid (the page cache keeps the pages; a later
+// read faults them back in from the file). It is advice: a failure only leaves the pages resident.
+void release_pages(const std::byte* begin, const std::byte* end);
+
 // "[2, 3]"
 std::string format_shape(const std::vector<int64_t>& shape);
 
