@@ -98,6 +98,13 @@ std::string_view torch_dtype_name(DType t) {
   }
 }
 
+// config.json's torch_dtype, one of the names above.
+DType torch_dtype_from_name(const std::string& name, const FieldReader& r) {
+  for (const DType t : {DType::F16, DType::BF16, DType::F32})
+    if (torch_dtype_name(t) == name) return t;
+  r.fail("torch_dtype", "'" + name + "' is not one of float16, bfloat16, float32");
+}
+
 }  // namespace
 
 OptConfig parse_opt_config(const nlohmann::json& config, const std::string& source) {
@@ -151,15 +158,7 @@ OptConfig parse_opt_config(const nlohmann::json& config, const std::string& sour
   if (c.activation_function != "relu" && c.activation_function != "gelu" && c.activation_function != "gelu_new" &&
       c.activation_function != "silu")
     r.fail("activation_function", "'" + c.activation_function + "' is not one of relu, gelu, gelu_new, silu");
-  if (dtype == "float16") {
-    c.torch_dtype = DType::F16;
-  } else if (dtype == "bfloat16") {
-    c.torch_dtype = DType::BF16;
-  } else if (dtype == "float32") {
-    c.torch_dtype = DType::F32;
-  } else {
-    r.fail("torch_dtype", "'" + dtype + "' is not one of float16, bfloat16, float32");
-  }
+  c.torch_dtype = torch_dtype_from_name(dtype, r);
   return c;
 }
 
@@ -342,15 +341,7 @@ LlamaConfig parse_llama_config(const nlohmann::json& config, const std::string& 
   if (c.hidden_act != "silu" && c.hidden_act != "gelu" && c.hidden_act != "gelu_pytorch_tanh" &&
       c.hidden_act != "gelu_new")
     r.fail("hidden_act", "'" + c.hidden_act + "' is not one of silu, gelu, gelu_pytorch_tanh, gelu_new");
-  if (dtype == "float16") {
-    c.torch_dtype = DType::F16;
-  } else if (dtype == "bfloat16") {
-    c.torch_dtype = DType::BF16;
-  } else if (dtype == "float32") {
-    c.torch_dtype = DType::F32;
-  } else {
-    r.fail("torch_dtype", "'" + dtype + "' is not one of float16, bfloat16, float32");
-  }
+  c.torch_dtype = torch_dtype_from_name(dtype, r);
   return c;
 }
 
