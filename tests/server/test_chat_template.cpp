@@ -167,7 +167,6 @@ TEST(ChatTemplate, HostileTemplatesHitTheLimits) {
   ChatTemplateLimits lim;
   lim.max_steps = 200'000;
   lim.max_output_bytes = 1 << 20;
-  const auto start = std::chrono::steady_clock::now();
   for (const char* src : {
            "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
            "{% set ns = namespace(s='ab') %}{% for i in range(100) %}{% set ns.s = ns.s + ns.s %}{% endfor %}{{ ns.s|length }}",
@@ -178,7 +177,6 @@ TEST(ChatTemplate, HostileTemplatesHitTheLimits) {
     ChatTemplate t(src, "hostile", lim);
     EXPECT_THROW(t.render(ojson::object()), ChatTemplateError) << src;
   }
-  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
 }
 
 // ---- formats and checkpoints --------------------------------------------------------------------
