@@ -63,7 +63,12 @@ def randomize(model):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             elif n.endswith("bias"):
                 p.copy_(0.05 * torch.randn_like(p))
-    return model.half().float()  # the weights the fixture stores, exactly
+        # The weights the fixture stores, exactly. Parameters only: model.half() would also round
+        # the rotary inv_freq buffers to fp16, which the fixture does not store and FineServe
+        # computes in full precision.
+        for p in model.parameters():
+            p.copy_(p.half().float())
+    return model
 
 
 def make_llama(seed, tok, **cfg):

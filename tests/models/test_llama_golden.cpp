@@ -207,7 +207,8 @@ TEST_P(LlamaGolden, DenseLogitsAndGreedyMatchTransformers) {
   for (const auto& p : g.prompts) {
     EXPECT_EQ(tok->encode(p.text), p.ids) << p.text;
     const double err = rel_max_error(prefill_logits(*model, p.ids), p.logits);
-    EXPECT_LE(err, 1e-3) << GetParam() << ": " << p.text;
+    // fp32 math on both sides from the same fp16 weights: only summation order differs (~1e-6).
+    EXPECT_LE(err, 1e-5) << GetParam() << ": " << p.text;
   }
   // Greedy continuations: the whole batch at once, and again with 3-token prefill chunks (which
   // also crosses mistral-swa's 5-position window between chunks).
