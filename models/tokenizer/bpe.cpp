@@ -78,6 +78,7 @@ BpeTokenizer::BpeTokenizer(BpeSpec spec)
       use_regex_(spec.use_regex),
       split_digits_(spec.split_digits),
       individual_digits_(spec.individual_digits),
+      split_max_digits_(spec.split_max_digits),
       ignore_merges_(spec.ignore_merges) {
   int64_t max_id = -1;
   for (const auto& [token, id] : spec.vocab) max_id = std::max<int64_t>(max_id, checked_id(id, spec.source));
@@ -206,12 +207,15 @@ std::vector<int32_t> BpeTokenizer::encode(std::string_view text, bool add_specia
 
 void BpeTokenizer::encode_piece(std::string_view piece, std::vector<int32_t>& out) const {
   if (piece.empty()) return;
-  if (!split_digits_) {
+  if (!split_digits_ && split_max_digits_ == 0) {
     encode_split(piece, out);
     return;
   }
   std::vector<std::string_view> splits;
-  split_digits(piece, individual_digits_, splits);
+  if (split_digits_)
+    split_digits(piece, individual_digits_, splits);
+  else
+    split_llama3_pretokens(piece, split_max_digits_, splits);
   for (std::string_view s : splits) encode_split(s, out);
 }
 
@@ -542,7 +546,26 @@ std::vector<const json*> flatten(const json& component, const char* list_key) {
   return {&component};
 }
 
-// Accepted: ByteLevel, optionally preceded by Digits (SmolLM2's Sequence[Digits, ByteLevel]).
+// The "Split" regexes FineServe has a matcher for (pretokenize.h), by their \p{N} bound.
+int split_regex_max_digits(const json& split, const std::string& at) {
+  static const std::string kLlama3 =
+      R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+  static const std::string kQwen2 =
+      R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
+  const json* pattern = find_field(split, "pattern");
+  const json* regex = pattern != nullptr && pattern->is_object() ? find_field(*pattern, "Regex") : nullptr;
+  if (regex == nullptr || !regex->is_string()) throw Error(at + ": Split without a \"pattern\": {\"Regex\": ...}");
+  const json* behavior = find_field(split, "behavior");
+  if (behavior == nullptr || *behavior != "Isolated" || json_bool(split, "invert", false, at))
+    throw Error(at + ": only Split with behavior \"Isolated\" and invert false is supported");
+  const std::string& re = regex->get_ref<const std::string&>();
+  if (re == kLlama3) return 3;
+  if (re == kQwen2) return 1;
+  throw Error(at + ": Split regex " + json(re).dump() + " is not supported (FineServe knows Llama 3's and Qwen2's)");
+}
+
+// Accepted: ByteLevel, optionally preceded by Digits (SmolLM2's Sequence[Digits, ByteLevel]) or by
+// a Split with Llama 3's or Qwen2's regex (then ByteLevel does not split again: use_regex false).
 void read_pre_tokenizer(const json& root, const std::string& where, BpeSpec& spec) {
   const json* pre = find_field(root, "pre_tokenizer");
   const std::string at = where + " pre_tokenizer";
@@ -552,11 +575,14 @@ void read_pre_tokenizer(const json& root, const std::string& where, BpeSpec& spe
     spec.split_digits = true;
     spec.individual_digits = json_bool(*parts[0], "individual_digits", false, at);
     parts.erase(parts.begin());
+  } else if (parts.size() == 2 && type_of(*parts[0], at) == "Split") {
+    spec.split_max_digits = split_regex_max_digits(*parts[0], at);
+    parts.erase(parts.begin());
   }
   if (parts.size() != 1 || type_of(*parts[0], at) != "ByteLevel") {
     std::string found;
     for (const json* p : parts) found += (found.empty() ? "" : ", ") + type_of(*p, at);
-    throw Error(at + ": only ByteLevel, optionally after Digits, is supported (found [" + found + "])");
+    throw Error(at + ": only ByteLevel, optionally after Digits or a Split, is supported (found [" + found + "])");
   }
   spec.add_prefix_space = json_bool(*parts[0], "add_prefix_space", true, at);
   spec.use_regex = json_bool(*parts[0], "use_regex", true, at);

@@ -37,6 +37,8 @@ struct BpeSpec {
   bool use_regex = true;                 // pre-tokenizer: split pieces with the GPT-2 regex
   bool split_digits = false;             // pre-tokenizer: a "Digits" step before ByteLevel ...
   bool individual_digits = false;        // ... isolating each digit rather than runs of them
+  int split_max_digits = 0;              // pre-tokenizer: Llama 3's "Split" regex step before
+                                         // ByteLevel (0 = none), with \p{N}{1,split_max_digits}
   bool ignore_merges = false;            // a word that is itself in the vocab is one token
   std::vector<int32_t> prefix_ids;       // added before the text by encode(add_special_tokens)
   std::vector<int32_t> suffix_ids;       // ... and after it
@@ -95,6 +97,7 @@ class BpeTokenizer final : public Tokenizer {
   bool use_regex_ = true;
   bool split_digits_ = false;
   bool individual_digits_ = false;
+  int split_max_digits_ = 0;
   bool ignore_merges_ = false;
   std::vector<int32_t> prefix_ids_, suffix_ids_;
   std::optional<int32_t> bos_id_, eos_id_;

@@ -83,6 +83,90 @@ void split_gpt2_pretokens(std::string_view text, std::vector<std::string_view>& 
   }
 }
 
+namespace {
+
+// (?i:'s|'t|'re|'ve|'m|'ll|'d) at text[pos]: the match length, or 0.
+size_t contraction_length_nocase(std::string_view text, size_t pos) {
+  if (text[pos] != '\'' || pos + 1 >= text.size()) return 0;
+  auto lower = [](char c) { return (c >= 'A' && c <= 'Z') ? static_cast<char>(c - 'A' + 'a') : c; };
+  const char c1 = lower(text[pos + 1]);
+  if (c1 == 's' || c1 == 't' || c1 == 'm' || c1 == 'd') return 2;
+  if (pos + 2 >= text.size()) return 0;
+  const char c2 = lower(text[pos + 2]);
+  if ((c1 == 'r' && c2 == 'e') || (c1 == 'v' && c2 == 'e') || (c1 == 'l' && c2 == 'l')) return 3;
+  return 0;
+}
+
+bool is_newline(char c) { return c == '\r' || c == '\n'; }
+
+}  // namespace
+
+void split_llama3_pretokens(std::string_view text, int max_digits, std::vector<std::string_view>& out) {
+  out.clear();
+  size_t pos = 0;
+  auto emit = [&](size_t end) {
+    out.push_back(text.substr(pos, end - pos));
+    pos = end;
+  };
+  while (pos < text.size()) {
+    // (?i:'s|'t|'re|'ve|'m|'ll|'d)
+    if (const size_t n = contraction_length_nocase(text, pos)) {
+      emit(pos + n);
+      continue;
+    }
+    const Char first = char_at(text, pos);
+    // [^\r\n\p{L}\p{N}]?\p{L}+: one optional character that is neither a newline, a letter nor a
+    // number (a space, punctuation, a mark...) taken only when letters follow it.
+    if (first.cls == CharClass::kLetter) {
+      emit(run_end(text, pos, CharClass::kLetter));
+      continue;
+    }
+    if (first.cls != CharClass::kNumber && !is_newline(text[pos]) && pos + first.length < text.size() &&
+        char_at(text, pos + first.length).cls == CharClass::kLetter) {
+      emit(run_end(text, pos + first.length, CharClass::kLetter));
+      continue;
+    }
+    // \p{N}{1,max_digits}
+    if (first.cls == CharClass::kNumber) {
+      size_t end = pos;
+      for (int i = 0; i < max_digits && end < text.size(); ++i) {
+        const Char c = char_at(text, end);
+        if (c.cls != CharClass::kNumber) break;
+        end += c.length;
+      }
+      emit(end);
+      continue;
+    }
+    //  ?[^\s\p{L}\p{N}]+[\r\n]*: an optional space (U+0020), a run of "other" characters, then
+    // any newlines straight after it.
+    size_t body = pos;
+    if (text[pos] == ' ' && pos + 1 < text.size() && char_at(text, pos + 1).cls == CharClass::kOther) body = pos + 1;
+    if (char_at(text, body).cls == CharClass::kOther) {
+      size_t end = run_end(text, body, CharClass::kOther);
+      while (end < text.size() && is_newline(text[end])) ++end;
+      emit(end);
+      continue;
+    }
+    // What is left starts with whitespace. Find the run and the end of its last newline.
+    size_t run = pos, last_char = pos, after_newline = 0;
+    while (run < text.size()) {
+      const Char c = char_at(text, run);
+      if (c.cls != CharClass::kSpace) break;
+      if (is_newline(text[run])) after_newline = run + 1;
+      last_char = run;
+      run += c.length;
+    }
+    // \s*[\r\n]+: the greedy \s* backs off to the run's last newline, which [\r\n]+ takes.
+    if (after_newline > 0) {
+      emit(after_newline);
+      continue;
+    }
+    // \s+(?!\S): the run, less its last character when a non-space follows (that character then
+    // joins the next piece); \s+: the whole run, when that would leave nothing.
+    emit(run < text.size() && last_char > pos ? last_char : run);
+  }
+}
+
 void split_digits(std::string_view text, bool individual, std::vector<std::string_view>& out) {
   out.clear();
   size_t start = 0;

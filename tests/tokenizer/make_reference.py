@@ -310,6 +310,36 @@ def main():
                 digit_texts),
         }
 
+    # Llama 3's chain (and Qwen2's, which isolates single digits): a Split with the regex below
+    # ahead of a ByteLevel that no longer splits (use_regex false). The GPT-2 vocabulary stands in
+    # for Llama 3's: the split, not the vocabulary, is under test.
+    contractions_and_newlines = [
+        "I'M HERE, you'RE there, it'S", "'Ll 'vE 'D 't", "a\r\nb\r\n\r\n  c", " \n\t x\n",
+        "12345678 1234.5 ٠١٢٣٤", "x!!\n\ny", "é! e\u0301x \u0301abc", "tab\tword\t\tend  ", "'\n's",
+    ]
+    split_texts = digit_texts + contractions_and_newlines
+    for name, digits in (("tokenizer_json_llama3_split", "{1,3}"), ("tokenizer_json_qwen2_split", "")):
+        regex = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}" + digits +
+                 "| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+        stored_split = json.loads(path.read_text(encoding="utf-8"))
+        byte_level = dict(stored_split["pre_tokenizer"], add_prefix_space=False, use_regex=False)
+        stored_split["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": regex}, "behavior": "Isolated", "invert": False},
+            byte_level]}
+        split_path = work / f"{name}.json"
+        split_path.write_text(json.dumps(stored_split), encoding="utf-8")
+        tok_split = Tokenizer.from_file(str(split_path))
+        ref[name] = {
+            "pre_tokenizer": stored_split["pre_tokenizer"],
+            "vocab_size": tok_split.get_vocab_size(with_added_tokens=True), "bos_id": eot,
+            "pieces": [[text, [p for p, _ in tok_split.pre_tokenizer.pre_tokenize_str(text)]]
+                       for text in split_texts],
+            "cases": cases_for(
+                lambda t, s, tk=tok_split: tk.encode(t, add_special_tokens=s).ids,
+                lambda ids, skip, tk=tok_split: tk.decode(ids, skip_special_tokens=skip),
+                split_texts),
+        }
+
     # --- opt_style: vocab.json + merges.txt + an OPT-like tokenizer_config.json ---------------
     opt_dir = work / "opt"
     opt_dir.mkdir()

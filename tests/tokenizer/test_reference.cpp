@@ -6,7 +6,9 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "kernels/base.h"
 #include "models/tokenizer/bpe.h"
+#include "models/tokenizer/pretokenize.h"
 #include "models/tokenizer/tokenizer.h"
 #include "tests/tokenizer/tokenizer_test_util.h"
 
@@ -122,6 +124,56 @@ TEST(TokenizerReference, TokenizerJsonWithDigitsPreTokenizer) {
     write_file(dir.path() / "tokenizer.json", tj.dump());
     check_cases(*load_tokenizer(dir.path()), section);
   }
+}
+
+// Llama 3's pre-tokenizer, Sequence[Split(regex), ByteLevel(use_regex false)], and Qwen2's (single
+// digits): the splitter's pieces as the tokenizers library's pre_tokenize_str gives them (in the
+// byte-level alphabet), and the ids of whole encodings.
+TEST(TokenizerReference, TokenizerJsonWithSplitRegexPreTokenizer) {
+  for (const auto& [name, max_digits] : {std::pair{"tokenizer_json_llama3_split", 3}, {"tokenizer_json_qwen2_split", 1}}) {
+    SCOPED_TRACE(name);
+    const json& section = reference().at(name);
+    std::vector<std::string_view> pieces;
+    for (const auto& c : section.at("pieces")) {
+      const std::string text = c[0];
+      split_llama3_pretokens(text, max_digits, pieces);
+      std::vector<std::string> mapped;
+      for (std::string_view p : pieces) {
+        std::string m;
+        for (const char ch : p) m += gpt2_byte_chars()[static_cast<uint8_t>(ch)];
+        mapped.push_back(m);
+      }
+      EXPECT_EQ(mapped, c[1].get<std::vector<std::string>>()) << json(text).dump();
+    }
+    TempDir dir;
+    write_tokenizer_json(dir.path(), true);
+    json tj = read_json_file(dir.path() / "tokenizer.json");
+    tj["pre_tokenizer"] = section.at("pre_tokenizer");
+    write_file(dir.path() / "tokenizer.json", tj.dump());
+    check_cases(*load_tokenizer(dir.path()), section);
+  }
+}
+
+TEST(TokenizerReference, UnknownSplitRegexIsRefused) {
+  TempDir dir;
+  write_tokenizer_json(dir.path(), true);
+  json tj = read_json_file(dir.path() / "tokenizer.json");
+  json split = reference().at("tokenizer_json_llama3_split").at("pre_tokenizer");
+  split["pretokenizers"][0]["pattern"]["Regex"] = "\\w+|\\s+";
+  tj["pre_tokenizer"] = split;
+  write_file(dir.path() / "tokenizer.json", tj.dump());
+  try {
+    load_tokenizer(dir.path());
+    FAIL() << "an unknown Split regex was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("is not supported"), std::string::npos) << e.what();
+  }
+  split["pretokenizers"][0]["pattern"]["Regex"] = reference().at("tokenizer_json_llama3_split")
+      .at("pre_tokenizer")["pretokenizers"][0]["pattern"]["Regex"];
+  split["pretokenizers"][0]["behavior"] = "Removed";
+  tj["pre_tokenizer"] = split;
+  write_file(dir.path() / "tokenizer.json", tj.dump());
+  EXPECT_THROW(load_tokenizer(dir.path()), Error);
 }
 
 TEST(TokenizerReference, TokenizerJsonIsPreferredOverVocabMerges) {
