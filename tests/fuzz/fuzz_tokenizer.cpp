@@ -4,16 +4,20 @@
 //   - encode never fails, and the tokens carry the input bytes exactly (true of the GPT-2 files;
 //     set FINESERVE_FUZZ_TOKENIZER_ROUND_TRIP=0 for a tokenizer whose added tokens strip spaces);
 //   - decode is valid UTF-8 and equals the input with ill-formed bytes replaced;
-//   - StreamDecoder's pieces are valid UTF-8 and add up to decode().
+//   - StreamDecoder's pieces are valid UTF-8 and add up to decode();
+//   - the hand-written pre-tokenizer regexes (GPT-2, Llama 3, Qwen2) cut the input into non-empty
+//     pieces that add up to it.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "kernels/base.h"
+#include "models/tokenizer/pretokenize.h"
 #include "models/tokenizer/tokenizer.h"
 #include "models/tokenizer/utf8.h"
 
@@ -46,12 +50,29 @@ void check_stream(const fineserve::Tokenizer& tok, const std::vector<int32_t>& i
   FS_ASSERT(all == tok.decode(ids, skip), "stream decode differs from decode");
 }
 
+void check_pieces(const std::vector<std::string_view>& pieces, const std::string& text) {
+  std::string joined;
+  for (std::string_view p : pieces) {
+    FS_ASSERT(!p.empty(), "a pre-tokenizer produced an empty piece");
+    joined += p;
+  }
+  FS_ASSERT(joined == text, "pre-tokenizer pieces do not add up to the input");
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   const Loaded& l = loaded();
   const fineserve::Tokenizer& tok = *l.tokenizer;
   const std::string text(reinterpret_cast<const char*>(data), size);
+
+  std::vector<std::string_view> pieces;
+  fineserve::split_gpt2_pretokens(text, pieces);
+  check_pieces(pieces, text);
+  for (const int max_digits : {1, 3}) {
+    fineserve::split_llama3_pretokens(text, max_digits, pieces);
+    check_pieces(pieces, text);
+  }
 
   const std::vector<int32_t> ids = tok.encode(text, /*add_special_tokens=*/false);
   for (int32_t id : ids) FS_ASSERT(id >= 0 && id < tok.vocab_size(), "encode produced an unknown id");
