@@ -1,14 +1,77 @@
-// Helpers shared by the golden-logit tests of tests/models/.
+// Helpers shared by the golden-logit tests of tests/models/: the fixtures that
+// tests/models/make_golden*.py write (golden.json + golden.safetensors), running a model over them,
+// and comparing logits.
 #pragma once
+
+#include <unistd.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <span>
+#include <string>
 #include <vector>
 
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "engine/engine.h"
+#include "models/checkpoint/safetensors.h"
 #include "models/model.h"
+#include "models/tokenizer/tokenizer.h"
+#include "quant/quantizer.h"
 
 namespace fineserve::testing {
+
+inline const std::filesystem::path kGoldenDir = std::filesystem::path(FINESERVE_TEST_DATA) / "golden";
+
+// A fixture: per prompt, transformers' token ids, logits of every position and greedy tokens.
+struct Golden {
+  struct Prompt {
+    std::string text;
+    std::vector<int32_t> ids;
+    std::vector<int32_t> greedy;
+    std::vector<float> logits;  // [ids.size(), vocab]
+  };
+  std::vector<Prompt> prompts;
+  int64_t vocab = 0;
+};
+
+inline Golden read_golden(const std::filesystem::path& dir) {
+  Golden g;
+  const nlohmann::json j = nlohmann::json::parse(std::ifstream(dir / "golden.json"));
+  const ckpt::Checkpoint logits = ckpt::Checkpoint::open(dir / "golden.safetensors");
+  for (size_t i = 0; i < j["prompts"].size(); ++i) {
+    Golden::Prompt p;
+    p.text = j["prompts"][i]["text"];
+    p.ids = j["prompts"][i]["ids"].get<std::vector<int32_t>>();
+    p.greedy = j["prompts"][i]["greedy"].get<std::vector<int32_t>>();
+    const ckpt::TensorView t = logits.get("logits." + std::to_string(i));
+    g.vocab = t.shape()[1];
+    p.logits.resize(static_cast<size_t>(t.numel()));
+    std::memcpy(p.logits.data(), t.data, t.nbytes());
+    g.prompts.push_back(std::move(p));
+  }
+  return g;
+}
+
+// A private temporary directory named after the running test (parameterised names hold a '/').
+struct Scratch {
+  std::filesystem::path path;
+  Scratch() {
+    std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
+    std::replace(name.begin(), name.end(), '/', '_');
+    path = std::filesystem::temp_directory_path() / ("fineserve-test-" + std::to_string(::getpid()) + "-" + name);
+    std::filesystem::remove_all(path);
+    std::filesystem::create_directories(path);
+  }
+  ~Scratch() { std::filesystem::remove_all(path); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+};
 
 // Logits of every prompt position in one prefill step.
 inline std::vector<float> prefill_logits(Model& model, const std::vector<int32_t>& ids) {
@@ -28,6 +91,27 @@ inline std::vector<float> prefill_logits(Model& model, const std::vector<int32_t
   return out;
 }
 
+// Greedy continuations of every prompt of `g` (as many tokens as the fixture has), all prompts in
+// one engine batch with prefill chunks of at most max_batch_tokens. `tok` may be null.
+inline std::vector<std::vector<int32_t>> greedy(Model& model, const Tokenizer* tok, const Golden& g,
+                                                int max_batch_tokens) {
+  EngineConfig ec;
+  ec.num_blocks = 64;
+  ec.max_batch_tokens = max_batch_tokens;
+  Engine engine(model, tok, ec);
+  std::vector<GenerationRequest> reqs;
+  for (const auto& p : g.prompts) {
+    GenerationRequest r;
+    r.prompt = p.ids;
+    r.stop.max_new_tokens = static_cast<int>(p.greedy.size());
+    r.ignore_eos = true;
+    reqs.push_back(r);
+  }
+  std::vector<std::vector<int32_t>> out;
+  for (auto& r : engine.generate(reqs)) out.push_back(r.tokens);
+  return out;
+}
+
 // max |a - b| / max |b|: the error relative to the logits' scale.
 inline double rel_max_error(const std::vector<float>& a, const std::vector<float>& b) {
   double num = 0, den = 0;
@@ -36,6 +120,67 @@ inline double rel_max_error(const std::vector<float>& a, const std::vector<float
     den = std::max(den, std::abs(static_cast<double>(b[i])));
   }
   return num / den;
+}
+
+// ||a - b||_F / ||b||_F over all logits.
+inline double rel_fro_error(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
+    den += static_cast<double>(b[i]) * b[i];
+  }
+  return std::sqrt(num / den);
+}
+
+// Fraction of positions whose argmax token agrees.
+inline double top1_agreement(const std::vector<float>& a, const std::vector<float>& b, int64_t vocab) {
+  const size_t rows = a.size() / static_cast<size_t>(vocab);
+  size_t same = 0;
+  for (size_t r = 0; r < rows; ++r) {
+    const auto* pa = a.data() + r * vocab;
+    const auto* pb = b.data() + r * vocab;
+    same += std::max_element(pa, pa + vocab) - pa == std::max_element(pb, pb + vocab) - pb;
+  }
+  return static_cast<double>(same) / static_cast<double>(rows);
+}
+
+// Writes FineQuant checkpoint `q` with every .qweight/.scales pair replaced by the dequantized fp32
+// .weight; each matrix's bits come from its codes' dtype (I8: int8, U8: packed int4), so mixed
+// bits (`quantize --expert-bits`) work.
+inline void write_dequantized(const std::filesystem::path& q, const std::filesystem::path& out) {
+  const ckpt::Checkpoint c = ckpt::Checkpoint::open(q);
+  std::vector<std::string> names;
+  for (const auto* t : c.tensors()) {
+    if (t->name.ends_with(".scales")) continue;
+    names.push_back(t->name.ends_with(".qweight") ? t->name.substr(0, t->name.size() - 8) + ".weight" : t->name);
+  }
+  std::filesystem::create_directories(out);
+  ckpt::CheckpointWriter w(out, names, {}, 1ull << 40);
+  for (const auto* t : c.tensors()) {
+    if (t->name.ends_with(".scales")) continue;
+    const ckpt::TensorView v = c.get(t->name);
+    if (!t->name.ends_with(".qweight")) {
+      w.add(t->name, t->dtype, t->shape, std::span<const std::byte>(v.data, v.nbytes()));
+      continue;
+    }
+    const std::string stem = t->name.substr(0, t->name.size() - 8);
+    const ckpt::TensorView s = c.get(stem + ".scales");
+    quant::QuantizedMatrix m;
+    m.bits = t->dtype == DType::U8 ? 4 : 8;
+    m.rows = t->shape[0];
+    m.cols = m.bits == 4 ? t->shape[1] * 2 : t->shape[1];
+    m.group = m.cols / s.shape()[1];
+    m.codes.resize(v.nbytes());
+    std::memcpy(m.codes.data(), v.data, v.nbytes());
+    m.scales.resize(static_cast<size_t>(s.numel()));
+    std::memcpy(m.scales.data(), s.data, s.nbytes());
+    const std::vector<float> dense = quant::dequantize(m);
+    w.add(stem + ".weight", DType::F32, {m.rows, m.cols}, std::as_bytes(std::span(dense)));
+  }
+  w.finish();
+  auto config = nlohmann::json::parse(std::ifstream(q / "config.json"));
+  config.erase("quantization_config");
+  std::ofstream(out / "config.json") << config.dump();
 }
 
 }  // namespace fineserve::testing

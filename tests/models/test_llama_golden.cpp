@@ -23,150 +23,22 @@
 #include "models/tokenizer/tokenizer.h"
 #include "quant/convert.h"
 #include "quant/quantizer.h"
+#include "tests/models/golden_util.h"
 
 namespace fineserve {
 namespace {
 namespace fs = std::filesystem;
+using testing::Golden;
+using testing::Scratch;
+using testing::greedy;
+using testing::prefill_logits;
+using testing::read_golden;
+using testing::rel_fro_error;
+using testing::rel_max_error;
+using testing::write_dequantized;
 
-const fs::path kGolden = fs::path(FINESERVE_TEST_DATA) / "golden";
+const fs::path& kGolden = testing::kGoldenDir;
 const char* const kFixtures[] = {"llama-gqa", "llama-rope3-bias", "mistral-swa"};
-
-// A private temporary directory named after the test (parameterised names hold a '/').
-struct Scratch {
-  fs::path path;
-  Scratch() {
-    std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    std::replace(name.begin(), name.end(), '/', '_');
-    path = fs::temp_directory_path() / ("fineserve-llama-" + std::to_string(::getpid()) + "-" + name);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~Scratch() { fs::remove_all(path); }
-};
-
-struct Golden {
-  struct Prompt {
-    std::string text;
-    std::vector<int32_t> ids;
-    std::vector<int32_t> greedy;
-    std::vector<float> logits;  // [ids.size(), vocab]
-  };
-  std::vector<Prompt> prompts;
-  int64_t vocab = 0;
-};
-
-Golden read_golden(const fs::path& dir) {
-  Golden g;
-  std::ifstream in(dir / "golden.json");
-  const nlohmann::json j = nlohmann::json::parse(in);
-  const ckpt::Checkpoint logits = ckpt::Checkpoint::open(dir / "golden.safetensors");
-  for (size_t i = 0; i < j["prompts"].size(); ++i) {
-    Golden::Prompt p;
-    p.text = j["prompts"][i]["text"];
-    p.ids = j["prompts"][i]["ids"].get<std::vector<int32_t>>();
-    p.greedy = j["prompts"][i]["greedy"].get<std::vector<int32_t>>();
-    const ckpt::TensorView t = logits.get("logits." + std::to_string(i));
-    g.vocab = t.shape()[1];
-    p.logits.resize(static_cast<size_t>(t.numel()));
-    std::memcpy(p.logits.data(), t.data, t.nbytes());
-    g.prompts.push_back(std::move(p));
-  }
-  return g;
-}
-
-// Logits of every prompt position in one prefill step.
-std::vector<float> prefill_logits(Model& model, const std::vector<int32_t>& ids) {
-  model.allocate_kv_cache(64, 16);
-  StepInput s;
-  s.token_ids = ids;
-  for (size_t i = 0; i < ids.size(); ++i) {
-    s.positions.push_back(static_cast<int32_t>(i));
-    s.logit_rows.push_back(static_cast<int32_t>(i));
-  }
-  s.query_start = {0, static_cast<int32_t>(ids.size())};
-  s.context_len = {static_cast<int32_t>(ids.size())};
-  s.max_blocks = static_cast<int>((ids.size() + 15) / 16);
-  for (int b = 0; b < s.max_blocks; ++b) s.block_table.push_back(b);
-  std::vector<float> out(ids.size() * static_cast<size_t>(model.info().vocab_size), NAN);
-  model.forward(s, out.data());
-  return out;
-}
-
-// max |a - b| / max |b|: the error relative to the logits' scale.
-double rel_max_error(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num = std::max(num, std::abs(static_cast<double>(a[i]) - b[i]));
-    den = std::max(den, std::abs(static_cast<double>(b[i])));
-  }
-  return num / den;
-}
-
-// ||a - b||_F / ||b||_F over all logits.
-double rel_fro_error(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
-    den += static_cast<double>(b[i]) * b[i];
-  }
-  return std::sqrt(num / den);
-}
-
-std::vector<std::vector<int32_t>> greedy(Model& model, const Tokenizer& tok, const Golden& g, int max_batch_tokens) {
-  EngineConfig ec;
-  ec.num_blocks = 64;
-  ec.max_batch_tokens = max_batch_tokens;
-  Engine engine(model, &tok, ec);
-  std::vector<GenerationRequest> reqs;
-  for (const auto& p : g.prompts) {
-    GenerationRequest r;
-    r.prompt = p.ids;
-    r.stop.max_new_tokens = static_cast<int>(p.greedy.size());
-    r.ignore_eos = true;
-    reqs.push_back(r);
-  }
-  std::vector<std::vector<int32_t>> out;
-  for (auto& r : engine.generate(reqs)) out.push_back(r.tokens);
-  return out;
-}
-
-// Writes `q` with every .qweight/.scales pair replaced by the dequantized fp32 .weight.
-void write_dequantized(const fs::path& q, const fs::path& out) {
-  const ckpt::Checkpoint c = ckpt::Checkpoint::open(q);
-  const int bits = std::stoi(c.metadata().at("bits"));
-  std::vector<std::string> names;
-  for (const auto* t : c.tensors()) {
-    if (t->name.ends_with(".scales")) continue;
-    names.push_back(t->name.ends_with(".qweight") ? t->name.substr(0, t->name.size() - 8) + ".weight" : t->name);
-  }
-  fs::create_directories(out);
-  ckpt::CheckpointWriter w(out, names, {}, 1ull << 40);
-  for (const auto* t : c.tensors()) {
-    if (t->name.ends_with(".scales")) continue;
-    const ckpt::TensorView v = c.get(t->name);
-    if (!t->name.ends_with(".qweight")) {
-      w.add(t->name, t->dtype, t->shape, std::span<const std::byte>(v.data, v.nbytes()));
-      continue;
-    }
-    const std::string stem = t->name.substr(0, t->name.size() - 8);
-    const ckpt::TensorView s = c.get(stem + ".scales");
-    quant::QuantizedMatrix m;
-    m.rows = t->shape[0];
-    m.cols = bits == 4 ? t->shape[1] * 2 : t->shape[1];
-    m.bits = bits;
-    m.group = m.cols / s.shape()[1];
-    m.codes.resize(v.nbytes());
-    std::memcpy(m.codes.data(), v.data, v.nbytes());
-    m.scales.resize(static_cast<size_t>(s.numel()));
-    std::memcpy(m.scales.data(), s.data, s.nbytes());
-    const std::vector<float> dense = quant::dequantize(m);
-    w.add(stem + ".weight", DType::F32, {m.rows, m.cols}, std::as_bytes(std::span(dense)));
-  }
-  w.finish();
-  auto config = nlohmann::json::parse(std::ifstream(q / "config.json"));
-  config.erase("quantization_config");
-  std::ofstream(out / "config.json") << config.dump();
-}
 
 // Copies checkpoint `base` to `out`, taking the tensors whose names contain `pattern` from `other`
 // instead (both FineQuant checkpoints of the same model with the same bits).
@@ -213,7 +85,7 @@ TEST_P(LlamaGolden, DenseLogitsAndGreedyMatchTransformers) {
   // Greedy continuations: the whole batch at once, and again with 3-token prefill chunks (which
   // also crosses mistral-swa's 5-position window between chunks).
   for (int chunk : {512, 3}) {
-    const auto out = greedy(*model, *tok, g, chunk);
+    const auto out = greedy(*model, tok.get(), g, chunk);
     for (size_t i = 0; i < g.prompts.size(); ++i) EXPECT_EQ(out[i], g.prompts[i].greedy) << "chunk " << chunk;
   }
 }

@@ -31,115 +31,16 @@
 namespace fineserve {
 namespace {
 namespace fs = std::filesystem;
+using testing::Golden;
+using testing::Scratch;
+using testing::greedy;
 using testing::prefill_logits;
+using testing::read_golden;
+using testing::rel_fro_error;
 using testing::rel_max_error;
+using testing::write_dequantized;
 
 const fs::path kDir = fs::path(FINESERVE_TEST_DATA) / "golden" / "mixtral-moe";
-
-struct Scratch {
-  fs::path path;
-  Scratch() {
-    std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    std::replace(name.begin(), name.end(), '/', '_');
-    path = fs::temp_directory_path() / ("fineserve-mixtral-" + std::to_string(::getpid()) + "-" + name);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~Scratch() { fs::remove_all(path); }
-};
-
-struct Golden {
-  struct Prompt {
-    std::string text;
-    std::vector<int32_t> ids, greedy;
-    std::vector<float> logits;  // [ids.size(), vocab]
-  };
-  std::vector<Prompt> prompts;
-  int64_t vocab = 0;
-};
-
-Golden read_golden() {
-  Golden g;
-  const nlohmann::json j = nlohmann::json::parse(std::ifstream(kDir / "golden.json"));
-  const ckpt::Checkpoint logits = ckpt::Checkpoint::open(kDir / "golden.safetensors");
-  for (size_t i = 0; i < j["prompts"].size(); ++i) {
-    Golden::Prompt p;
-    p.text = j["prompts"][i]["text"];
-    p.ids = j["prompts"][i]["ids"].get<std::vector<int32_t>>();
-    p.greedy = j["prompts"][i]["greedy"].get<std::vector<int32_t>>();
-    const ckpt::TensorView t = logits.get("logits." + std::to_string(i));
-    g.vocab = t.shape()[1];
-    p.logits.resize(static_cast<size_t>(t.numel()));
-    std::memcpy(p.logits.data(), t.data, t.nbytes());
-    g.prompts.push_back(std::move(p));
-  }
-  return g;
-}
-
-double rel_fro_error(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
-    den += static_cast<double>(b[i]) * b[i];
-  }
-  return std::sqrt(num / den);
-}
-
-std::vector<std::vector<int32_t>> greedy(Model& model, const Golden& g, int max_batch_tokens) {
-  EngineConfig ec;
-  ec.num_blocks = 64;
-  ec.max_batch_tokens = max_batch_tokens;
-  Engine engine(model, nullptr, ec);
-  std::vector<GenerationRequest> reqs;
-  for (const auto& p : g.prompts) {
-    GenerationRequest r;
-    r.prompt = p.ids;
-    r.stop.max_new_tokens = static_cast<int>(p.greedy.size());
-    r.ignore_eos = true;
-    reqs.push_back(r);
-  }
-  std::vector<std::vector<int32_t>> out;
-  for (auto& r : engine.generate(reqs)) out.push_back(r.tokens);
-  return out;
-}
-
-// Writes `q` with every .qweight/.scales pair replaced by the dequantized fp32 .weight; each
-// matrix's bits come from its codes' dtype (I8: int8, U8: packed int4), so mixed bits work.
-void write_dequantized(const fs::path& q, const fs::path& out) {
-  const ckpt::Checkpoint c = ckpt::Checkpoint::open(q);
-  std::vector<std::string> names;
-  for (const auto* t : c.tensors()) {
-    if (t->name.ends_with(".scales")) continue;
-    names.push_back(t->name.ends_with(".qweight") ? t->name.substr(0, t->name.size() - 8) + ".weight" : t->name);
-  }
-  fs::create_directories(out);
-  ckpt::CheckpointWriter w(out, names, {}, 1ull << 40);
-  for (const auto* t : c.tensors()) {
-    if (t->name.ends_with(".scales")) continue;
-    const ckpt::TensorView v = c.get(t->name);
-    if (!t->name.ends_with(".qweight")) {
-      w.add(t->name, t->dtype, t->shape, std::span<const std::byte>(v.data, v.nbytes()));
-      continue;
-    }
-    const std::string stem = t->name.substr(0, t->name.size() - 8);
-    const ckpt::TensorView s = c.get(stem + ".scales");
-    quant::QuantizedMatrix m;
-    m.bits = t->dtype == DType::U8 ? 4 : 8;
-    m.rows = t->shape[0];
-    m.cols = m.bits == 4 ? t->shape[1] * 2 : t->shape[1];
-    m.group = m.cols / s.shape()[1];
-    m.codes.resize(v.nbytes());
-    std::memcpy(m.codes.data(), v.data, v.nbytes());
-    m.scales.resize(static_cast<size_t>(s.numel()));
-    std::memcpy(m.scales.data(), s.data, s.nbytes());
-    const std::vector<float> dense = quant::dequantize(m);
-    w.add(stem + ".weight", DType::F32, {m.rows, m.cols}, std::as_bytes(std::span(dense)));
-  }
-  w.finish();
-  auto config = nlohmann::json::parse(std::ifstream(q / "config.json"));
-  config.erase("quantization_config");
-  std::ofstream(out / "config.json") << config.dump();
-}
 
 TEST(MixtralConfig, DefaultsAsTransformers) {
   nlohmann::json j = {{"model_type", "mixtral"}, {"vocab_size", 100}, {"hidden_size", 64},
@@ -219,7 +120,7 @@ TEST(MixtralLayout, MatchesTransformersCheckpoint) {
 }
 
 TEST(MixtralGolden, DenseLogitsAndGreedyMatchTransformers) {
-  const Golden g = read_golden();
+  const Golden g = read_golden(kDir);
   auto tok = load_tokenizer(kDir);
   // The fast CPU path and the scalar reference (which runs the reference MoE ops).
   for (bool reference : {false, true}) {
@@ -237,7 +138,7 @@ TEST(MixtralGolden, DenseLogitsAndGreedyMatchTransformers) {
     // Greedy continuations: the whole batch at once (several sequences' tokens share each
     // expert's GEMM), and with 3-token prefill chunks (prefill and decode mixed in one step).
     for (int chunk : {512, 3}) {
-      const auto out = greedy(*model, g, chunk);
+      const auto out = greedy(*model, nullptr, g, chunk);
       for (size_t i = 0; i < g.prompts.size(); ++i) EXPECT_EQ(out[i], g.prompts[i].greedy) << "chunk " << chunk;
     }
   }
@@ -248,7 +149,7 @@ TEST(MixtralGolden, DenseLogitsAndGreedyMatchTransformers) {
 // up to accumulation order. Against transformers the error is the quantizer's noise, which at
 // int4 also moves some tokens to other experts.
 TEST(MixtralGolden, QuantizedMatchesDequantizedDense) {
-  const Golden g = read_golden();
+  const Golden g = read_golden(kDir);
   struct Variant {
     int bits, expert_bits;
     const char* quantization;
@@ -358,11 +259,11 @@ TEST(MixtralSynthetic, SmallShapeLoadsDecodesAndQuantizes) {
     g.prompts.push_back({"", {1, 7}, std::vector<int32_t>(6), {}});
     // Batched decode equals each sequence decoded alone (tokens of different sequences share
     // expert GEMMs in the batch).
-    const auto both = greedy(*model, g, 512);
+    const auto both = greedy(*model, nullptr, g, 512);
     for (size_t i = 0; i < g.prompts.size(); ++i) {
       Golden one;
       one.prompts.push_back(g.prompts[i]);
-      EXPECT_EQ(greedy(*model, one, 512)[0], both[i]) << dir;
+      EXPECT_EQ(greedy(*model, nullptr, one, 512)[0], both[i]) << dir;
       EXPECT_EQ(both[i].size(), 6u);
     }
   }

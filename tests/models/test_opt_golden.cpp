@@ -17,63 +17,18 @@
 #include "models/tokenizer/tokenizer.h"
 #include "quant/convert.h"
 #include "quant/quantizer.h"
-#include "golden_util.h"
+#include "tests/models/golden_util.h"
 
 namespace fineserve {
 namespace {
 namespace fs = std::filesystem;
+using testing::Golden;
+using testing::greedy;
 using testing::prefill_logits;
+using testing::read_golden;
 using testing::rel_max_error;
 
-const fs::path kGolden = fs::path(FINESERVE_TEST_DATA) / "golden";
-
-struct Golden {
-  struct Prompt {
-    std::string text;
-    std::vector<int32_t> ids;
-    std::vector<int32_t> greedy;
-    std::vector<float> logits;  // [ids.size(), vocab]
-  };
-  std::vector<Prompt> prompts;
-  int64_t vocab = 0;
-};
-
-Golden read_golden(const fs::path& dir) {
-  Golden g;
-  std::ifstream in(dir / "golden.json");
-  const nlohmann::json j = nlohmann::json::parse(in);
-  const ckpt::Checkpoint logits = ckpt::Checkpoint::open(dir / "golden.safetensors");
-  for (size_t i = 0; i < j["prompts"].size(); ++i) {
-    Golden::Prompt p;
-    p.text = j["prompts"][i]["text"];
-    p.ids = j["prompts"][i]["ids"].get<std::vector<int32_t>>();
-    p.greedy = j["prompts"][i]["greedy"].get<std::vector<int32_t>>();
-    const ckpt::TensorView t = logits.get("logits." + std::to_string(i));
-    g.vocab = t.shape()[1];
-    p.logits.resize(static_cast<size_t>(t.numel()));
-    std::memcpy(p.logits.data(), t.data, t.nbytes());
-    g.prompts.push_back(std::move(p));
-  }
-  return g;
-}
-
-std::vector<std::vector<int32_t>> greedy(Model& model, const Tokenizer& tok, const Golden& g, int max_batch_tokens) {
-  EngineConfig ec;
-  ec.num_blocks = 64;
-  ec.max_batch_tokens = max_batch_tokens;
-  Engine engine(model, &tok, ec);
-  std::vector<GenerationRequest> reqs;
-  for (const auto& p : g.prompts) {
-    GenerationRequest r;
-    r.prompt = p.ids;
-    r.stop.max_new_tokens = static_cast<int>(p.greedy.size());
-    r.ignore_eos = true;
-    reqs.push_back(r);
-  }
-  std::vector<std::vector<int32_t>> out;
-  for (auto& r : engine.generate(reqs)) out.push_back(r.tokens);
-  return out;
-}
+const fs::path& kGolden = testing::kGoldenDir;
 
 class OptGolden : public ::testing::TestWithParam<std::string> {};
 
@@ -91,7 +46,7 @@ TEST_P(OptGolden, DenseLogitsAndGreedyMatchTransformers) {
   }
   // Greedy continuations: the whole batch at once, and again with 3-token prefill chunks.
   for (int chunk : {512, 3}) {
-    const auto out = greedy(*model, *tok, g, chunk);
+    const auto out = greedy(*model, tok.get(), g, chunk);
     for (size_t i = 0; i < g.prompts.size(); ++i) EXPECT_EQ(out[i], g.prompts[i].greedy) << "chunk " << chunk;
   }
 }

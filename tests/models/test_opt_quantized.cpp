@@ -16,82 +16,19 @@
 #include "models/model.h"
 #include "quant/convert.h"
 #include "quant/quantizer.h"
-#include "golden_util.h"
+#include "tests/models/golden_util.h"
 
 namespace fineserve {
 namespace {
 namespace fs = std::filesystem;
+using testing::Scratch;
 using testing::prefill_logits;
+using testing::rel_fro_error;
 using testing::rel_max_error;
+using testing::top1_agreement;
+using testing::write_dequantized;
 
-const fs::path kGolden = fs::path(FINESERVE_TEST_DATA) / "golden";
-
-struct Scratch {
-  fs::path path = fs::temp_directory_path() / ("fineserve-qgold-" + std::to_string(::getpid()) + "-" +
-                                               ::testing::UnitTest::GetInstance()->current_test_info()->name());
-  Scratch() { fs::create_directories(path); }
-  ~Scratch() { fs::remove_all(path); }
-};
-
-// ||a - b||_F / ||b||_F over all logits.
-double rel_fro_error(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num += (static_cast<double>(a[i]) - b[i]) * (static_cast<double>(a[i]) - b[i]);
-    den += static_cast<double>(b[i]) * b[i];
-  }
-  return std::sqrt(num / den);
-}
-
-// Fraction of positions whose argmax token agrees.
-double top1_agreement(const std::vector<float>& a, const std::vector<float>& b, int64_t vocab) {
-  const size_t rows = a.size() / static_cast<size_t>(vocab);
-  size_t same = 0;
-  for (size_t r = 0; r < rows; ++r) {
-    const auto* pa = a.data() + r * vocab;
-    const auto* pb = b.data() + r * vocab;
-    same += std::max_element(pa, pa + vocab) - pa == std::max_element(pb, pb + vocab) - pb;
-  }
-  return static_cast<double>(same) / static_cast<double>(rows);
-}
-
-// Writes `q` with every .qweight/.scales pair replaced by the dequantized fp32 .weight.
-void write_dequantized(const fs::path& q, const fs::path& out) {
-  const ckpt::Checkpoint c = ckpt::Checkpoint::open(q);
-  const int bits = std::stoi(c.metadata().at("bits"));
-  std::vector<std::string> names;
-  for (const auto* t : c.tensors()) {
-    if (t->name.ends_with(".scales")) continue;
-    names.push_back(t->name.ends_with(".qweight") ? t->name.substr(0, t->name.size() - 8) + ".weight" : t->name);
-  }
-  fs::create_directories(out);
-  ckpt::CheckpointWriter w(out, names, {}, 1ull << 40);
-  for (const auto* t : c.tensors()) {
-    if (t->name.ends_with(".scales")) continue;
-    const ckpt::TensorView v = c.get(t->name);
-    if (!t->name.ends_with(".qweight")) {
-      w.add(t->name, t->dtype, t->shape, std::span<const std::byte>(v.data, v.nbytes()));
-      continue;
-    }
-    const std::string stem = t->name.substr(0, t->name.size() - 8);
-    const ckpt::TensorView s = c.get(stem + ".scales");
-    quant::QuantizedMatrix m;
-    m.rows = t->shape[0];
-    m.cols = bits == 4 ? t->shape[1] * 2 : t->shape[1];
-    m.bits = bits;
-    m.group = m.cols / s.shape()[1];
-    m.codes.resize(v.nbytes());
-    std::memcpy(m.codes.data(), v.data, v.nbytes());
-    m.scales.resize(static_cast<size_t>(s.numel()));
-    std::memcpy(m.scales.data(), s.data, s.nbytes());
-    const std::vector<float> dense = quant::dequantize(m);
-    w.add(stem + ".weight", DType::F32, {m.rows, m.cols}, std::as_bytes(std::span(dense)));
-  }
-  w.finish();
-  auto config = nlohmann::json::parse(std::ifstream(q / "config.json"));
-  config.erase("quantization_config");
-  std::ofstream(out / "config.json") << config.dump();
-}
+const fs::path& kGolden = testing::kGoldenDir;
 
 // Bounds against transformers' fp16-weight logits, as ||Δlogits||_F / ||logits||_F and the share of
 // positions whose top-1 token agrees. Quantization errors of the model's n = 12 matrices add up

@@ -14,6 +14,7 @@
 #include "kernels/base.h"
 #include "models/checkpoint/safetensors.h"
 #include "models/model.h"
+#include "tests/models/golden_util.h"
 
 namespace fineserve {
 namespace {
@@ -27,24 +28,6 @@ double nll(const float* row, int64_t vocab, int32_t target) {
   double sum = 0;
   for (int64_t k = 0; k < vocab; ++k) sum += std::exp(row[k] - mx);
   return mx + std::log(sum) - row[target];
-}
-
-// All logits of one sequence, in one step.
-std::vector<float> all_logits(Model& model, const std::vector<int32_t>& ids) {
-  model.allocate_kv_cache(16, 16);
-  StepInput s;
-  s.token_ids = ids;
-  for (size_t i = 0; i < ids.size(); ++i) {
-    s.positions.push_back(static_cast<int32_t>(i));
-    s.logit_rows.push_back(static_cast<int32_t>(i));
-  }
-  s.query_start = {0, static_cast<int32_t>(ids.size())};
-  s.context_len = {static_cast<int32_t>(ids.size())};
-  s.max_blocks = static_cast<int>((ids.size() + 15) / 16);
-  for (int b = 0; b < s.max_blocks; ++b) s.block_table.push_back(b);
-  std::vector<float> out(ids.size() * static_cast<size_t>(model.info().vocab_size));
-  model.forward(s, out.data());
-  return out;
 }
 
 TEST(Perplexity, OneWindowMatchesTransformersLogits) {
@@ -89,7 +72,7 @@ TEST(Perplexity, SlidingWindowsScoreEachTokenOnce) {
     for (int64_t begin = 0;; begin += stride) {
       const int64_t end = std::min<int64_t>(begin + ctx, static_cast<int64_t>(ids.size()));
       const std::vector<int32_t> w(ids.begin() + begin, ids.begin() + end);
-      const std::vector<float> logits = all_logits(*model, w);
+      const std::vector<float> logits = testing::prefill_logits(*model, w);
       for (int64_t tok = std::max(scored, begin + 1); tok < end; ++tok) {
         want += nll(logits.data() + (tok - 1 - begin) * vocab, vocab, ids[static_cast<size_t>(tok)]);
         ++count;

@@ -90,7 +90,9 @@ TEST_F(SmolLM2Golden, TokensAndTopLogitsMatchTransformers) {
       // Our argmax is transformers' argmax (the greedy token) wherever their top two differ clearly.
       const float* r = logits.data() + row * static_cast<size_t>(vocab);
       const auto best = static_cast<int32_t>(std::max_element(r, r + vocab) - r);
-      if (top_logits[row][0] - top_logits[row][1] > 1e-2f) EXPECT_EQ(best, top_ids[row][0]) << text << " " << row;
+      if (top_logits[row][0] - top_logits[row][1] > 1e-2f) {
+        EXPECT_EQ(best, top_ids[row][0]) << text << " " << row;
+      }
     }
   }
   RecordProperty("max_relative_error", std::to_string(worst));
