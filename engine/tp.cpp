@@ -11,7 +11,6 @@
 #include "kernels/base.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/inproc_communicator.h"
-#include "models/tp_loader.h"
 
 namespace fineserve {
 
@@ -235,7 +234,7 @@ class InprocRuntime final : public StepSender {
     bool is_loaded = false;
     try {
       std::unique_ptr<Backend> backend = o.make_backend(rank);
-      std::unique_ptr<Model> shard = load_model_shard(path, *backend, {rank, group_.world()}, &group_.rank(rank));
+      std::unique_ptr<Model> shard = load_model(path, *backend, {rank, group_.world()}, &group_.rank(rank));
       loaded.set_value();
       is_loaded = true;
       Receiver rx(*this, rank);
@@ -277,7 +276,7 @@ std::unique_ptr<TpModel> load_model_tp_inproc(const std::filesystem::path& path,
   std::exception_ptr rank0_error;
   try {
     backend = o.make_backend(0);
-    shard = load_model_shard(path, *backend, {0, o.world}, &rt->comm(0));
+    shard = load_model(path, *backend, {0, o.world}, &rt->comm(0));
   } catch (...) {
     rank0_error = std::current_exception();
   }

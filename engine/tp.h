@@ -110,7 +110,7 @@ struct InprocTpOptions {
 
 // Loads the checkpoint as `world` shards, one per thread, with the in-process communicator, and
 // returns rank 0's TpModel (world == 1: a TpModel around the whole model). Throws
-// fineserve::Error when the model cannot be split (see load_model_shard).
+// fineserve::Error when the model cannot be split (see load_model).
 std::unique_ptr<TpModel> load_model_tp_inproc(const std::filesystem::path& path, const InprocTpOptions& options);
 
 // load_model_tp_inproc on CPU backends, the machine's hardware threads shared out among the ranks

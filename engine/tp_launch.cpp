@@ -8,7 +8,6 @@
 #include <thread>
 
 #include "kernels/base.h"
-#include "models/tp_loader.h"
 
 namespace fineserve {
 namespace {
@@ -96,7 +95,7 @@ std::unique_ptr<TpModel> launch_tp_rank0(const std::filesystem::path& path, cons
   nccl.device = o.device_index;
   nccl.timeout = o.collective_timeout;
   std::unique_ptr<Communicator> comm = make_nccl_communicator(nccl);
-  std::unique_ptr<Model> shard = load_model_shard(path, *backend, {0, o.world}, comm.get());
+  std::unique_ptr<Model> shard = load_model(path, *backend, {0, o.world}, comm.get());
   coord.wait_ready(o.load_timeout);
   // The communicator must outlive the shard and go before the backend: a sender that owns it.
   struct Owning final : StepSender {
@@ -127,7 +126,7 @@ void run_tp_worker_process(const std::filesystem::path& path, const TpProcessOpt
   nccl.device = o.device_index;
   nccl.timeout = o.collective_timeout;
   std::unique_ptr<Communicator> comm = make_nccl_communicator(nccl);
-  std::unique_ptr<Model> shard = load_model_shard(path, *backend, {o.rank, o.world}, comm.get());
+  std::unique_ptr<Model> shard = load_model(path, *backend, {o.rank, o.world}, comm.get());
   link.ready();
   run_tp_worker(*shard, link);
 }

@@ -72,69 +72,95 @@ std::vector<float> llama_inv_freq(const ckpt::LlamaConfig& c) {
   return inv;
 }
 
-// Activation and index buffers on the device, grown to the largest step seen.
-struct LlamaModel::Buffers {
-  Backend& be;
-  int tokens = 0, logits = 0;
-  void* h = nullptr;        // [T, hidden] the residual stream
-  void* x = nullptr;        // [T, hidden] normed input / projection output
-  void* q = nullptr;        // [T, heads * head_dim]
-  void *k = nullptr, *v = nullptr;  // [T, kv_heads * head_dim]
-  void* attn = nullptr;     // [T, heads * head_dim]
-  void* scratch = nullptr;  // the FFNs' working memory (LlamaFfn::scratch_bytes)
-  void* last = nullptr;     // [L, hidden] hidden states of the logit rows
-  void* out = nullptr;      // [L, vocab]
-  int32_t *ids = nullptr, *pos = nullptr, *qstart = nullptr, *ctx = nullptr, *table = nullptr;
-  size_t table_cap = 0, seq_cap = 0;
-
-  explicit Buffers(Backend& b) : be(b) {}
-  ~Buffers() {
-    release();
-    release_index();
-  }
-  void release() {
-    for (void* p : {h, x, q, k, v, attn, scratch, last, out, static_cast<void*>(ids), static_cast<void*>(pos)})
-      if (p) be.free(p);
-    h = x = q = k = v = attn = scratch = last = out = nullptr;
-    ids = pos = nullptr;
-  }
-  void release_index() {
-    for (void* p : {static_cast<void*>(qstart), static_cast<void*>(ctx), static_cast<void*>(table)})
-      if (p) be.free(p);
-    qstart = ctx = table = nullptr;
-  }
+// The activations of one step (shapes per rank: q_dim = this rank's heads * head_dim, kv_dim its
+// KV heads * head_dim), cut from one device buffer.
+struct LlamaModel::Activations {
+  void* h;        // [T, hidden] the residual stream
+  void* x;        // [T, hidden] normed input / block output
+  void* q;        // [T, q_dim]
+  void *k, *v;    // [T, kv_dim]
+  void* attn;     // [T, q_dim]
+  void* scratch;  // the FFNs' working memory (LlamaFfn::scratch_bytes)
+  void* last;     // [L, hidden] hidden states of the logit rows
+  void* out;      // [L, vocab]
 };
 
-LlamaModel::LlamaModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::LlamaConfig& config,
-                       Backend& backend)
-    : checkpoint_(std::move(checkpoint)), c_(config), be_(backend), buf_(std::make_unique<Buffers>(backend)) {
-  const int64_t h = c_.hidden_size, vocab = c_.vocab_size;
-  const int64_t q_dim = c_.num_attention_heads * c_.head_dim, kv_dim = c_.num_key_value_heads * c_.head_dim;
-  WeightLoader ld(*checkpoint_, be_, "model.");
-  const LlamaLoadContext ctx{*checkpoint_, ld, be_, c_};
+LlamaModel::Activations LlamaModel::activations(int n_tokens, int n_logits) {
+  const size_t a = dtype_size(be_.act_dtype()), T = static_cast<size_t>(n_tokens), L = static_cast<size_t>(n_logits);
+  const auto h = static_cast<size_t>(c_.hidden_size), head_dim = static_cast<size_t>(c_.head_dim);
+  const size_t q_dim = static_cast<size_t>(heads_) * head_dim, kv_dim = static_cast<size_t>(kv_heads_) * head_dim;
+  size_t scratch = 0;
+  for (const LlamaLayer& Ly : w_.layers) scratch = std::max(scratch, Ly.ffn->scratch_bytes(n_tokens));
+  return carve_in(arena_, [&](ScratchCarver& sc) {
+    Activations b;
+    b.h = sc.take(T * h * a);
+    b.x = sc.take(T * h * a);
+    b.q = sc.take(T * q_dim * a);
+    b.k = sc.take(T * kv_dim * a);
+    b.v = sc.take(T * kv_dim * a);
+    b.attn = sc.take(T * q_dim * a);
+    b.scratch = sc.take(scratch);
+    b.last = sc.take(L * h * a);
+    b.out = sc.take(L * static_cast<size_t>(c_.vocab_size) * a);
+    return b;
+  });
+}
 
+LlamaModel::LlamaModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::LlamaConfig& config,
+                       Backend& backend, ShardSpec shard, Communicator* comm)
+    : checkpoint_(std::move(checkpoint)), c_(config), be_(backend), shard_(shard), comm_(comm), arena_(backend),
+      zeros_(backend), index_(backend) {
+  const int64_t h = c_.hidden_size, vocab = c_.vocab_size, hd = c_.head_dim, f = c_.intermediate_size;
+  const int64_t n_heads = c_.num_attention_heads, n_kv = c_.num_key_value_heads;
+  const int world = shard_.world;
+  FS_ASSERT(world >= 1 && shard_.rank >= 0 && shard_.rank < world);
+  FS_ASSERT(world == 1 || (comm_ && comm_->world() == world && comm_->rank() == shard_.rank),
+            "a sharded model needs the communicator of its rank");
+  const std::string tp = "tensor parallelism: " + c_.model_type;
+  const std::string ranks = std::to_string(world) + " ranks";
+  if (n_heads % world != 0)
+    throw Error(tp + " has " + std::to_string(n_heads) + " attention heads, which cannot be split evenly across " +
+                ranks + " (the tensor-parallel size must divide the head count)");
+  if (n_kv >= world ? n_kv % world != 0 : world % n_kv != 0)
+    throw Error(tp + " has " + std::to_string(n_kv) + " key/value heads, which cannot be split evenly across " + ranks +
+                " (the tensor-parallel size must divide the KV-head count, or be a multiple of it so that ranks "
+                "share KV heads)");
+  if (f % world != 0)
+    throw Error(tp + "'s " + (c_.is_moe() ? "expert FFN width" : "FFN width") + " (intermediate_size) " +
+                std::to_string(f) + " cannot be split evenly across " + ranks);
+  // The K/V projections are cut into kv_parts parts: one per rank, or, with fewer KV heads than
+  // ranks, one per KV head, each held by the world / n_kv ranks whose query heads read it.
+  const int kv_parts = static_cast<int>(std::min<int64_t>(n_kv, world));
+  const ShardSpec kv_part{shard_.rank * kv_parts / world, kv_parts};
+  heads_ = static_cast<int>(n_heads / world);
+  kv_heads_ = static_cast<int>(n_kv / kv_parts);
+  const int64_t q_dim = n_heads * hd, kv_dim = n_kv * hd;  // the model's (WeightLoader cuts them)
+
+  WeightLoader ld(*checkpoint_, be_, "model.", shard_);
+  const LlamaLoadContext ctx{*checkpoint_, ld, be_, c_};
   w_.embed_tokens = ld.dense("embed_tokens.weight", {vocab, h});
   w_.final_norm = ld.dense("norm.weight", {h});
-  auto bias = [&](bool present, const std::string& name, int64_t n) {
-    return present ? ld.dense(name, {n}) : DeviceTensor{};
-  };
+  const bool bias = c_.attention_bias;
   for (int64_t i = 0; i < c_.num_hidden_layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
     LlamaLayer L;
     L.input_norm = ld.dense(p + "input_layernorm.weight", {h});
-    L.q_proj = ld.linear(p + "self_attn.q_proj", q_dim, h);
-    L.k_proj = ld.linear(p + "self_attn.k_proj", kv_dim, h);
-    L.v_proj = ld.linear(p + "self_attn.v_proj", kv_dim, h);
-    L.o_proj = ld.linear(p + "self_attn.o_proj", h, q_dim);
-    L.q_bias = bias(c_.attention_bias, p + "self_attn.q_proj.bias", q_dim);
-    L.k_bias = bias(c_.attention_bias, p + "self_attn.k_proj.bias", kv_dim);
-    L.v_bias = bias(c_.attention_bias, p + "self_attn.v_proj.bias", kv_dim);
-    L.o_bias = bias(c_.attention_bias, p + "self_attn.o_proj.bias", h);
+    L.q_proj = ld.linear(p + "self_attn.q_proj", q_dim, h, Parallel::Column);
+    L.k_proj = ld.linear_part(p + "self_attn.k_proj", kv_dim, h, kv_part);
+    L.v_proj = ld.linear_part(p + "self_attn.v_proj", kv_dim, h, kv_part);
+    L.o_proj = ld.linear(p + "self_attn.o_proj", h, q_dim, Parallel::Row);
+    if (bias) {
+      L.q_bias = ld.dense_split(p + "self_attn.q_proj.bias", {q_dim});
+      L.k_bias = ld.dense_part(p + "self_attn.k_proj.bias", {kv_dim}, kv_part);
+      L.v_bias = ld.dense_part(p + "self_attn.v_proj.bias", {kv_dim}, kv_part);
+      // Row-parallel: added once, by rank 0, before the all-reduce sums the ranks.
+      if (shard_.rank == 0) L.o_bias = ld.dense(p + "self_attn.o_proj.bias", {h});
+    }
     L.post_attn_norm = ld.dense(p + "post_attention_layernorm.weight", {h});
     L.ffn = c_.is_moe() ? load_sparse_moe(ctx, p) : load_dense_mlp(ctx, p);
     w_.layers.push_back(std::move(L));
   }
-  WeightLoader root(*checkpoint_, be_, "");
+  WeightLoader root(*checkpoint_, be_, "");  // the LM head is replicated
   if (!c_.tie_word_embeddings) {
     w_.lm_head = root.linear("lm_head", vocab, h);
   } else {
@@ -149,6 +175,7 @@ LlamaModel::LlamaModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt:
   }
   const std::vector<float> inv_freq = llama_inv_freq(c_);
   w_.inv_freq = static_cast<const float*>(be_.upload(inv_freq.data(), inv_freq.size() * 4));
+  kv_ = std::make_unique<PagedKvCache>(be_, c_.num_hidden_layers, static_cast<int64_t>(kv_heads_) * hd);
 
   info_.architecture = c_.model_type;
   info_.quantization = ld.bits() ? "finequant-int" + std::to_string(ld.bits()) : "none";
@@ -158,11 +185,11 @@ LlamaModel::LlamaModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt:
   info_.vocab_size = vocab;
   info_.max_context = c_.max_position_embeddings;
   info_.n_layers = static_cast<int>(c_.num_hidden_layers);
-  info_.n_kv_heads = static_cast<int>(c_.num_key_value_heads);
-  info_.head_dim = static_cast<int>(c_.head_dim);
+  info_.n_kv_heads = static_cast<int>(n_kv);  // the model's (a rank caches kv_heads_ of them)
+  info_.head_dim = static_cast<int>(hd);
   info_.bos_token_id = c_.bos_token_id;
   info_.eos_token_id = c_.eos_token_ids.empty() ? -1 : c_.eos_token_ids.front();
-  uint64_t bytes = static_cast<uint64_t>(w_.lm_head.bytes());
+  uint64_t bytes = static_cast<uint64_t>(w_.lm_head.bytes());  // this rank's
   for (const LlamaLayer& L : w_.layers)
     bytes += static_cast<uint64_t>(L.q_proj.bytes() + L.k_proj.bytes() + L.v_proj.bytes() + L.o_proj.bytes()) +
              L.ffn->weight_bytes();
@@ -216,8 +243,29 @@ WeightMatrix load_stacked_linear(const LlamaLoadContext& ctx, const std::string&
                   ", " + std::to_string(want[1]) + "]");
   }
 
+  // This rank's rows of each half (column-parallel): [r0, r0 + n).
+  const ShardSpec shard = ctx.loader.shard();
+  if (f % shard.world != 0)
+    throw Error("tensor parallelism: cannot split " + stems[0] + " and " + stems[1] + " across " +
+                std::to_string(shard.world) + " ranks: their output dimension " + std::to_string(f) +
+                " is not divisible by " + std::to_string(shard.world));
+  const int64_t n = f / shard.world, r0 = shard.rank * n;
+  struct Rows {
+    const std::byte* codes;   // [n, row_bytes] codes or dense values
+    size_t bytes;
+    const std::byte* scales;  // [n, K / group] fp16 (quantized only)
+  };
+  Rows part[2];
+  for (int i = 0; i < 2; ++i) {
+    const Half& hf = half[i];
+    const int64_t row_bytes = static_cast<int64_t>(hf.w.nbytes()) / f;
+    part[i].codes = hf.w.data + r0 * row_bytes;
+    part[i].bytes = static_cast<size_t>(n * row_bytes);
+    part[i].scales = quantized[i] ? hf.scales.data + r0 * (h / hf.group) * 2 : nullptr;
+  }
+
   WeightMatrix fused;
-  fused.rows = 2 * f;
+  fused.rows = 2 * n;
   fused.cols = h;
   std::vector<std::byte> data;
   std::vector<uint16_t> scales;
@@ -226,38 +274,37 @@ WeightMatrix load_stacked_linear(const LlamaLoadContext& ctx, const std::string&
     fused.dtype = fused.bits == 4 ? DType::U8 : DType::I8;
     fused.group = std::min(half[0].group, half[1].group);
     const int64_t groups = h / fused.group;
-    for (const Half& hf : half) {
-      const auto* codes = hf.w.data;
-      data.insert(data.end(), codes, codes + hf.w.nbytes());
-      const int64_t repeat = hf.group / fused.group, stored = h / hf.group;
-      for (int64_t r = 0; r < f; ++r)
+    for (int i = 0; i < 2; ++i) {
+      data.insert(data.end(), part[i].codes, part[i].codes + part[i].bytes);
+      const int64_t repeat = half[i].group / fused.group, stored = h / half[i].group;
+      for (int64_t r = 0; r < n; ++r)
         for (int64_t g = 0; g < groups; ++g) {
           uint16_t s;
-          std::memcpy(&s, hf.scales.data + 2 * (r * stored + g / repeat), 2);
+          std::memcpy(&s, part[i].scales + 2 * (r * stored + g / repeat), 2);
           scales.push_back(s);
         }
     }
     fused.scales = scales.data();
   } else if (!quantized[0] && !quantized[1] && half[0].w.dtype() == half[1].w.dtype()) {
     fused.dtype = half[0].w.dtype();
-    for (const Half& hf : half) data.insert(data.end(), hf.w.data, hf.w.data + hf.w.nbytes());
+    for (const Rows& pr : part) data.insert(data.end(), pr.codes, pr.codes + pr.bytes);
   } else {
     std::vector<float> rows_f32;
-    rows_f32.reserve(static_cast<size_t>(2 * f * h));
+    rows_f32.reserve(static_cast<size_t>(2 * n * h));
     for (int i = 0; i < 2; ++i) {
       if (!quantized[i]) {
-        append_f32(rows_f32, half[i].w.data, half[i].w.dtype(), static_cast<size_t>(f * h));
+        append_f32(rows_f32, part[i].codes, half[i].w.dtype(), static_cast<size_t>(n * h));
         continue;
       }
       quant::QuantizedMatrix q;
-      q.rows = f;
+      q.rows = n;
       q.cols = h;
       q.bits = half[i].bits;
       q.group = half[i].group;
-      q.codes.resize(half[i].w.nbytes());
-      std::memcpy(q.codes.data(), half[i].w.data, half[i].w.nbytes());
-      q.scales.resize(static_cast<size_t>(half[i].scales.numel()));
-      std::memcpy(q.scales.data(), half[i].scales.data, half[i].scales.nbytes());
+      q.codes.resize(part[i].bytes);
+      std::memcpy(q.codes.data(), part[i].codes, part[i].bytes);
+      q.scales.resize(static_cast<size_t>(n * (h / q.group)));
+      std::memcpy(q.scales.data(), part[i].scales, q.scales.size() * 2);
       const std::vector<float> dense = quant::dequantize(q);
       rows_f32.insert(rows_f32.end(), dense.begin(), dense.end());
     }
@@ -276,30 +323,36 @@ Activation llama_activation(const std::string& hidden_act) {
 }
 
 // Llama's MLP (SwiGLU): down_proj(act(gate_proj(x)) * up_proj(x)), gate and up as one GEMM.
+// Under tensor parallelism a rank holds ffn / world columns of gate and up and the same rows of
+// down's K, and returns its partial sum.
 class DenseMlp final : public LlamaFfn {
  public:
   DenseMlp(const LlamaLoadContext& ctx, const std::string& layer)
-      : be_(ctx.backend), hidden_(ctx.config.hidden_size), ffn_(ctx.config.intermediate_size),
+      : be_(ctx.backend), hidden_(ctx.config.hidden_size),
+        ffn_(ctx.config.intermediate_size / ctx.loader.shard().world),
         act_(llama_activation(ctx.config.hidden_act)) {
     const ckpt::LlamaConfig& c = ctx.config;
+    const ShardSpec shard = ctx.loader.shard();
     const std::string p = layer + "mlp.";
-    gate_up_ = load_stacked_linear(ctx, p + "gate_proj", p + "up_proj", ffn_, hidden_);
+    gate_up_ = load_stacked_linear(ctx, p + "gate_proj", p + "up_proj", c.intermediate_size, hidden_);
     if (c.mlp_bias) {
-      // [gate bias | up bias] in fp32.
+      // [gate bias | up bias] in fp32, this rank's slice of each.
       std::vector<float> both;
       for (const char* part : {"gate_proj", "up_proj"}) {
         const std::string name = ctx.prefix + p + part + ".bias";
         const ckpt::TensorView t = ctx.checkpoint.get(name);
-        if (t.shape() != std::vector<int64_t>{ffn_} || !is_float(t.dtype()))
+        if (t.shape() != std::vector<int64_t>{c.intermediate_size} || !is_float(t.dtype()))
           throw Error("checkpoint " + ctx.checkpoint.dir().string() + ": tensor " + name + " must be a float [" +
-                      std::to_string(ffn_) + "] vector, got " + std::string(dtype_name(t.dtype())) + " " +
-                      shape_text(t.shape()));
-        append_f32(both, t.data, t.dtype(), static_cast<size_t>(ffn_));
+                      std::to_string(c.intermediate_size) + "] vector, got " + std::string(dtype_name(t.dtype())) +
+                      " " + shape_text(t.shape()));
+        const size_t first = static_cast<size_t>(shard.rank * ffn_) * dtype_size(t.dtype());
+        append_f32(both, t.data + first, t.dtype(), static_cast<size_t>(ffn_));
       }
       gate_up_bias_ = {be_.upload(both.data(), both.size() * 4), DType::F32, {2 * ffn_}};
-      down_bias_ = ctx.loader.dense(p + "down_proj.bias", {hidden_});
+      // Row-parallel: added once, by rank 0, before the all-reduce sums the ranks.
+      if (shard.rank == 0) down_bias_ = ctx.loader.dense(p + "down_proj.bias", {hidden_});
     }
-    down_ = ctx.loader.linear(p + "down_proj", hidden_, ffn_);
+    down_ = ctx.loader.linear(p + "down_proj", hidden_, c.intermediate_size, Parallel::Row);
   }
 
   size_t scratch_bytes(int64_t n_tokens) const override {
@@ -308,13 +361,12 @@ class DenseMlp final : public LlamaFfn {
     return sc.used;
   }
 
-  void forward(void* x, int64_t n_tokens, void* h, void* scratch) override {
-    ScratchCarver sc{static_cast<char*>(scratch)};
+  void forward(const void* x, int64_t n_tokens, void* out, const FfnWorkspace& ws) override {
+    ScratchCarver sc{static_cast<char*>(ws.scratch)};
     const auto [gate_up, act] = carve(sc, n_tokens);
     be_.linear(gate_up_, x, n_tokens, gate_up_bias_.data, gate_up_bias_.dtype, gate_up);
     be_.gated_activation(act_, gate_up, n_tokens, ffn_, act);
-    be_.linear(down_, act, n_tokens, down_bias_.data, down_bias_.dtype, x);
-    be_.add(h, x, n_tokens * hidden_);
+    be_.linear(down_, act, n_tokens, down_bias_.data, down_bias_.dtype, out);
   }
 
   uint64_t weight_bytes() const override { return static_cast<uint64_t>(gate_up_.bytes() + down_.bytes()); }
@@ -328,12 +380,12 @@ class DenseMlp final : public LlamaFfn {
   }
 
   Backend& be_;
-  const int64_t hidden_, ffn_;
+  const int64_t hidden_, ffn_;  // ffn: this rank's columns
   const Activation act_;
   WeightMatrix gate_up_;       // [2 * ffn, hidden]: gate_proj's rows, then up_proj's
   DeviceTensor gate_up_bias_;  // [2 * ffn] (mlp_bias)
-  WeightMatrix down_;          // [hidden, ffn]
-  DeviceTensor down_bias_;     // [hidden]
+  WeightMatrix down_;          // [hidden, ffn] row-parallel
+  DeviceTensor down_bias_;     // [hidden] (rank 0 only)
 };
 
 }  // namespace
@@ -342,108 +394,33 @@ std::unique_ptr<LlamaFfn> load_dense_mlp(const LlamaLoadContext& ctx, const std:
   return std::make_unique<DenseMlp>(ctx, layer);
 }
 
-LlamaModel::~LlamaModel() { free_kv_cache(); }
-
-void LlamaModel::free_kv_cache() {
-  for (void* p : k_cache_) be_.free(p);
-  for (void* p : v_cache_) be_.free(p);
-  k_cache_.clear();
-  v_cache_.clear();
-}
-
-uint64_t LlamaModel::kv_block_bytes(int block_size) const {
-  return 2ull * static_cast<uint64_t>(c_.num_hidden_layers) * static_cast<uint64_t>(block_size) *
-         static_cast<uint64_t>(c_.num_key_value_heads * c_.head_dim) * dtype_size(be_.act_dtype());
-}
-
-void LlamaModel::allocate_kv_cache(int num_blocks, int block_size) {
-  FS_ASSERT(num_blocks > 0 && block_size > 0);
-  free_kv_cache();
-  const size_t bytes = kv_block_bytes(block_size) / 2 / static_cast<size_t>(c_.num_hidden_layers) *
-                       static_cast<size_t>(num_blocks);
-  for (int64_t i = 0; i < c_.num_hidden_layers; ++i) {
-    k_cache_.push_back(be_.alloc(bytes));
-    v_cache_.push_back(be_.alloc(bytes));
-  }
-  block_size_ = block_size;
-}
-
-void LlamaModel::ensure_buffers(int n_tokens, int n_logits) {
-  Buffers& b = *buf_;
-  if (n_tokens <= b.tokens && n_logits <= b.logits) return;
-  b.release();
-  b.tokens = std::max(n_tokens, b.tokens);
-  b.logits = std::max(n_logits, b.logits);
-  const size_t a = dtype_size(be_.act_dtype());
-  const auto T = static_cast<size_t>(b.tokens), L = static_cast<size_t>(b.logits);
-  const auto h = static_cast<size_t>(c_.hidden_size);
-  const auto q_dim = static_cast<size_t>(c_.num_attention_heads * c_.head_dim);
-  const auto kv_dim = static_cast<size_t>(c_.num_key_value_heads * c_.head_dim);
-  b.h = be_.alloc(T * h * a);
-  b.x = be_.alloc(T * h * a);
-  b.q = be_.alloc(T * q_dim * a);
-  b.k = be_.alloc(T * kv_dim * a);
-  b.v = be_.alloc(T * kv_dim * a);
-  b.attn = be_.alloc(T * q_dim * a);
-  size_t scratch = 0;
-  for (const LlamaLayer& Ly : w_.layers) scratch = std::max(scratch, Ly.ffn->scratch_bytes(b.tokens));
-  b.scratch = be_.alloc(std::max<size_t>(scratch, 1));
-  b.last = be_.alloc(L * h * a);
-  b.out = be_.alloc(L * static_cast<size_t>(c_.vocab_size) * a);
-  b.ids = static_cast<int32_t*>(be_.alloc(T * 4));
-  b.pos = static_cast<int32_t*>(be_.alloc(T * 4));
-}
+LlamaModel::~LlamaModel() = default;
 
 void LlamaModel::forward(const StepInput& s, float* logits) {
-  const int T = s.n_tokens(), S = s.n_seqs(), L = static_cast<int>(s.logit_rows.size());
-  FS_ASSERT(T > 0 && S > 0 && block_size_ > 0, "forward before allocate_kv_cache or on an empty step");
-  FS_ASSERT(static_cast<int>(s.query_start.size()) == S + 1 && static_cast<int>(s.positions.size()) == T);
-  for (int32_t p : s.positions)
-    if (p < 0 || p >= c_.max_position_embeddings)
-      throw Error("position " + std::to_string(p) + " is past the model's context of " +
-                  std::to_string(c_.max_position_embeddings));
-  for (int32_t id : s.token_ids)
-    if (id < 0 || id >= c_.vocab_size)
-      throw Error("token id " + std::to_string(id) + " is outside the vocabulary of " + std::to_string(c_.vocab_size));
-  ensure_buffers(T, std::max(L, 1));
-  Buffers& b = *buf_;
-  const size_t a = dtype_size(be_.act_dtype());
+  const int T = s.n_tokens(), L = static_cast<int>(s.logit_rows.size());
+  FS_ASSERT(kv_->block_size() > 0, "forward before allocate_kv_cache");
+  index_.upload(s, c_.max_position_embeddings, c_.vocab_size);
+  const Activations b = activations(T, std::max(L, 1));
   const int64_t h = c_.hidden_size;
 
-  // Index arrays to the device.
-  be_.copy_to_device(b.ids, s.token_ids.data(), static_cast<size_t>(T) * 4);
-  be_.copy_to_device(b.pos, s.positions.data(), static_cast<size_t>(T) * 4);
-  if (b.seq_cap < static_cast<size_t>(S + 1) || b.table_cap < s.block_table.size()) {
-    b.release_index();
-    b.seq_cap = static_cast<size_t>(S + 1);
-    b.table_cap = std::max<size_t>(s.block_table.size(), 1);
-    b.qstart = static_cast<int32_t*>(be_.alloc(b.seq_cap * 4));
-    b.ctx = static_cast<int32_t*>(be_.alloc(b.seq_cap * 4));
-    b.table = static_cast<int32_t*>(be_.alloc(b.table_cap * 4));
-  }
-  be_.copy_to_device(b.qstart, s.query_start.data(), s.query_start.size() * 4);
-  be_.copy_to_device(b.ctx, s.context_len.data(), s.context_len.size() * 4);
-  be_.copy_to_device(b.table, s.block_table.data(), s.block_table.size() * 4);
-
-  PagedAttention pa;
-  pa.n_heads = static_cast<int>(c_.num_attention_heads);
-  pa.n_kv_heads = static_cast<int>(c_.num_key_value_heads);
+  PagedAttention pa = index_.attention(s, kv_->block_size());
+  pa.n_heads = heads_;
+  pa.n_kv_heads = kv_heads_;
   pa.head_dim = static_cast<int>(c_.head_dim);
   pa.scale = 1.0f / std::sqrt(static_cast<float>(pa.head_dim));
   pa.sliding_window = static_cast<int>(std::min<int64_t>(c_.sliding_window, INT32_MAX));
-  pa.block_size = block_size_;
-  pa.n_seqs = S;
-  pa.max_blocks = s.max_blocks;
-  pa.query_start = b.qstart;
-  pa.context_len = b.ctx;
-  pa.block_table = b.table;
 
   const float eps = static_cast<float>(c_.rms_norm_eps);
   auto linear = [&](const WeightMatrix& w, const void* x, const DeviceTensor& bias, void* y) {
     be_.linear(w, x, T, bias.data, bias.dtype, y);
   };
+  // Row-parallel layers leave a partial sum on each rank; the all-reduce completes it.
+  auto all_reduce = [&](void* x) {
+    if (shard_.world > 1) comm_->all_reduce_sum(x, T * h, be_.act_dtype());
+  };
+  const FfnWorkspace ws{b.scratch, &zeros_};
 
-  be_.embedding(w_.embed_tokens.data, w_.embed_tokens.dtype, h, b.ids, T, false, b.h);
+  be_.embedding(w_.embed_tokens.data, w_.embed_tokens.dtype, h, index_.token_ids(), T, false, b.h);
   for (size_t li = 0; li < w_.layers.size(); ++li) {
     const LlamaLayer& Ly = w_.layers[li];
     // Attention block: x = RMSNorm(h); h += o_proj(attention(rotary(q), rotary(k), v)).
@@ -451,24 +428,23 @@ void LlamaModel::forward(const StepInput& s, float* logits) {
     linear(Ly.q_proj, b.x, Ly.q_bias, b.q);
     linear(Ly.k_proj, b.x, Ly.k_bias, b.k);
     linear(Ly.v_proj, b.x, Ly.v_bias, b.v);
-    be_.rotary(b.q, b.k, b.pos, T, pa.n_heads, pa.n_kv_heads, pa.head_dim, pa.head_dim, w_.inv_freq);
-    be_.write_kv(pa, b.k, b.v, k_cache_[li], v_cache_[li]);
-    be_.attention(pa, b.q, k_cache_[li], v_cache_[li], b.attn);
+    be_.rotary(b.q, b.k, index_.positions(), T, pa.n_heads, pa.n_kv_heads, pa.head_dim, pa.head_dim, w_.inv_freq);
+    be_.write_kv(pa, b.k, b.v, kv_->k(li), kv_->v(li));
+    be_.attention(pa, b.q, kv_->k(li), kv_->v(li), b.attn);
     linear(Ly.o_proj, b.attn, Ly.o_bias, b.x);
+    all_reduce(b.x);
     be_.add(b.h, b.x, T * h);
 
     // Feed-forward block: h += ffn(RMSNorm(h)), a SwiGLU MLP or a sparse mixture of them.
     be_.rms_norm(b.h, T, h, Ly.post_attn_norm.data, Ly.post_attn_norm.dtype, eps, b.x);
-    Ly.ffn->forward(b.x, T, b.h, b.scratch);
+    Ly.ffn->forward(b.x, T, b.x, ws);
+    all_reduce(b.x);
+    be_.add(b.h, b.x, T * h);
   }
-  if (L == 0) return;
+  if (L == 0 || logits == nullptr) return;
 
   // Only the rows whose next token is wanted go through the final norm and the LM head.
-  for (int i = 0; i < L; ++i) {
-    FS_ASSERT(s.logit_rows[i] >= 0 && s.logit_rows[i] < T);
-    be_.copy(static_cast<char*>(b.last) + static_cast<size_t>(i) * h * a,
-             static_cast<const char*>(b.h) + static_cast<size_t>(s.logit_rows[i]) * h * a, h * a);
-  }
+  gather_logit_rows(be_, s, b.h, h, b.last);
   be_.rms_norm(b.last, L, h, w_.final_norm.data, w_.final_norm.dtype, eps, b.last);
   be_.linear(w_.lm_head, b.last, L, nullptr, DType::F16, b.out);
   be_.to_host_f32(b.out, static_cast<int64_t>(L) * c_.vocab_size, logits);

@@ -4,18 +4,36 @@
 // attention (optionally over a sliding window), a feed-forward block that is a SwiGLU MLP (Llama,
 // Mistral) or a sparse mixture of SwiGLU experts (Mixtral, models/mixtral.h), and an LM head tied
 // to the token embedding or not.
+//
+// Tensor parallelism (Megatron, DESIGN): given a ShardSpec and a communicator, a rank holds
+// n_heads / world query heads and the KV heads they read: n_kv_heads / world of them, or, when
+// there are fewer KV heads than ranks (world a multiple of n_kv_heads), the one KV head its query
+// heads share, replicated on world / n_kv_heads ranks. q/k/v and gate/up (each expert's w1/w3) are
+// column-parallel (whole heads / a slice of the FFN per rank, biases split with them); o_proj and
+// down (each expert's w2) are row-parallel, and each block ends in one all-reduce of the
+// [T, hidden] partial sums; their biases live on rank 0 only, so the sum adds them once. The
+// embeddings, norms, MoE router and LM head are replicated (every rank routes alike). Rotary and
+// the sliding window act per head and are unchanged; a rank's KV cache holds its KV heads only.
 #pragma once
 
 #include <memory>
 #include <string>
 #include <vector>
 
+#include "kernels/communicator.h"
 #include "models/checkpoint/config.h"
 #include "models/checkpoint/safetensors.h"
 #include "models/model.h"
+#include "models/step_buffers.h"
 #include "models/weights.h"
 
 namespace fineserve {
+
+// Device memory the FFNs of a model share (one layer runs at a time).
+struct FfnWorkspace {
+  void* scratch = nullptr;        // scratch_bytes(n_tokens) bytes, contents undefined
+  DeviceBuffer* zeros = nullptr;  // read-only zeros, grown on demand (DeviceBuffer::reserve_zeroed)
+};
 
 // The feed-forward half of a decoder layer, chosen at load time: Llama's dense SwiGLU MLP or
 // Mixtral's sparse mixture of SwiGLU experts (models/mixtral.h). The layer loop calls forward
@@ -23,53 +41,45 @@ namespace fineserve {
 class LlamaFfn {
  public:
   virtual ~LlamaFfn() = default;
-  // h[n_tokens, hidden] += ffn(x[n_tokens, hidden]); x may be overwritten. `scratch` is device
-  // memory of at least scratch_bytes(n_tokens) bytes, shared by every layer.
-  virtual void forward(void* x, int64_t n_tokens, void* h, void* scratch) = 0;
+  // out[n_tokens, hidden] = ffn(x[n_tokens, hidden]); out may be x. Under tensor parallelism it is
+  // this rank's partial sum (row-parallel down projections), which the caller all-reduces.
+  virtual void forward(const void* x, int64_t n_tokens, void* out, const FfnWorkspace& ws) = 0;
   virtual size_t scratch_bytes(int64_t n_tokens) const = 0;
-  // Weight bytes one decode step of one token reads (a sparse FFN: its top_k experts' share).
+  // Weight bytes (this rank's) one decode step of one token reads (a sparse FFN: its top_k
+  // experts' share).
   virtual uint64_t weight_bytes() const = 0;
-};
-
-// Cuts a scratch buffer into 64-byte-aligned pieces; with a null base it only adds up the sizes,
-// so that one layout function serves both scratch_bytes and forward.
-struct ScratchCarver {
-  char* base = nullptr;
-  size_t used = 0;
-  void* take(size_t bytes) {
-    void* p = base ? base + used : nullptr;
-    used += (bytes + 63) / 64 * 64;
-    return p;
-  }
 };
 
 // What an FFN needs to load its weights: tensors are named relative to `prefix` ("model.").
 struct LlamaLoadContext {
   const ckpt::Checkpoint& checkpoint;
-  WeightLoader& loader;  // its prefix is `prefix`
+  WeightLoader& loader;  // its prefix is `prefix`; its shard() is this rank's
   Backend& backend;
   const ckpt::LlamaConfig& config;
   std::string prefix = "model.";
 };
 
 // Two linear weights of the same input stacked into one [2 * rows, cols] matrix (`stem_a`'s rows,
-// then `stem_b`'s), so that one GEMM computes both: SwiGLU's [gate | up]. Checked as
+// then `stem_b`'s), so that one GEMM computes both: SwiGLU's [gate | up]. Both are column-parallel:
+// under tensor parallelism the result is [2 * rows / world, cols], this rank's rows of `stem_a`
+// then its rows of `stem_b` (so act(gate) * up pairs the same columns on every rank). Checked as
 // WeightLoader::linear checks a matrix; see the definition for mixed groups and precisions.
 WeightMatrix load_stacked_linear(const LlamaLoadContext& ctx, const std::string& stem_a, const std::string& stem_b,
                                  int64_t rows, int64_t cols);
 
 // Llama's SwiGLU MLP of the layer whose tensors start with `layer` ("layers.3."): gate_proj,
-// up_proj, down_proj (and their biases when mlp_bias).
+// up_proj, down_proj (and their biases when mlp_bias); gate/up column-parallel, down row-parallel.
 std::unique_ptr<LlamaFfn> load_dense_mlp(const LlamaLoadContext& ctx, const std::string& layer);
 
+// Shapes per rank: heads and kv_heads are this rank's (the model's without tensor parallelism).
 struct LlamaLayer {
   DeviceTensor input_norm;        // [hidden] input_layernorm
-  WeightMatrix q_proj;            // [heads * head_dim, hidden]
-  WeightMatrix k_proj, v_proj;    // [kv_heads * head_dim, hidden]
+  WeightMatrix q_proj;            // [heads * head_dim, hidden] column-parallel
+  WeightMatrix k_proj, v_proj;    // [kv_heads * head_dim, hidden] column-parallel
   DeviceTensor q_bias;            // [heads * head_dim] (attention_bias)
   DeviceTensor k_bias, v_bias;    // [kv_heads * head_dim]
-  WeightMatrix o_proj;            // [hidden, heads * head_dim]
-  DeviceTensor o_bias;            // [hidden]
+  WeightMatrix o_proj;            // [hidden, heads * head_dim] row-parallel
+  DeviceTensor o_bias;            // [hidden] (rank 0 only)
   DeviceTensor post_attn_norm;    // [hidden] post_attention_layernorm
   std::unique_ptr<LlamaFfn> ffn;  // dense SwiGLU MLP or sparse MoE
 };
@@ -89,27 +99,34 @@ std::vector<float> llama_inv_freq(const ckpt::LlamaConfig& c);
 
 class LlamaModel : public Model {
  public:
-  LlamaModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::LlamaConfig& config, Backend& backend);
+  // `comm` (world = shard.world, rank = shard.rank) must outlive the model; it may be null when
+  // shard.world == 1. Throws fineserve::Error when the heads, the KV heads or the FFN (each
+  // expert's) width, or a FineQuant matrix's groups, cannot be split across shard.world ranks.
+  LlamaModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::LlamaConfig& config, Backend& backend,
+             ShardSpec shard = {}, Communicator* comm = nullptr);
   ~LlamaModel() override;
 
   const ModelInfo& info() const override { return info_; }
-  void allocate_kv_cache(int num_blocks, int block_size) override;
-  uint64_t kv_block_bytes(int block_size) const override;
+  void allocate_kv_cache(int num_blocks, int block_size) override { kv_->allocate(num_blocks, block_size); }
+  uint64_t kv_block_bytes(int block_size) const override { return kv_->block_bytes(block_size); }
   void forward(const StepInput& step, float* logits) override;
 
  private:
-  struct Buffers;
-  void ensure_buffers(int n_tokens, int n_logits);
-  void free_kv_cache();
+  struct Activations;
+  Activations activations(int n_tokens, int n_logits);
 
   std::unique_ptr<ckpt::Checkpoint> checkpoint_;  // the mapped weights the backend may point into
   ckpt::LlamaConfig c_;
   Backend& be_;
+  ShardSpec shard_;
+  Communicator* comm_ = nullptr;
+  int heads_ = 0, kv_heads_ = 0;  // this rank's query and KV heads
   LlamaWeights w_;
   ModelInfo info_;
-  std::vector<void*> k_cache_, v_cache_;  // per layer [num_blocks, block_size, kv_heads, head_dim]
-  int block_size_ = 0;
-  std::unique_ptr<Buffers> buf_;
+  std::unique_ptr<PagedKvCache> kv_;  // this rank's KV heads
+  DeviceBuffer arena_;                // the activations of a step, grown to the largest seen
+  DeviceBuffer zeros_;                // FfnWorkspace::zeros
+  StepIndex index_;
 };
 
 }  // namespace fineserve

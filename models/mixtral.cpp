@@ -7,9 +7,10 @@
 namespace fineserve {
 namespace {
 
+// Shapes per rank: ffn = this rank's columns (intermediate_size / world).
 struct Expert {
-  WeightMatrix gate_up;  // [2 * ffn, hidden]: w1's rows (gate), then w3's (up)
-  WeightMatrix down;     // [hidden, ffn] w2
+  WeightMatrix gate_up;  // [2 * ffn, hidden]: w1's rows (gate), then w3's (up), column-parallel
+  WeightMatrix down;     // [hidden, ffn] w2, row-parallel
 };
 
 class SparseMoe final : public LlamaFfn {
@@ -17,19 +18,20 @@ class SparseMoe final : public LlamaFfn {
   SparseMoe(const LlamaLoadContext& ctx, const std::string& layer)
       : be_(ctx.backend),
         hidden_(ctx.config.hidden_size),
-        ffn_(ctx.config.intermediate_size),
+        ffn_(ctx.config.intermediate_size / ctx.loader.shard().world),
         n_experts_(static_cast<int>(ctx.config.num_local_experts)),
         top_k_(static_cast<int>(ctx.config.num_experts_per_tok)) {
     FS_ASSERT(ctx.config.is_moe() && top_k_ >= 1 && top_k_ <= n_experts_);
     const std::string& act = ctx.config.hidden_act;
     act_ = act == "silu" ? Activation::SiLU : act == "gelu" ? Activation::GELU : Activation::GELUTanh;
     const std::string p = layer + "block_sparse_moe.";
-    router_ = ctx.loader.linear(p + "gate", n_experts_, hidden_);
+    const int64_t ffn = ctx.config.intermediate_size;  // the model's; a rank holds ffn_ of it
+    router_ = ctx.loader.linear(p + "gate", n_experts_, hidden_);  // replicated
     for (int e = 0; e < n_experts_; ++e) {
       const std::string x = p + "experts." + std::to_string(e) + ".";
       Expert ex;
-      ex.gate_up = load_stacked_linear(ctx, x + "w1", x + "w3", ffn_, hidden_);
-      ex.down = ctx.loader.linear(x + "w2", hidden_, ffn_);
+      ex.gate_up = load_stacked_linear(ctx, x + "w1", x + "w3", ffn, hidden_);
+      ex.down = ctx.loader.linear(x + "w2", hidden_, ffn, Parallel::Row);
       experts_.push_back(ex);
     }
   }
@@ -40,8 +42,8 @@ class SparseMoe final : public LlamaFfn {
     return sc.used;
   }
 
-  void forward(void* x, int64_t n_tokens, void* h, void* scratch) override {
-    ScratchCarver sc{static_cast<char*>(scratch)};
+  void forward(const void* x, int64_t n_tokens, void* out, const FfnWorkspace& ws) override {
+    ScratchCarver sc{static_cast<char*>(ws.scratch)};
     const Scratch s = carve(sc, n_tokens);
     const int64_t T = n_tokens, n = T * top_k_;
     const size_t a = dtype_size(be_.act_dtype());
@@ -74,9 +76,13 @@ class SparseMoe final : public LlamaFfn {
     be_.copy_to_device(s.rows, rows_.data(), static_cast<size_t>(n) * 4);
     be_.copy_to_device(s.row_weights, row_weights_.data(), static_cast<size_t>(n) * 4);
 
-    // Gather every assignment's input row (the embedding op is a row gather), then per expert:
-    // h[rows] += w · w2(act(w1 x) * w3 x) over its contiguous block of rows.
+    // Gather every assignment's input row (the embedding op is a row gather; x is read for the
+    // last time, so out may be x), then per expert: out[rows] += w · w2(act(w1 x) * w3 x) over its
+    // contiguous block of rows, into an out that starts at zero (the backend has no fill op: a
+    // device copy from a zero buffer shared by the layers clears it).
     be_.embedding(x, be_.act_dtype(), hidden_, s.rows, n, false, s.gathered);
+    const size_t out_bytes = static_cast<size_t>(T * hidden_) * a;
+    be_.copy(out, ws.zeros->reserve_zeroed(out_bytes), out_bytes);
     for (int e = 0; e < n_experts_; ++e) {
       const int64_t begin = offsets_[static_cast<size_t>(e)], m = offsets_[static_cast<size_t>(e) + 1] - begin;
       if (m == 0) continue;
@@ -84,8 +90,8 @@ class SparseMoe final : public LlamaFfn {
       be_.linear(ex.gate_up, static_cast<const char*>(s.gathered) + static_cast<size_t>(begin * hidden_) * a, m,
                  nullptr, DType::F16, s.gate_up);
       be_.gated_activation(act_, s.gate_up, m, ffn_, s.act);
-      be_.linear(ex.down, s.act, m, nullptr, DType::F16, s.out);
-      be_.scatter_add_rows(s.out, s.rows + begin, s.row_weights + begin, m, hidden_, h, T);
+      be_.linear(ex.down, s.act, m, nullptr, DType::F16, s.expert_out);
+      be_.scatter_add_rows(s.expert_out, s.rows + begin, s.row_weights + begin, m, hidden_, out, T);
     }
   }
 
@@ -106,7 +112,7 @@ class SparseMoe final : public LlamaFfn {
     void* gathered;        // [T * top_k, hidden] the input rows in that order
     void* gate_up;         // [T, 2 * ffn] one expert's [gate | up] (an expert gets <= T rows)
     void* act;             // [T, ffn]
-    void* out;             // [T, hidden]
+    void* expert_out;      // [T, hidden] one expert's output rows
   };
 
   Scratch carve(ScratchCarver& sc, int64_t n_tokens) const {
@@ -121,12 +127,12 @@ class SparseMoe final : public LlamaFfn {
     s.gathered = sc.take(n * h * a);
     s.gate_up = sc.take(T * 2 * f * a);
     s.act = sc.take(T * f * a);
-    s.out = sc.take(T * h * a);
+    s.expert_out = sc.take(T * h * a);
     return s;
   }
 
   Backend& be_;
-  const int64_t hidden_, ffn_;
+  const int64_t hidden_, ffn_;  // ffn: this rank's columns of every expert
   const int n_experts_, top_k_;
   Activation act_;
   WeightMatrix router_;  // [n_experts, hidden], 16-bit as stored

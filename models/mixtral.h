@@ -11,6 +11,10 @@
 //
 // The router stays in 16 bits (quantize never quantizes it: it is tiny and a flipped top-k choice
 // changes the whole token's output); experts may use fewer bits than attention (--expert-bits).
+//
+// Tensor parallelism: every rank holds a slice of every expert (w1/w3 column-parallel, w2
+// row-parallel) and the whole router, so all ranks route alike and run the same plan; the block's
+// output is each rank's partial sum, completed by the layer's one all-reduce.
 #pragma once
 
 #include <memory>
@@ -22,7 +26,8 @@ namespace fineserve {
 
 // The sparse MoE block of the layer whose tensors start with `layer` ("layers.3."):
 // block_sparse_moe.gate.weight [n_experts, hidden] and block_sparse_moe.experts.E.{w1, w3}
-// [ffn, hidden], w2 [hidden, ffn] (dense or FineQuant, each expert's bits its own).
+// [ffn, hidden], w2 [hidden, ffn] (dense or FineQuant, each expert's bits its own), this rank's
+// slice of each under tensor parallelism.
 std::unique_ptr<LlamaFfn> load_sparse_moe(const LlamaLoadContext& ctx, const std::string& layer);
 
 }  // namespace fineserve

@@ -41,21 +41,45 @@ struct ModelInfo {
   uint64_t weight_bytes = 0;  // bytes of weights one decode step reads (for bandwidth figures)
 };
 
+// Which part of the model a tensor-parallel rank holds: rank `rank` of `world` (Megatron style,
+// DESIGN: Tensor parallelism). The default, world 1, is the whole model.
+struct ShardSpec {
+  int rank = 0;
+  int world = 1;
+};
+
+class Communicator;  // kernels/communicator.h
+
 class Model {
  public:
   virtual ~Model() = default;
   virtual const ModelInfo& info() const = 0;
   // Allocates the paged KV cache on the backend: num_blocks blocks of block_size tokens per layer.
   virtual void allocate_kv_cache(int num_blocks, int block_size) = 0;
-  // Bytes one KV block takes over all layers (K and V), to size the cache from a memory budget.
+  // Bytes one KV block takes over all layers (K and V), to size the cache from a memory budget; a
+  // tensor-parallel shard counts only the KV heads it holds.
   virtual uint64_t kv_block_bytes(int block_size) const = 0;
-  // Runs one step; writes logits [step.logit_rows.size(), vocab_size] (fp32, host memory).
+  // Runs one step; writes logits [step.logit_rows.size(), vocab_size] (fp32, host memory). Under
+  // tensor parallelism every rank runs forward on the same step (the collectives pair up), and
+  // `logits` may be null on ranks whose logits nobody reads (they skip the final norm and LM head).
+  // A bad step (a position past the context, a token outside the vocabulary) throws
+  // fineserve::Error before any collective, so every rank of a group rejects it alike.
   virtual void forward(const StepInput& step, float* logits) = 0;
 };
 
-// Loads the checkpoint at `path` (config.json's model_type picks the architecture; dense
-// fp16/bf16/fp32 or FineQuant weights) onto `backend`, which must outlive the model.
-// Throws fineserve::Error when the checkpoint is unusable (missing or mis-shaped tensors, ...).
-std::unique_ptr<Model> load_model(const std::filesystem::path& path, Backend& backend);
+// Loads the checkpoint at `path` (config.json's model_type picks the architecture: opt, llama,
+// mistral, mixtral; dense fp16/bf16/fp32 or FineQuant weights) onto `backend`, which must outlive
+// the model.
+//
+// With shard.world > 1 the model is rank shard.rank's shard of a tensor-parallel group, cut at load
+// time (attention heads, FFN and expert columns; see the architectures' headers), and it runs its
+// collectives on `comm` (rank and world matching `shard`; required then, and it must outlive the
+// model).
+//
+// Throws fineserve::Error when the checkpoint is unusable (missing or mis-shaped tensors, ...) or
+// cannot be split that way (heads, KV heads or FFN width not divisible by the world size, FineQuant
+// groups that a row-parallel cut would split).
+std::unique_ptr<Model> load_model(const std::filesystem::path& path, Backend& backend, ShardSpec shard = {},
+                                  Communicator* comm = nullptr);
 
 }  // namespace fineserve

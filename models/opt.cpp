@@ -7,39 +7,43 @@
 
 namespace fineserve {
 
-// Activation and index buffers on the device, grown to the largest step seen.
-struct OptModel::Buffers {
-  Backend& be;
-  int tokens = 0, logits = 0;
-  void* h = nullptr;        // [T, hidden] the residual stream
-  void* x = nullptr;        // [T, max(hidden, embed)] normed input / scratch
-  void* emb = nullptr;      // [T, embed] token embeddings before project_in
-  void *q = nullptr, *k = nullptr, *v = nullptr, *attn = nullptr;  // [T, hidden]
-  void* ffn = nullptr;      // [T, ffn]
-  void* last = nullptr;     // [L, embed] hidden states of the logit rows
-  void* out = nullptr;      // [L, vocab]
-  int32_t *ids = nullptr, *pos = nullptr, *qstart = nullptr, *ctx = nullptr, *table = nullptr;
-  size_t table_cap = 0, seq_cap = 0;
-
-  explicit Buffers(Backend& b) : be(b) {}
-  ~Buffers() { release(); }
-  void release() {
-    for (void* p : {h, x, emb, q, k, v, attn, ffn, last, out, static_cast<void*>(ids), static_cast<void*>(pos)})
-      if (p) be.free(p);
-    h = x = emb = q = k = v = attn = ffn = last = out = nullptr;
-    ids = pos = nullptr;
-  }
-  void release_index() {
-    for (void* p : {static_cast<void*>(qstart), static_cast<void*>(ctx), static_cast<void*>(table)})
-      if (p) be.free(p);
-    qstart = ctx = table = nullptr;
-  }
+// The activations of one step (shapes per rank: h = this rank's heads * head_dim, f = its FFN
+// columns), cut from one device buffer.
+struct OptModel::Activations {
+  void* h;     // [T, hidden] the residual stream
+  void* x;     // [T, max(hidden, embed)] normed input / projection output
+  void* emb;   // [T, embed] token embeddings before project_in
+  void *q, *k, *v, *attn;  // [T, h]
+  void* ffn;   // [T, f]
+  void* last;  // [L, max(hidden, embed)] hidden states of the logit rows
+  void* out;   // [L, vocab]
 };
+
+OptModel::Activations OptModel::activations(int n_tokens, int n_logits) {
+  const size_t a = dtype_size(be_.act_dtype()), T = static_cast<size_t>(n_tokens), L = static_cast<size_t>(n_logits);
+  const auto hidden = static_cast<size_t>(c_.hidden_size), embed = static_cast<size_t>(c_.word_embed_proj_dim);
+  const auto h = static_cast<size_t>(hidden_), f = static_cast<size_t>(ffn_);
+  const size_t wide = std::max(hidden, embed);
+  return carve_in(arena_, [&](ScratchCarver& sc) {
+    Activations b;
+    b.h = sc.take(T * hidden * a);
+    b.x = sc.take(T * wide * a);
+    b.emb = sc.take(T * embed * a);
+    b.q = sc.take(T * h * a);
+    b.k = sc.take(T * h * a);
+    b.v = sc.take(T * h * a);
+    b.attn = sc.take(T * h * a);
+    b.ffn = sc.take(T * f * a);
+    b.last = sc.take(L * wide * a);
+    b.out = sc.take(L * static_cast<size_t>(c_.vocab_size) * a);
+    return b;
+  });
+}
 
 OptModel::OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::OptConfig& config, Backend& backend,
                    ShardSpec shard, Communicator* comm)
-    : checkpoint_(std::move(checkpoint)), c_(config), be_(backend), shard_(shard), comm_(comm),
-      buf_(std::make_unique<Buffers>(backend)) {
+    : checkpoint_(std::move(checkpoint)), c_(config), be_(backend), shard_(shard), comm_(comm), arena_(backend),
+      index_(backend) {
   const int64_t h = c_.hidden_size, e = c_.word_embed_proj_dim, f = c_.ffn_dim, vocab = c_.vocab_size;
   if (c_.activation_function != "relu" && c_.activation_function != "gelu")
     throw Error("OPT with activation '" + c_.activation_function + "' is not supported (relu, gelu)");
@@ -129,111 +133,35 @@ OptModel::OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::Opt
   info_.bos_token_id = c_.bos_token_id;
   info_.eos_token_id = c_.eos_token_id;
   info_.weight_bytes = ld.bytes_loaded() + static_cast<uint64_t>(w_.lm_head.bytes());  // this rank's
+  kv_ = std::make_unique<PagedKvCache>(be_, c_.num_hidden_layers, hidden_);
 }
 
-OptModel::~OptModel() {
-  for (void* p : k_cache_) be_.free(p);
-  for (void* p : v_cache_) be_.free(p);
-  buf_->release_index();
-}
-
-uint64_t OptModel::kv_block_bytes(int block_size) const {
-  return 2ull * static_cast<uint64_t>(c_.num_hidden_layers) * static_cast<uint64_t>(block_size) *
-         static_cast<uint64_t>(hidden_) * dtype_size(be_.act_dtype());
-}
-
-void OptModel::allocate_kv_cache(int num_blocks, int block_size) {
-  FS_ASSERT(num_blocks > 0 && block_size > 0);
-  for (void* p : k_cache_) be_.free(p);
-  for (void* p : v_cache_) be_.free(p);
-  k_cache_.clear();
-  v_cache_.clear();
-  const size_t bytes = kv_block_bytes(block_size) / 2 / static_cast<size_t>(c_.num_hidden_layers) *
-                       static_cast<size_t>(num_blocks);
-  for (int64_t i = 0; i < c_.num_hidden_layers; ++i) {
-    k_cache_.push_back(be_.alloc(bytes));
-    v_cache_.push_back(be_.alloc(bytes));
-  }
-  block_size_ = block_size;
-}
-
-void OptModel::ensure_buffers(int n_tokens, int n_logits) {
-  Buffers& b = *buf_;
-  if (n_tokens <= b.tokens && n_logits <= b.logits) return;
-  b.release();
-  b.tokens = std::max(n_tokens, b.tokens);
-  b.logits = std::max(n_logits, b.logits);
-  const size_t a = dtype_size(be_.act_dtype());
-  const auto T = static_cast<size_t>(b.tokens), L = static_cast<size_t>(b.logits);
-  const auto h = static_cast<size_t>(c_.hidden_size), e = static_cast<size_t>(c_.word_embed_proj_dim);
-  b.h = be_.alloc(T * h * a);
-  b.x = be_.alloc(T * std::max(h, e) * a);
-  b.emb = be_.alloc(T * e * a);
-  const auto hl = static_cast<size_t>(hidden_);  // this rank's heads
-  b.q = be_.alloc(T * hl * a);
-  b.k = be_.alloc(T * hl * a);
-  b.v = be_.alloc(T * hl * a);
-  b.attn = be_.alloc(T * hl * a);
-  b.ffn = be_.alloc(T * static_cast<size_t>(ffn_) * a);
-  b.last = be_.alloc(L * std::max(h, e) * a);
-  b.out = be_.alloc(L * static_cast<size_t>(c_.vocab_size) * a);
-  b.ids = static_cast<int32_t*>(be_.alloc(T * 4));
-  b.pos = static_cast<int32_t*>(be_.alloc(T * 4));
-}
+OptModel::~OptModel() = default;
 
 void OptModel::linear(const WeightMatrix& w, const void* x, int64_t m, const DeviceTensor& bias, void* y) {
   be_.linear(w, x, m, bias.data, bias.dtype, y);
 }
 
 void OptModel::forward(const StepInput& s, float* logits) {
-  const int T = s.n_tokens(), S = s.n_seqs(), L = static_cast<int>(s.logit_rows.size());
-  FS_ASSERT(T > 0 && S > 0 && block_size_ > 0, "forward before allocate_kv_cache or on an empty step");
-  FS_ASSERT(static_cast<int>(s.query_start.size()) == S + 1 && static_cast<int>(s.positions.size()) == T);
-  for (int32_t p : s.positions)
-    if (p < 0 || p >= c_.max_position_embeddings)
-      throw Error("position " + std::to_string(p) + " is past the model's context of " +
-                  std::to_string(c_.max_position_embeddings));
-  ensure_buffers(T, std::max(L, 1));
-  Buffers& b = *buf_;
-  const size_t a = dtype_size(be_.act_dtype());
+  const int T = s.n_tokens(), L = static_cast<int>(s.logit_rows.size());
+  FS_ASSERT(kv_->block_size() > 0, "forward before allocate_kv_cache");
+  index_.upload(s, c_.max_position_embeddings, c_.vocab_size, static_cast<int32_t>(ckpt::OptConfig::kPositionOffset));
+  const Activations b = activations(T, std::max(L, 1));
   const int64_t h = c_.hidden_size, e = c_.word_embed_proj_dim;
 
-  // Index arrays to the device.
-  be_.copy_to_device(b.ids, s.token_ids.data(), static_cast<size_t>(T) * 4);
-  std::vector<int32_t> pos(s.positions);
-  for (int32_t& p : pos) p += static_cast<int32_t>(ckpt::OptConfig::kPositionOffset);
-  be_.copy_to_device(b.pos, pos.data(), pos.size() * 4);
-  if (b.seq_cap < static_cast<size_t>(S + 1) || b.table_cap < s.block_table.size()) {
-    b.release_index();
-    b.seq_cap = static_cast<size_t>(S + 1);
-    b.table_cap = std::max<size_t>(s.block_table.size(), 1);
-    b.qstart = static_cast<int32_t*>(be_.alloc(b.seq_cap * 4));
-    b.ctx = static_cast<int32_t*>(be_.alloc(b.seq_cap * 4));
-    b.table = static_cast<int32_t*>(be_.alloc(b.table_cap * 4));
-  }
-  be_.copy_to_device(b.qstart, s.query_start.data(), s.query_start.size() * 4);
-  be_.copy_to_device(b.ctx, s.context_len.data(), s.context_len.size() * 4);
-  be_.copy_to_device(b.table, s.block_table.data(), s.block_table.size() * 4);
-
-  PagedAttention pa;
+  PagedAttention pa = index_.attention(s, kv_->block_size());
   pa.n_heads = pa.n_kv_heads = static_cast<int>(heads_);
   pa.head_dim = static_cast<int>(c_.head_dim());
   pa.scale = 1.0f / std::sqrt(static_cast<float>(pa.head_dim));
-  pa.block_size = block_size_;
-  pa.n_seqs = S;
-  pa.max_blocks = s.max_blocks;
-  pa.query_start = b.qstart;
-  pa.context_len = b.ctx;
-  pa.block_table = b.table;
 
   // Embeddings: tokens (projected in when the dims differ) plus learned positions.
   if (e != h) {
-    be_.embedding(w_.embed_tokens.data, w_.embed_tokens.dtype, e, b.ids, T, false, b.emb);
+    be_.embedding(w_.embed_tokens.data, w_.embed_tokens.dtype, e, index_.token_ids(), T, false, b.emb);
     be_.linear(w_.project_in, b.emb, T, nullptr, DType::F16, b.h);
   } else {
-    be_.embedding(w_.embed_tokens.data, w_.embed_tokens.dtype, e, b.ids, T, false, b.h);
+    be_.embedding(w_.embed_tokens.data, w_.embed_tokens.dtype, e, index_.token_ids(), T, false, b.h);
   }
-  be_.embedding(w_.embed_positions.data, w_.embed_positions.dtype, h, b.pos, T, true, b.h);
+  be_.embedding(w_.embed_positions.data, w_.embed_positions.dtype, h, index_.positions(), T, true, b.h);
 
   const float eps = 1e-5f;
   const Activation act = c_.activation_function == "relu" ? Activation::ReLU : Activation::GELU;
@@ -258,8 +186,8 @@ void OptModel::forward(const StepInput& s, float* logits) {
     linear(Ly.q_proj, attn_in, T, Ly.q_bias, b.q);
     linear(Ly.k_proj, attn_in, T, Ly.k_bias, b.k);
     linear(Ly.v_proj, attn_in, T, Ly.v_bias, b.v);
-    be_.write_kv(pa, b.k, b.v, k_cache_[li], v_cache_[li]);
-    be_.attention(pa, b.q, k_cache_[li], v_cache_[li], b.attn);
+    be_.write_kv(pa, b.k, b.v, kv_->k(li), kv_->v(li));
+    be_.attention(pa, b.q, kv_->k(li), kv_->v(li), b.attn);
     linear(Ly.out_proj, b.attn, T, Ly.out_bias, b.x);
     all_reduce(b.x);
     be_.add(b.h, b.x, T * h);
@@ -281,11 +209,7 @@ void OptModel::forward(const StepInput& s, float* logits) {
   if (L == 0 || logits == nullptr) return;
 
   // Only the rows whose next token is wanted go through the final norm and the LM head.
-  for (int i = 0; i < L; ++i) {
-    FS_ASSERT(s.logit_rows[i] >= 0 && s.logit_rows[i] < T);
-    be_.copy(static_cast<char*>(b.last) + static_cast<size_t>(i) * h * a,
-             static_cast<const char*>(b.h) + static_cast<size_t>(s.logit_rows[i]) * h * a, h * a);
-  }
+  gather_logit_rows(be_, s, b.h, h, b.last);
   if (w_.final_ln_w.data || c_.has_final_layer_norm()) {
     if (w_.final_ln_w.data)
       be_.layer_norm(b.last, L, h, w_.final_ln_w.data, w_.final_ln_b.data, w_.final_ln_w.dtype, eps, b.last);

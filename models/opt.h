@@ -19,6 +19,7 @@
 #include "models/checkpoint/config.h"
 #include "models/checkpoint/safetensors.h"
 #include "models/model.h"
+#include "models/step_buffers.h"
 #include "models/weights.h"
 
 namespace fineserve {
@@ -57,15 +58,13 @@ class OptModel : public Model {
   ~OptModel() override;
 
   const ModelInfo& info() const override { return info_; }
-  void allocate_kv_cache(int num_blocks, int block_size) override;
-  uint64_t kv_block_bytes(int block_size) const override;
-  // Under tensor parallelism every rank runs forward on the same step (the collectives pair up);
-  // `logits` may be null on ranks whose logits nobody reads: they skip the final norm and LM head.
+  void allocate_kv_cache(int num_blocks, int block_size) override { kv_->allocate(num_blocks, block_size); }
+  uint64_t kv_block_bytes(int block_size) const override { return kv_->block_bytes(block_size); }
   void forward(const StepInput& step, float* logits) override;
 
  private:
-  struct Buffers;
-  void ensure_buffers(int n_tokens, int n_logits);
+  struct Activations;
+  Activations activations(int n_tokens, int n_logits);
   void linear(const WeightMatrix& w, const void* x, int64_t m, const DeviceTensor& bias, void* y);
 
   std::unique_ptr<ckpt::Checkpoint> checkpoint_;  // the mapped weights the backend may point into
@@ -76,9 +75,9 @@ class OptModel : public Model {
   int64_t heads_ = 0, hidden_ = 0, ffn_ = 0;  // this rank's attention heads, heads * head_dim, FFN width
   OptWeights w_;
   ModelInfo info_;
-  std::vector<void*> k_cache_, v_cache_;  // per layer [num_blocks, block_size, heads, head_dim]
-  int block_size_ = 0;
-  std::unique_ptr<Buffers> buf_;
+  std::unique_ptr<PagedKvCache> kv_;  // this rank's heads
+  DeviceBuffer arena_;                // the activations of a step, grown to the largest seen
+  StepIndex index_;
 };
 
 }  // namespace fineserve

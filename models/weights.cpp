@@ -71,16 +71,27 @@ const ckpt::TensorView& WeightLoader::expect(const std::string& name, const std:
   return last_;
 }
 
-// n / world, or an error naming what cannot be split.
-int64_t WeightLoader::split(const std::string& what, int64_t n, const char* dim) const {
-  if (n % shard_.world != 0)
-    throw Error("tensor parallelism: cannot split " + prefix_ + what + " across " + std::to_string(shard_.world) +
-                " ranks: its " + dim + " " + std::to_string(n) + " is not divisible by " + std::to_string(shard_.world));
-  return n / shard_.world;
+// n / parts, or an error naming what cannot be split.
+int64_t WeightLoader::split(const std::string& what, int64_t n, const char* dim, int parts) const {
+  if (n % parts != 0)
+    throw Error("tensor parallelism: cannot split " + prefix_ + what + " across " + std::to_string(parts) +
+                " ranks: its " + dim + " " + std::to_string(n) + " is not divisible by " + std::to_string(parts));
+  return n / parts;
 }
 
 WeightMatrix WeightLoader::linear(const std::string& stem, int64_t rows, int64_t cols, Parallel parallel) {
-  if (shard_.world == 1) parallel = Parallel::Replicated;
+  return load_linear(stem, rows, cols, parallel, shard_);
+}
+
+WeightMatrix WeightLoader::linear_part(const std::string& stem, int64_t rows, int64_t cols, ShardSpec part) {
+  FS_ASSERT(part.world >= 1 && part.rank >= 0 && part.rank < part.world);
+  return load_linear(stem, rows, cols, Parallel::Column, part);
+}
+
+// `part` is the cut: rank part.rank of part.world (the loader's shard, except for linear_part).
+WeightMatrix WeightLoader::load_linear(const std::string& stem, int64_t rows, int64_t cols, Parallel parallel,
+                                       ShardSpec part) {
+  if (part.world == 1) parallel = Parallel::Replicated;
   WeightMatrix host;
   host.rows = rows;
   host.cols = cols;
@@ -112,9 +123,9 @@ WeightMatrix WeightLoader::linear(const std::string& stem, int64_t rows, int64_t
 
   // This rank's shard, copied out of the mapped checkpoint into contiguous buffers.
   std::vector<std::byte> data, scale_data;
-  const int64_t r = shard_.rank;
+  const int64_t r = part.rank;
   if (parallel == Parallel::Column) {
-    const int64_t n = split(stem, rows, "output dimension");
+    const int64_t n = split(stem, rows, "output dimension", part.world);
     data = copy_block(host.data, row_bytes, r * n, n, 0, row_bytes);
     if (host.quantized()) {
       const int64_t sb = host.groups_per_row() * 2;
@@ -122,20 +133,20 @@ WeightMatrix WeightLoader::linear(const std::string& stem, int64_t rows, int64_t
     }
     host.rows = n;
   } else if (parallel == Parallel::Row) {
-    const int64_t k = split(stem, cols, "input dimension (K)");
+    const int64_t k = split(stem, cols, "input dimension (K)", part.world);
     if (!host.quantized()) {
       const int64_t eb = static_cast<int64_t>(dtype_size(host.dtype));
       data = copy_block(host.data, row_bytes, 0, rows, r * k * eb, k * eb);
     } else {
       if (host.group != cols && k % host.group != 0)
         throw Error("tensor parallelism: cannot split the FineQuant matrix " + prefix_ + stem + " across " +
-                    std::to_string(shard_.world) + " ranks: its group size " + std::to_string(host.group) +
-                    " does not divide the per-rank K = " + std::to_string(cols) + " / " + std::to_string(shard_.world) +
+                    std::to_string(part.world) + " ranks: its group size " + std::to_string(host.group) +
+                    " does not divide the per-rank K = " + std::to_string(cols) + " / " + std::to_string(part.world) +
                     " = " + std::to_string(k) + " (requantize it with a group that divides " + std::to_string(k) +
                     ", or use a tensor-parallel size that keeps whole groups on each rank)");
       if (host.bits == 4 && k % 2 != 0)
         throw Error("tensor parallelism: cannot split the int4 matrix " + prefix_ + stem + " across " +
-                    std::to_string(shard_.world) + " ranks: the per-rank K = " + std::to_string(k) +
+                    std::to_string(part.world) + " ranks: the per-rank K = " + std::to_string(k) +
                     " is odd and int4 codes are packed two per byte");
       const int64_t kb = host.bits == 4 ? k / 2 : k;
       data = copy_block(host.data, row_bytes, 0, rows, r * kb, kb);
@@ -145,7 +156,7 @@ WeightMatrix WeightLoader::linear(const std::string& stem, int64_t rows, int64_t
         scale_data = copy_block(scales, sb, 0, rows, 0, sb);
         host.group = k;
       } else {
-        const int64_t per_rank = sb / shard_.world;
+        const int64_t per_rank = sb / part.world;
         scale_data = copy_block(scales, sb, 0, rows, r * per_rank, per_rank);
       }
     }
@@ -163,13 +174,17 @@ DeviceTensor WeightLoader::dense(const std::string& name, const std::vector<int6
 }
 
 DeviceTensor WeightLoader::dense_split(const std::string& name, const std::vector<int64_t>& shape) {
-  FS_ASSERT(!shape.empty());
-  if (shard_.world == 1) return dense(name, shape);
+  return dense_part(name, shape, shard_);
+}
+
+DeviceTensor WeightLoader::dense_part(const std::string& name, const std::vector<int64_t>& shape, ShardSpec part) {
+  FS_ASSERT(!shape.empty() && part.world >= 1 && part.rank >= 0 && part.rank < part.world);
+  if (part.world == 1) return dense(name, shape);
   const ckpt::TensorView& t = expect(name, shape, {DType::F32, DType::F16, DType::BF16});
   std::vector<int64_t> local = shape;
-  local[0] = split(name, shape[0], "first dimension");
-  const size_t bytes = t.nbytes() / static_cast<size_t>(shard_.world);
-  return {backend_.upload(t.data + bytes * static_cast<size_t>(shard_.rank), bytes), t.dtype(), local};
+  local[0] = split(name, shape[0], "first dimension", part.world);
+  const size_t bytes = t.nbytes() / static_cast<size_t>(part.world);
+  return {backend_.upload(t.data + bytes * static_cast<size_t>(part.rank), bytes), t.dtype(), local};
 }
 
 }  // namespace fineserve

@@ -9,6 +9,7 @@
 
 #include "kernels/backend.h"
 #include "models/checkpoint/safetensors.h"
+#include "models/model.h"  // ShardSpec
 
 namespace fineserve {
 
@@ -17,12 +18,6 @@ struct DeviceTensor {
   const void* data = nullptr;
   DType dtype = DType::F16;
   std::vector<int64_t> shape;
-};
-
-// Which part of the model this rank holds: rank `rank` of `world` tensor-parallel ranks.
-struct ShardSpec {
-  int rank = 0;
-  int world = 1;
 };
 
 // How a linear layer [out, in] is divided among the ranks (Megatron's names).
@@ -53,18 +48,26 @@ class WeightLoader {
   // group and the world size). A column-wise matrix (group = K, one scale per output row) splits
   // exactly: each rank keeps every row's scale and its slice becomes column-wise (group = K/world).
   WeightMatrix linear(const std::string& stem, int64_t rows, int64_t cols, Parallel parallel = Parallel::Replicated);
+  // Column-parallel with an explicit cut: the output rows split into part.world equal parts, of
+  // which this rank holds part part.rank. For projections whose parts are not one per rank: the
+  // K/V projections of a model with fewer KV heads than ranks, where several ranks hold the same
+  // KV head (the one their query heads read).
+  WeightMatrix linear_part(const std::string& stem, int64_t rows, int64_t cols, ShardSpec part);
   // A dense tensor of the given shape (float dtype), uploaded as stored.
   DeviceTensor dense(const std::string& name, const std::vector<int64_t>& shape);
   // This rank's slice of a dense tensor along its first dimension (the bias of a column-parallel
   // layer): shape[0] / world rows.
   DeviceTensor dense_split(const std::string& name, const std::vector<int64_t>& shape);
+  // Part part.rank of part.world of a dense tensor along its first dimension (linear_part's bias).
+  DeviceTensor dense_part(const std::string& name, const std::vector<int64_t>& shape, ShardSpec part);
   // Bytes of all weights loaded so far that a full forward reads (this rank's shards).
   uint64_t bytes_loaded() const { return bytes_; }
 
  private:
   const ckpt::TensorView& expect(const std::string& name, const std::vector<int64_t>& shape,
                                  const std::vector<DType>& dtypes);
-  int64_t split(const std::string& what, int64_t n, const char* dim) const;
+  WeightMatrix load_linear(const std::string& stem, int64_t rows, int64_t cols, Parallel parallel, ShardSpec part);
+  int64_t split(const std::string& what, int64_t n, const char* dim, int parts) const;
   const ckpt::Checkpoint& ckpt_;
   Backend& backend_;
   std::string prefix_;

@@ -18,7 +18,7 @@ namespace fineserve {
 
 void add_eval_command(CLI::App& app) {
   struct Flags {
-    std::string model, text, device = "cpu", json;
+    std::string model, text, device = "cpu", dtype, json;
     int ctx = 1024, stride = 0, chunk = 256;
     int64_t max_tokens = 0;
   };
@@ -32,14 +32,15 @@ void add_eval_command(CLI::App& app) {
   ppl->add_option("--stride", f->stride, "Tokens between window starts (default: ctx / 2)")->check(CLI::PositiveNumber);
   ppl->add_option("--chunk", f->chunk, "Tokens per forward step")->check(CLI::PositiveNumber);
   ppl->add_option("--max-tokens", f->max_tokens, "Score only the first N tokens of the text")->check(CLI::PositiveNumber);
-  ppl->add_option("--device", f->device, "cpu");
+  ppl->add_option("--device", f->device, kDeviceHelp);
+  ppl->add_option("--dtype", f->dtype, kDtypeHelp);
   ppl->add_option("--json", f->json, "Also write the result as JSON to this file");
   ppl->callback([f] {
     std::ifstream in(f->text, std::ios::binary);
     if (!in) throw Error("cannot read " + f->text);
     const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
     auto tokenizer = load_tokenizer(f->model);
-    auto backend = make_backend(f->device);
+    auto backend = make_backend(f->device, f->dtype);
     auto model = load_model(f->model, *backend);
     std::vector<int32_t> ids = tokenizer->encode(text);
     if (f->max_tokens > 0 && static_cast<int64_t>(ids.size()) > f->max_tokens) ids.resize(static_cast<size_t>(f->max_tokens));

@@ -8,20 +8,58 @@
 #include "engine/engine.h"
 #include "engine/tp.h"
 #include "kernels/base.h"
+#include "kernels/cuda/cuda_backend.h"
 #include "models/model.h"
 #include "models/tokenizer/tokenizer.h"
 #include "server/commands.h"
 
 namespace fineserve {
 
-std::unique_ptr<Backend> make_backend(const std::string& device) {
-  if (device == "cpu") return make_cpu_backend();
-  throw Error("device '" + device + "' is not available in this build (available: cpu)");
+DeviceSpec parse_device(const std::string& device) {
+  const std::string available = cuda_backend_built() ? "cpu, cuda, cuda:N" : "cpu (this build has no CUDA)";
+  DeviceSpec d;
+  if (device == "cpu") return d;
+  if (device == "cuda" || device.starts_with("cuda:")) {
+    d.cuda = true;
+    if (device == "cuda") return d;
+    const std::string n = device.substr(5);
+    const bool digits = !n.empty() && n.size() <= 4 && n.find_first_not_of("0123456789") == std::string::npos;
+    if (!digits) throw Error("device '" + device + "': the GPU index after 'cuda:' must be a number (available: " + available + ")");
+    d.index = std::stoi(n);
+    d.explicit_index = true;
+    return d;
+  }
+  throw Error("device '" + device + "' is not a device FineServe knows (available: " + available + ")");
+}
+
+std::unique_ptr<Backend> make_backend(const std::string& device, const std::string& dtype) {
+  const DeviceSpec d = parse_device(device);
+  if (!d.cuda) {
+    if (!dtype.empty() && dtype != "fp32")
+      throw Error("--dtype " + dtype + " applies to --device cuda; the CPU backend computes in fp32");
+    return make_cpu_backend();
+  }
+  DType act;
+  if (dtype.empty() || dtype == "fp16" || dtype == "float16") {
+    act = DType::F16;
+  } else if (dtype == "bf16" || dtype == "bfloat16") {
+    act = DType::BF16;
+  } else {
+    throw Error("--dtype '" + dtype + "' is not a CUDA activation dtype (fp16 or bf16)");
+  }
+  if (!cuda_backend_built())
+    throw Error("device '" + device + "': CUDA is not in this build of FineServe (it was configured without nvcc or "
+                "with -DFINESERVE_CUDA=OFF); use --device cpu");
+  try {
+    return make_cuda_backend(d.index, act);
+  } catch (const Error& e) {
+    throw Error("device '" + device + "': " + e.what());
+  }
 }
 
 void add_generate_command(CLI::App& app) {
   struct Flags {
-    std::string model, device = "cpu";
+    std::string model, device = "cpu", dtype;
     std::vector<std::string> prompts;
     int max_new_tokens = 64;
     float temperature = 1.0f, top_p = 1.0f, repetition_penalty = 1.0f;
@@ -40,7 +78,8 @@ void add_generate_command(CLI::App& app) {
   CLI::App* cmd = app.add_subcommand("generate", "Generate text from a prompt (flags or stdin), streaming to stdout");
   cmd->add_option("--model", f->model, "Checkpoint directory (dense or FineQuant)")->required();
   cmd->add_option("--prompt", f->prompts, "Prompt text (repeatable: the prompts run as one batch); stdin when absent");
-  cmd->add_option("--device", f->device, "cpu");
+  cmd->add_option("--device", f->device, kDeviceHelp);
+  cmd->add_option("--dtype", f->dtype, kDtypeHelp);
   cmd->add_option("--max-new-tokens", f->max_new_tokens)->check(CLI::PositiveNumber);
   cmd->add_flag("--do-sample", f->do_sample, "Sample instead of greedy decoding");
   cmd->add_option("--temperature", f->temperature);
@@ -69,7 +108,7 @@ void add_generate_command(CLI::App& app) {
     std::unique_ptr<Backend> backend;
     std::unique_ptr<Model> model;
     if (f->tp == 1) {
-      backend = make_backend(f->device);
+      backend = make_backend(f->device, f->dtype);
       model = load_model(f->model, *backend);
     } else {
       if (f->device != "cpu")

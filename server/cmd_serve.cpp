@@ -35,7 +35,7 @@ void add_serve_command(CLI::App& app) {
   auto* config = cmd->add_option("--config", f->config, "Server defaults (JSON); flags override them")->capture_default_str();
   cmd->add_option("--model", f->o.model, "Checkpoint to serve (dense or FineQuant)");
   auto* name = cmd->add_option("--served-model-name", f->o.served_model_name, "Model id for /v1 routes (default: the checkpoint folder's name)");
-  auto* device = cmd->add_option("--device", f->o.device, "cpu (cuda when built with it)");
+  auto* device = cmd->add_option("--device", f->o.device, kDeviceHelp);
   auto* host = cmd->add_option("--host", f->o.http.host, "Address to listen on (0.0.0.0: every interface)");
   auto* port = cmd->add_option("--port", f->port, "Port to listen on (0: any free port)")->check(CLI::Range(0, 65535));
   auto* mbt = cmd->add_option("--max-batch-tokens", f->o.engine.max_batch_tokens, "Tokens per engine step (prefill chunk + decodes)")->check(CLI::PositiveNumber);
@@ -94,6 +94,16 @@ void add_serve_command(CLI::App& app) {
                     "ranks as threads of one process (drop --rank / --coordinator)");
       if (f->rank >= o.tp) throw Error("--rank " + std::to_string(f->rank) + " is outside --tp " + std::to_string(o.tp));
     }
+    // CUDA tensor parallelism: rank r runs on GPU --local-rank, by default GPU r.
+    const DeviceSpec spec = parse_device(o.device);
+    if (o.tp > 1 && spec.cuda) {
+      if (spec.explicit_index)
+        throw Error("--device " + o.device + " with --tp " + std::to_string(o.tp) +
+                    ": every rank picks its own GPU (--local-rank, by default its rank); pass --device cuda");
+      if (f->local_rank >= 0 && f->rank < 0)
+        throw Error("--local-rank applies to a rank started with --rank; rank 0 spawning the group puts rank r on "
+                    "GPU r");
+    }
     if (f->rank > 0) {
       TpProcessOptions p;
       p.world = o.tp;
@@ -102,14 +112,17 @@ void add_serve_command(CLI::App& app) {
       p.device_index = f->local_rank >= 0 ? f->local_rank : f->rank;
       p.collective_timeout = std::chrono::milliseconds(static_cast<int64_t>(o.tp_timeout_s * 1000));
       p.net.connect_timeout = p.collective_timeout;
-      const std::string dev = o.device;
+      const std::string dev = "cuda:" + std::to_string(p.device_index);
       p.make_backend = [dev] { return make_backend(dev); };
       spdlog::info("tensor-parallel rank {} of {}: joining {}", p.rank, p.world, p.coordinator);
       run_tp_worker_process(o.model, p);
       spdlog::info("tensor-parallel rank {}: rank 0 shut the group down; exiting", p.rank);
       return;
     }
-    if (f->rank == 0) o.spawn_tp_ranks = false;  // the other ranks are started separately
+    if (f->rank == 0) {
+      o.spawn_tp_ranks = false;  // the other ranks are started separately
+      if (f->local_rank >= 0) o.device = "cuda:" + std::to_string(f->local_rank);
+    }
 
     // Signals are taken synchronously by this thread (sigwait) rather than by a handler: block
     // them before any thread starts so that every thread inherits the mask. A client that goes

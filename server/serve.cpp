@@ -55,6 +55,7 @@ std::unique_ptr<Model> load_tp_model(const ServeOptions& o) {
   p.coordinator = o.coordinator;
   p.collective_timeout = timeout;
   p.net.connect_timeout = timeout;
+  p.device_index = parse_device(o.device).index;  // cmd_serve: --local-rank, else GPU 0
   const std::string device = o.device;
   p.make_backend = [device] { return make_backend(device); };
   if (o.spawn_tp_ranks) {
@@ -144,7 +145,8 @@ void ServingStack::load() {
   if (card.name.empty()) card.name = std::filesystem::absolute(dir).lexically_normal().filename().string();
   if (card.name.empty()) card.name = std::filesystem::absolute(dir).lexically_normal().parent_path().filename().string();
   card.path = options_.model;
-  card.device = options_.device;
+  // The GPU by name (e.g. "cuda:0 (NVIDIA H100 80GB HBM3)"); the CPU and TP groups as configured.
+  card.device = backend_ && parse_device(options_.device).cuda ? backend_->name() : options_.device;
   card.tp_size = options_.tp;
   card.info = model_->info();
   card.engine = engine_->config();

@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 #include <limits>
 #include <set>
 
@@ -252,7 +253,86 @@ TensorView SafetensorsFile::view(const TensorInfo& t) const {
 
 void SafetensorsFile::release(const TensorInfo& t) const {
   FS_ASSERT(find(t.name) == &t, "the TensorInfo belongs to another file");
+  // MADV_DONTNEED on anonymous memory would replace the tensor with zeros.
+  if (in_memory_) return;
   release_pages(base_ + data_start_ + t.begin, base_ + data_start_ + t.end);
+}
+
+// ---- files and checkpoints built in memory ------------------------------------------------------
+
+std::unique_ptr<SafetensorsFile> SafetensorsFile::build_in_memory(
+    const std::string& label, const std::vector<TensorDecl>& tensors, const Metadata& metadata,
+    const std::function<void(const TensorInfo&, std::byte*)>& fill) {
+  // The header, with the tensors back to back in the given order. nlohmann::json would keep only
+  // the last of two equal keys, so duplicates are caught here.
+  json header = json::object();
+  std::set<std::string, std::less<>> names;
+  uint64_t offset = 0;
+  for (const TensorDecl& t : tensors) {
+    if (t.name == kMetadataKey || !names.insert(t.name).second)
+      fail_tensor(label, t.name, "declared twice (or named like the metadata)");
+    const auto nbytes = tensor_nbytes(t.dtype, t.shape);
+    uint64_t end = 0;
+    if (!nbytes || __builtin_add_overflow(offset, *nbytes, &end))
+      fail_tensor(label, t.name, "shape " + format_shape(t.shape) + " is too large");
+    header[t.name] = {{"dtype", std::string(dtype_name(t.dtype))}, {"shape", t.shape}, {"data_offsets", {offset, end}}};
+    offset = end;
+  }
+  if (!metadata.empty()) header[std::string(kMetadataKey)] = metadata;
+  std::string text;
+  try {
+    text = header.dump();
+  } catch (const json::exception& e) {  // a name or metadata value that is not valid UTF-8
+    fail(label, std::string("cannot write the header: ") + e.what());
+  }
+  // Spaces after the JSON (allowed by the format) put the data on a 64-byte boundary, as the
+  // writer does: aligned tensors for whoever reads them in place.
+  text.resize((8 + text.size() + 63) / 64 * 64 - 8, ' ');
+  const uint64_t data_bytes = offset;
+  if (text.size() > kMaxHeaderBytes) fail(label, "header of " + std::to_string(text.size()) + " bytes is too large");
+  if (data_bytes > std::numeric_limits<uint64_t>::max() - 8 - text.size()) fail(label, "tensors too large");
+  const uint64_t size = 8 + text.size() + data_bytes;
+
+  // Anonymous memory, not the heap: pages are committed only when the fill first touches them (so
+  // a parallel fill places them near the threads that write them), and the destructor's munmap
+  // frees them as it unmaps a file.
+  void* mem = ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (mem == MAP_FAILED)
+    fail(label, "cannot allocate " + std::to_string(size) + " bytes of memory: " + std::strerror(errno));
+  // Huge pages where the kernel allows them: filling tens of GB in 4 KiB pages costs millions of
+  // page faults. Advice only; a refusal leaves ordinary pages.
+  (void)::madvise(mem, size, MADV_HUGEPAGE);
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = label;
+  file->in_memory_ = true;
+  file->base_ = static_cast<const std::byte*>(mem);
+  file->size_ = size;
+  auto* bytes = static_cast<std::byte*>(mem);
+  for (int i = 0; i < 8; ++i) bytes[i] = static_cast<std::byte>((text.size() >> (8 * i)) & 0xff);
+  std::memcpy(bytes + 8, text.data(), text.size());
+
+  ParsedFile parsed = parse_file_bytes({file->base_, file->size_}, label);
+  file->data_start_ = parsed.data_start;
+  file->header_ = std::move(parsed.header);
+  for (size_t i = 0; i < file->header_.tensors.size(); ++i) file->index_.emplace(file->header_.tensors[i].name, i);
+  for (const TensorDecl& t : tensors) {
+    const TensorInfo* info = file->find(t.name);
+    FS_ASSERT(info && info->begin + file->data_start_ + info->nbytes() <= size);
+    if (fill) fill(*info, bytes + file->data_start_ + info->begin);
+  }
+  return file;
+}
+
+// Defined here beside the in-memory file it serves (the other Checkpoint members: checkpoint.cpp).
+Checkpoint Checkpoint::from_files(const std::filesystem::path& label, std::vector<std::unique_ptr<SafetensorsFile>> files) {
+  Checkpoint c;
+  c.source_ = label;
+  c.dir_ = label;
+  for (auto& f : files) {
+    FS_ASSERT(f != nullptr);
+    c.add_file(std::move(f));
+  }
+  return c;
 }
 
 }  // namespace fineserve::ckpt

@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <filesystem>
+#include <functional>
 #include <map>
 #include <memory>
 #include <optional>
@@ -65,6 +66,13 @@ struct ParsedFile {
 };
 ParsedFile parse_file_bytes(std::span<const std::byte> file, const std::string& label);
 
+// A tensor to lay out in a file built in memory (SafetensorsFile::build_in_memory).
+struct TensorDecl {
+  std::string name;
+  DType dtype = DType::F16;
+  std::vector<int64_t> shape;
+};
+
 // A view of one tensor's bytes inside a mapped file; valid while the file is open.
 struct TensorView {
   const TensorInfo* info = nullptr;
@@ -81,6 +89,16 @@ class SafetensorsFile {
  public:
   // Maps the file read-only and validates its header. Throws fineserve::Error on any defect.
   static std::unique_ptr<SafetensorsFile> open(const std::filesystem::path& path);
+  // A file built in anonymous memory instead of read from disk (synthetic checkpoints,
+  // models/synthetic.h), so that everything reading safetensors reads it unchanged: lays `tensors`
+  // out back to back in the given order after a header holding them and `metadata` (padded with
+  // spaces so that the data starts 64-byte aligned), validates that image as open() validates a
+  // file, then calls fill(info, bytes) once per tensor, in order, to write its info.nbytes() bytes.
+  // `label` stands in for the path (path(), messages). Throws fineserve::Error on a duplicate name,
+  // a shape too large, or when the memory cannot be had.
+  static std::unique_ptr<SafetensorsFile> build_in_memory(
+      const std::string& label, const std::vector<TensorDecl>& tensors, const Metadata& metadata,
+      const std::function<void(const TensorInfo& info, std::byte* bytes)>& fill);
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
@@ -94,12 +112,15 @@ class SafetensorsFile {
   const TensorInfo* find(std::string_view name) const;  // nullptr when absent
   TensorView view(const TensorInfo& t) const;
   // Drops the tensor's pages from this process's resident set (they stay in the page cache), so
-  // streaming through a large checkpoint keeps the peak RSS to a few tensors.
+  // streaming through a large checkpoint keeps the peak RSS to a few tensors. Does nothing for a
+  // file built in memory (its pages have no file to be read back from).
   void release(const TensorInfo& t) const;
+  bool in_memory() const { return in_memory_; }
 
  private:
   SafetensorsFile() = default;
   std::filesystem::path path_;
+  bool in_memory_ = false;
   const std::byte* base_ = nullptr;
   uint64_t size_ = 0;
   uint64_t data_start_ = 0;
@@ -113,6 +134,10 @@ class Checkpoint {
  public:
   // Throws fineserve::Error naming the path (and the index, shard or tensor) on any defect.
   static Checkpoint open(const std::filesystem::path& path);
+  // A checkpoint over files built in memory (SafetensorsFile::build_in_memory); `label` stands in
+  // for the directory in dir() and in messages. Throws fineserve::Error when two files hold a
+  // tensor of the same name.
+  static Checkpoint from_files(const std::filesystem::path& label, std::vector<std::unique_ptr<SafetensorsFile>> files);
 
   const std::filesystem::path& dir() const { return dir_; }
   const std::vector<std::unique_ptr<SafetensorsFile>>& files() const { return files_; }
