@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/engine.h"
+#include "kernels/base.h"
 #include "models/checkpoint/safetensors.h"
 #include "models/model.h"
 #include "models/tokenizer/tokenizer.h"
@@ -58,6 +59,15 @@ inline Golden read_golden(const std::filesystem::path& dir) {
   return g;
 }
 
+// Just the fixture's prompt token ids, from golden.json alone (which the quantizer copies into
+// the checkpoints it writes; golden.safetensors it does not).
+inline std::vector<std::vector<int32_t>> golden_prompt_ids(const std::filesystem::path& dir) {
+  std::vector<std::vector<int32_t>> out;
+  const nlohmann::json j = nlohmann::json::parse(std::ifstream(dir / "golden.json"));
+  for (const auto& p : j["prompts"]) out.push_back(p["ids"].get<std::vector<int32_t>>());
+  return out;
+}
+
 // A private temporary directory named after the running test (parameterised names hold a '/').
 struct Scratch {
   std::filesystem::path path;
@@ -91,25 +101,37 @@ inline std::vector<float> prefill_logits(Model& model, const std::vector<int32_t
   return out;
 }
 
-// Greedy continuations of every prompt of `g` (as many tokens as the fixture has), all prompts in
-// one engine batch with prefill chunks of at most max_batch_tokens. `tok` may be null.
-inline std::vector<std::vector<int32_t>> greedy(Model& model, const Tokenizer* tok, const Golden& g,
-                                                int max_batch_tokens) {
+// Greedy continuations (new_tokens each, EOS ignored) of every prompt, all in one engine batch
+// with prefill chunks of at most max_batch_tokens. `tok` may be null.
+inline std::vector<std::vector<int32_t>> greedy(Model& model, const std::vector<std::vector<int32_t>>& prompts,
+                                                int new_tokens, int max_batch_tokens, const Tokenizer* tok = nullptr) {
   EngineConfig ec;
   ec.num_blocks = 64;
   ec.max_batch_tokens = max_batch_tokens;
   Engine engine(model, tok, ec);
   std::vector<GenerationRequest> reqs;
-  for (const auto& p : g.prompts) {
+  for (const auto& p : prompts) {
     GenerationRequest r;
-    r.prompt = p.ids;
-    r.stop.max_new_tokens = static_cast<int>(p.greedy.size());
+    r.prompt = p;
+    r.stop.max_new_tokens = new_tokens;
     r.ignore_eos = true;
     reqs.push_back(r);
   }
   std::vector<std::vector<int32_t>> out;
   for (auto& r : engine.generate(reqs)) out.push_back(r.tokens);
   return out;
+}
+
+// The same for a fixture's prompts, as many tokens as its greedy continuations hold.
+inline std::vector<std::vector<int32_t>> greedy(Model& model, const Tokenizer* tok, const Golden& g,
+                                                int max_batch_tokens) {
+  std::vector<std::vector<int32_t>> prompts;
+  for (const auto& p : g.prompts) {
+    FS_ASSERT(p.greedy.size() == g.prompts.front().greedy.size(), "fixture continuations differ in length");
+    prompts.push_back(p.ids);
+  }
+  const int n = g.prompts.empty() ? 0 : static_cast<int>(g.prompts.front().greedy.size());
+  return greedy(model, prompts, n, max_batch_tokens, tok);
 }
 
 // max |a - b| / max |b|: the error relative to the logits' scale.

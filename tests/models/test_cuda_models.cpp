@@ -39,57 +39,16 @@
 namespace fineserve {
 namespace {
 namespace fs = std::filesystem;
+using testing::Golden;
+using testing::Scratch;
+using testing::greedy;
 using testing::prefill_logits;
+using testing::read_golden;
 using testing::rel_max_error;
 
-const fs::path kGolden = fs::path(FINESERVE_TEST_DATA) / "golden";
+const fs::path& kGolden = testing::kGoldenDir;
 
 double logit_tolerance(DType act) { return act == DType::F16 ? 1e-2 : 6e-2; }
-
-struct Golden {
-  struct Prompt {
-    std::vector<int32_t> ids, greedy;
-    std::vector<float> logits;  // [ids.size(), vocab]
-  };
-  std::vector<Prompt> prompts;
-  int64_t vocab = 0;
-};
-
-Golden read_golden(const fs::path& dir) {
-  Golden g;
-  const nlohmann::json j = nlohmann::json::parse(std::ifstream(dir / "golden.json"));
-  const ckpt::Checkpoint logits = ckpt::Checkpoint::open(dir / "golden.safetensors");
-  for (size_t i = 0; i < j["prompts"].size(); ++i) {
-    Golden::Prompt p;
-    p.ids = j["prompts"][i]["ids"].get<std::vector<int32_t>>();
-    p.greedy = j["prompts"][i]["greedy"].get<std::vector<int32_t>>();
-    const ckpt::TensorView t = logits.get("logits." + std::to_string(i));
-    g.vocab = t.shape()[1];
-    p.logits.resize(static_cast<size_t>(t.numel()));
-    std::memcpy(p.logits.data(), t.data, t.nbytes());
-    g.prompts.push_back(std::move(p));
-  }
-  return g;
-}
-
-// Every prompt's greedy continuation in one batch, prefilled in chunks of max_batch_tokens.
-std::vector<std::vector<int32_t>> greedy(Model& model, const Golden& g, int max_batch_tokens) {
-  EngineConfig ec;
-  ec.num_blocks = 64;
-  ec.max_batch_tokens = max_batch_tokens;
-  Engine engine(model, nullptr, ec);
-  std::vector<GenerationRequest> reqs;
-  for (const auto& p : g.prompts) {
-    GenerationRequest r;
-    r.prompt = p.ids;
-    r.stop.max_new_tokens = static_cast<int>(p.greedy.size());
-    r.ignore_eos = true;
-    reqs.push_back(r);
-  }
-  std::vector<std::vector<int32_t>> out;
-  for (auto& r : engine.generate(reqs)) out.push_back(r.tokens);
-  return out;
-}
 
 // `got` must equal transformers' `want` up to the first step at which the two tokens' logits on
 // this backend are within `margin` (relative to the step's largest |logit|) of each other: a
@@ -115,18 +74,6 @@ void expect_greedy(Model& model, const std::vector<int32_t>& prompt, const std::
     std::printf("%s: step %zu is a near-tie (gap %.3g of scale %.3g); continuations diverge from there\n",
                 what.c_str(), i, gap, scale);
 }
-
-struct Scratch {
-  fs::path path;
-  Scratch() {
-    std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    std::replace(name.begin(), name.end(), '/', '_');
-    path = fs::temp_directory_path() / ("fineserve-cuda-models-" + std::to_string(::getpid()) + "-" + name);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~Scratch() { fs::remove_all(path); }
-};
 
 class CudaGolden : public ::testing::TestWithParam<std::string> {
  protected:
@@ -154,7 +101,7 @@ TEST_P(CudaGolden, DenseLogitsAndGreedyMatchTransformers) {
     }
     // The whole batch at once, and again with 3-token prefill chunks mixed with decodes.
     for (int chunk : {512, 3}) {
-      const auto out = greedy(*model, g, chunk);
+      const auto out = greedy(*model, nullptr, g, chunk);
       ASSERT_EQ(out.size(), g.prompts.size());
       for (size_t i = 0; i < g.prompts.size(); ++i)
         expect_greedy(*model, g.prompts[i].ids, g.prompts[i].greedy, out[i], 2 * logit_tolerance(act),
@@ -185,8 +132,8 @@ TEST_P(CudaGolden, QuantizedMatchesTheCpuBackend) {
       EXPECT_LE(err, logit_tolerance(DType::F16)) << GetParam() << " int" << bits << " prompt " << i;
       std::printf("%s int%d prompt %zu: CUDA vs CPU rel max error %.2e\n", GetParam().c_str(), bits, i, err);
     }
-    const auto out = greedy(*on_gpu, g, 3);
-    const auto want = greedy(*on_cpu, g, 3);
+    const auto out = greedy(*on_gpu, nullptr, g, 3);
+    const auto want = greedy(*on_cpu, nullptr, g, 3);
     for (size_t i = 0; i < g.prompts.size(); ++i)
       expect_greedy(*on_gpu, g.prompts[i].ids, want[i], out[i], 2 * logit_tolerance(DType::F16),
                     GetParam() + " int" + std::to_string(bits) + " prompt " + std::to_string(i));

@@ -30,30 +30,11 @@ namespace fineserve {
 namespace {
 namespace fs = std::filesystem;
 using namespace std::chrono_literals;
+using testing::Scratch;
 using testing::prefill_logits;
 using testing::rel_max_error;
 
-const fs::path kGolden = fs::path(FINESERVE_TEST_DATA) / "golden";
-
-// A private temporary directory named after the test (parameterised names hold a '/').
-struct Scratch {
-  fs::path path;
-  Scratch() {
-    std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    std::replace(name.begin(), name.end(), '/', '_');
-    path = fs::temp_directory_path() / ("fineserve-llama-tp-" + std::to_string(::getpid()) + "-" + name);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~Scratch() { fs::remove_all(path); }
-};
-
-std::vector<std::vector<int32_t>> golden_prompts(const fs::path& dir) {
-  std::vector<std::vector<int32_t>> out;
-  const auto j = nlohmann::json::parse(std::ifstream(dir / "golden.json"));
-  for (const auto& p : j["prompts"]) out.push_back(p["ids"].get<std::vector<int32_t>>());
-  return out;
-}
+const fs::path& kGolden = testing::kGoldenDir;
 
 std::unique_ptr<Backend> cpu() { return make_cpu_backend(CpuOptions{.reference = false, .threads = 1}); }
 
@@ -63,26 +44,6 @@ std::unique_ptr<TpModel> load_tp(const fs::path& dir, int world) {
   o.timeout = 30s;
   o.make_backend = [](int) { return cpu(); };
   return load_model_tp_inproc(dir, o);
-}
-
-// Greedy continuations of every prompt, as one batch, with 3-token prefill chunks: many steps,
-// mixed prefill and decode (and, on mistral-swa, chunks that cross the 5-position window).
-std::vector<std::vector<int32_t>> greedy(Model& model, const std::vector<std::vector<int32_t>>& ps, int n) {
-  EngineConfig ec;
-  ec.num_blocks = 64;
-  ec.max_batch_tokens = 3;
-  Engine engine(model, nullptr, ec);
-  std::vector<GenerationRequest> reqs;
-  for (const auto& p : ps) {
-    GenerationRequest r;
-    r.prompt = p;
-    r.stop.max_new_tokens = n;
-    r.ignore_eos = true;
-    reqs.push_back(r);
-  }
-  std::vector<std::vector<int32_t>> out;
-  for (auto& r : engine.generate(reqs)) out.push_back(r.tokens);
-  return out;
 }
 
 // The TP model checked against TP = 1 on the same checkpoint: every prompt's prefill logits within
@@ -107,11 +68,13 @@ void expect_tp_matches(const fs::path& dir, int world, double tol, const std::st
     EXPECT_LE(err, tol) << "prompt " << i;
     std::printf("%s tp %d prompt %zu: max |logit - tp1 logit| / max |tp1 logit| = %.2e\n", what.c_str(), world, i, err);
   }
-  EXPECT_EQ(greedy(*tp, ps, 8), greedy(*single, ps, 8));
+  // Greedy continuations as one batch with 3-token prefill chunks: many steps, mixed prefill and
+  // decode (and, on mistral-swa, chunks that cross the 5-position window).
+  EXPECT_EQ(testing::greedy(*tp, ps, 8, 3), testing::greedy(*single, ps, 8, 3));
 }
 
 void expect_tp_matches(const fs::path& dir, int world, double tol, const std::string& what) {
-  expect_tp_matches(dir, world, tol, what, golden_prompts(dir));
+  expect_tp_matches(dir, world, tol, what, testing::golden_prompt_ids(dir));
 }
 
 quant::ConvertOptions fixed_group(const fs::path& model, const fs::path& out, int bits, int64_t group) {
@@ -261,7 +224,7 @@ TEST(LlamaTp, ABadStepIsReportedAndTheGroupCarriesOn) {
   s.logit_rows = {0};
   std::vector<float> logits(static_cast<size_t>(tp->info().vocab_size));
   EXPECT_THROW(tp->forward(s, logits.data()), Error);
-  const auto ps = golden_prompts(dir);
+  const auto ps = testing::golden_prompt_ids(dir);
   auto backend = cpu();
   auto single = load_model(dir, *backend);
   EXPECT_LE(rel_max_error(prefill_logits(*tp, ps[0]), prefill_logits(*single, ps[0])), 1e-5);

@@ -24,21 +24,8 @@ using namespace std::chrono_literals;
 using testing::prefill_logits;
 using testing::rel_max_error;
 
-const fs::path kGolden = fs::path(FINESERVE_TEST_DATA) / "golden";
-
-struct Scratch {
-  fs::path path = fs::temp_directory_path() / ("fineserve-tp-" + std::to_string(::getpid()) + "-" +
-                                               ::testing::UnitTest::GetInstance()->current_test_info()->name());
-  Scratch() { fs::create_directories(path); }
-  ~Scratch() { fs::remove_all(path); }
-};
-
-std::vector<std::vector<int32_t>> prompts(const fs::path& dir) {
-  std::vector<std::vector<int32_t>> out;
-  const auto j = nlohmann::json::parse(std::ifstream(dir / "golden.json"));
-  for (const auto& p : j["prompts"]) out.push_back(p["ids"].get<std::vector<int32_t>>());
-  return out;
-}
+const fs::path& kGolden = testing::kGoldenDir;
+using testing::Scratch;
 
 std::unique_ptr<TpModel> load_tp(const fs::path& dir, int world) {
   InprocTpOptions o;
@@ -46,26 +33,6 @@ std::unique_ptr<TpModel> load_tp(const fs::path& dir, int world) {
   o.timeout = 30s;
   o.make_backend = [](int) { return make_cpu_backend(CpuOptions{.reference = false, .threads = 1}); };
   return load_model_tp_inproc(dir, o);
-}
-
-// Greedy continuations of every prompt, as one batch, with 3-token prefill chunks: many steps,
-// mixed prefill and decode, the KV cache allocated through the TP model.
-std::vector<std::vector<int32_t>> greedy(Model& model, const std::vector<std::vector<int32_t>>& ps, int n) {
-  EngineConfig ec;
-  ec.num_blocks = 64;
-  ec.max_batch_tokens = 3;
-  Engine engine(model, nullptr, ec);
-  std::vector<GenerationRequest> reqs;
-  for (const auto& p : ps) {
-    GenerationRequest r;
-    r.prompt = p;
-    r.stop.max_new_tokens = n;
-    r.ignore_eos = true;
-    reqs.push_back(r);
-  }
-  std::vector<std::vector<int32_t>> out;
-  for (auto& r : engine.generate(reqs)) out.push_back(r.tokens);
-  return out;
 }
 
 // The model checked against TP = 1 on the same checkpoint.
@@ -77,13 +44,15 @@ void expect_tp_matches(const fs::path& dir, int world, double tol, const std::st
   EXPECT_EQ(tp->info().vocab_size, single->info().vocab_size);
   EXPECT_EQ(tp->kv_block_bytes(16) * static_cast<uint64_t>(world), single->kv_block_bytes(16))
       << "each rank caches its own heads only";
-  const auto ps = prompts(dir);
+  const auto ps = testing::golden_prompt_ids(dir);
   for (size_t i = 0; i < ps.size(); ++i) {
     const double err = rel_max_error(prefill_logits(*tp, ps[i]), prefill_logits(*single, ps[i]));
     EXPECT_LE(err, tol) << what << " tp " << world << " prompt " << i;
     std::printf("%s tp %d prompt %zu: max |logit - tp1 logit| / max |tp1 logit| = %.2e\n", what.c_str(), world, i, err);
   }
-  EXPECT_EQ(greedy(*tp, ps, 8), greedy(*single, ps, 8)) << what << " tp " << world;
+  // Greedy continuations as one batch with 3-token prefill chunks: many steps, mixed prefill and
+  // decode, the KV cache allocated through the TP model.
+  EXPECT_EQ(testing::greedy(*tp, ps, 8, 3), testing::greedy(*single, ps, 8, 3)) << what << " tp " << world;
 }
 
 class OptTp : public ::testing::TestWithParam<std::string> {};
@@ -165,7 +134,7 @@ TEST(OptTp, WorldOfOneIsThePlainModel) {
   auto backend = make_cpu_backend(CpuOptions{.reference = false, .threads = 1});
   auto single = load_model(dir, *backend);
   auto tp = load_tp(dir, 1);
-  const auto ps = prompts(dir);
+  const auto ps = testing::golden_prompt_ids(dir);
   EXPECT_EQ(prefill_logits(*tp, ps[0]), prefill_logits(*single, ps[0]));
 }
 
@@ -184,7 +153,7 @@ TEST(OptTp, ABadStepIsReportedAndTheGroupCarriesOn) {
   s.logit_rows = {0};
   std::vector<float> logits(static_cast<size_t>(tp->info().vocab_size));
   EXPECT_THROW(tp->forward(s, logits.data()), Error);
-  const auto ps = prompts(dir);
+  const auto ps = testing::golden_prompt_ids(dir);
   auto backend = make_cpu_backend(CpuOptions{.reference = false, .threads = 1});
   auto single = load_model(dir, *backend);
   EXPECT_LE(rel_max_error(prefill_logits(*tp, ps[0]), prefill_logits(*single, ps[0])), 1e-5);

@@ -31,19 +31,8 @@ namespace fineserve {
 namespace {
 namespace fs = std::filesystem;
 
-const fs::path kGolden = fs::path(FINESERVE_TEST_DATA) / "golden";
-
-struct Scratch {
-  fs::path path;
-  Scratch() {
-    std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    std::replace(name.begin(), name.end(), '/', '_');
-    path = fs::temp_directory_path() / ("fineserve-synthmem-" + std::to_string(::getpid()) + "-" + name);
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~Scratch() { fs::remove_all(path); }
-};
+const fs::path& kGolden = testing::kGoldenDir;
+using testing::Scratch;
 
 // The small configs of the golden tests: OPT (pre-LN, tied head), Llama (GQA, untied head) and
 // Mixtral (4 experts, top 2), all with K = 64 or more so that group 32 is allowed.
