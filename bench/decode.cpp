@@ -23,20 +23,11 @@ namespace fineserve::bench {
 namespace {
 namespace fs = std::filesystem;
 
-struct Flags {
-  std::string device = "cpu";
-  int gpu = 0;
+struct Flags : RunFlags {
   std::vector<std::string> models;   // default: by device
   std::vector<std::string> weights = {"fp16", "int8", "int4"};
   std::vector<int> batches;          // default: by device
-  int prompt_tokens = 8;
-  int new_tokens = 0;                // default: by device
-  std::string group_int4 = "128", group_int8 = "K";
-  bool in_memory = false, on_disk = false;  // neither: by device
   int64_t layers = -1;
-  std::vector<std::string> sets;
-  std::string work;
-  std::string out;
 };
 
 fs::path config_path(const std::string& name) {
@@ -56,22 +47,21 @@ struct Measured {
 };
 
 void run(const Flags& f) {
-  const DeviceContext dev = open_device(f.device, f.gpu);
+  const RunSetup setup = resolve_run(f, "decode");
+  const DeviceContext& dev = setup.dev;
   const bool cuda = dev.device == Device::Cuda;
   const std::vector<std::string> models =
       !f.models.empty() ? f.models
       : cuda            ? std::vector<std::string>{"opt-13b", "opt-30b"}
                         : std::vector<std::string>{"opt-125m", "opt-350m", "opt-1.3b"};
   const std::vector<int> batches = !f.batches.empty() ? f.batches : cuda ? std::vector<int>{1, 8, 32} : std::vector<int>{1, 8};
-  const int new_tokens = f.new_tokens > 0 ? f.new_tokens : cuda ? 64 : 32;
-  if (new_tokens < 3) throw Error("--new-tokens must be at least 3 (two warm-up steps, then timed ones)");
   for (int b : batches)
     if (b < 1) throw Error("--batches must be positive");
-  const int64_t g4 = parse_group(f.group_int4, "--group"), g8 = parse_group(f.group_int8, "--group-int8");
-  const WeightSource source{f.in_memory || (cuda && !f.on_disk),
-                            f.work.empty() ? fs::temp_directory_path() / "fineserve-bench-decode" : fs::path(f.work)};
-  const nlohmann::json overrides = parse_overrides(f.sets);
-  const std::string out = !f.out.empty() ? f.out : cuda ? "docs/results/decode_cuda.json" : "docs/results/decode_cpu.json";
+  const int new_tokens = setup.new_tokens;
+  const int64_t g4 = setup.group_int4, g8 = setup.group_int8;
+  const WeightSource& source = setup.source;
+  const nlohmann::json& overrides = setup.overrides;
+  const std::string& out = setup.out;
   const int max_batch = *std::max_element(batches.begin(), batches.end());
 
   std::printf("device: %s\nbandwidth probe: %.1f GB/s (%s)\nweights: %s; prompt %d tokens, %d new tokens\n",
@@ -204,27 +194,14 @@ void setup(CLI::App& group) {
   auto f = std::make_shared<Flags>();
   CLI::App* cmd = group.add_subcommand(
       "decode", "Decode tokens/s of synthetic OPT models: fp16 vs int8 vs int4, on the CPU or a GPU");
-  cmd->add_option("--device", f->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
-  cmd->add_option("--gpu", f->gpu, "CUDA device index")->check(CLI::NonNegativeNumber);
   cmd->add_option("--models", f->models,
                   "Config names under configs/models, or config.json paths (default: cpu opt-125m opt-350m opt-1.3b; "
                   "cuda opt-13b opt-30b)");
   cmd->add_option("--weights", f->weights, "Weight precisions: fp16 int8 int4 (default: all three)");
   cmd->add_option("--batches", f->batches, "Batch sizes (default: cpu 1 8; cuda 1 8 32)");
-  cmd->add_option("--prompt-tokens", f->prompt_tokens, "Prompt length of every sequence")->check(CLI::PositiveNumber);
-  cmd->add_option("--new-tokens", f->new_tokens, "New tokens per sequence (default: cpu 32; cuda 64)")
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--group", f->group_int4, "Group size of int4 weights along K, or K (column-wise)");
-  cmd->add_option("--group-int8", f->group_int8, "Group size of int8 weights along K, or K (column-wise)");
-  CLI::Option* mem = cmd->add_flag("--in-memory", f->in_memory, "Generate the weights in memory (default on cuda)");
-  cmd->add_flag("--on-disk", f->on_disk,
-                "Write the weights to disk and quantize them with the quantization pipeline (default on cpu)")
-      ->excludes(mem);
   cmd->add_option("--layers", f->layers, "Override num_hidden_layers (a shallow model of real width)")
       ->check(CLI::PositiveNumber);
-  cmd->add_option("--set", f->sets, "Override a config field, KEY=VALUE with VALUE as JSON (repeatable)");
-  cmd->add_option("--work", f->work, "Scratch directory for on-disk checkpoints (kept for reuse)");
-  cmd->add_option("--out", f->out, "JSON result path (default: docs/results/decode_<device>.json)");
+  add_run_options(*cmd, *f, "decode");
   cmd->callback([f] { run(*f); });
 }
 

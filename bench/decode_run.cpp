@@ -253,4 +253,38 @@ nlohmann::json parse_overrides(const std::vector<std::string>& sets) {
   return out;
 }
 
+void add_run_options(CLI::App& cmd, RunFlags& f, const std::string& bench) {
+  cmd.add_option("--device", f.device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd.add_option("--gpu", f.gpu, "CUDA device index")->check(CLI::NonNegativeNumber);
+  cmd.add_option("--prompt-tokens", f.prompt_tokens, "Prompt length of every sequence")->check(CLI::PositiveNumber);
+  cmd.add_option("--new-tokens", f.new_tokens, "New tokens per sequence (default: cpu 32; cuda 64)")
+      ->check(CLI::PositiveNumber);
+  cmd.add_option("--group", f.group_int4,
+                 "Group size of int4 weights (and of the mixed MoE variants) along K, or K (column-wise)");
+  cmd.add_option("--group-int8", f.group_int8, "Group size of int8 weights along K, or K (column-wise)");
+  CLI::Option* mem = cmd.add_flag("--in-memory", f.in_memory, "Generate the weights in memory (default on cuda)");
+  cmd.add_flag("--on-disk", f.on_disk,
+               "Write the weights to disk and quantize them with the quantization pipeline (default on cpu)")
+      ->excludes(mem);
+  cmd.add_option("--set", f.sets, "Override a config field, KEY=VALUE with VALUE as JSON (repeatable)");
+  cmd.add_option("--work", f.work, "Scratch directory for on-disk checkpoints (kept for reuse)");
+  cmd.add_option("--out", f.out, "JSON result path (default: docs/results/" + bench + "_<device>.json)");
+}
+
+RunSetup resolve_run(const RunFlags& f, const std::string& bench) {
+  RunSetup r;
+  r.dev = open_device(f.device, f.gpu);
+  const bool cuda = r.dev.device == Device::Cuda;
+  r.new_tokens = f.new_tokens > 0 ? f.new_tokens : cuda ? 64 : 32;
+  if (r.new_tokens < 3) throw Error("--new-tokens must be at least 3 (two warm-up steps, then timed ones)");
+  r.group_int4 = parse_group(f.group_int4, "--group");
+  r.group_int8 = parse_group(f.group_int8, "--group-int8");
+  r.source.in_memory = f.in_memory || (cuda && !f.on_disk);
+  r.source.work = f.work.empty() ? std::filesystem::temp_directory_path() / ("fineserve-bench-" + bench)
+                                 : std::filesystem::path(f.work);
+  r.overrides = parse_overrides(f.sets);
+  r.out = !f.out.empty() ? f.out : "docs/results/" + bench + (cuda ? "_cuda.json" : "_cpu.json");
+  return r;
+}
+
 }  // namespace fineserve::bench

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
 
 #include "kernels/backend.h"
@@ -92,6 +93,36 @@ DecodeTiming time_decode(Model& model, const DeviceContext& dev, int batch, int 
 
 // `--set KEY=VALUE` overrides of config.json fields (VALUE as JSON, else a bare string).
 nlohmann::json parse_overrides(const std::vector<std::string>& sets);
+
+// The flags `bench decode` and `bench moe` share.
+struct RunFlags {
+  std::string device = "cpu";
+  int gpu = 0;
+  int prompt_tokens = 8;
+  int new_tokens = 0;  // default: cpu 32, cuda 64
+  std::string group_int4 = "128", group_int8 = "K";
+  bool in_memory = false, on_disk = false;  // neither: in memory on cuda, on disk on cpu
+  std::vector<std::string> sets;
+  std::string work;
+  std::string out;
+};
+
+// Registers RunFlags' options on `cmd`; `bench` ("decode", "moe") names the default scratch folder
+// and result file.
+void add_run_options(CLI::App& cmd, RunFlags& f, const std::string& bench);
+
+// RunFlags resolved once the device is open: the defaults that depend on the device filled in.
+struct RunSetup {
+  DeviceContext dev;
+  int new_tokens = 0;
+  int64_t group_int4 = 0, group_int8 = 0;  // -1 = K (column-wise)
+  WeightSource source;
+  nlohmann::json overrides;  // from --set
+  std::string out;           // the JSON result path
+};
+
+// Opens the device and resolves `f`; throws fineserve::Error for a bad flag value.
+RunSetup resolve_run(const RunFlags& f, const std::string& bench);
 
 constexpr double kGB = 1e9;
 

@@ -26,23 +26,14 @@ namespace fineserve::bench {
 namespace {
 namespace fs = std::filesystem;
 
-struct Flags {
-  std::string device = "cpu";
-  int gpu = 0;
+struct Flags : RunFlags {
   std::string config = "configs/models/mixtral-8x7b.json";
   // 0: the config's value, except on the CPU where hidden and ffn default to 1024 and 3584.
   int64_t hidden = 0, ffn = 0, experts = 0, top_k = 0, vocab = 0;
   int64_t layers = 0;  // 0: cpu 4, cuda 8
   std::vector<std::string> weights;  // default: by device
   std::vector<int> batches = {1, 8};
-  int prompt_tokens = 8;
-  int new_tokens = 0;  // default: cpu 32, cuda 64
-  std::string group_int4 = "128", group_int8 = "K";
-  bool in_memory = false, on_disk = false;
   bool no_extrapolation = false;
-  std::vector<std::string> sets;
-  std::string work;
-  std::string out;
 };
 
 // One model depth of one variant, every batch.
@@ -56,24 +47,23 @@ struct DepthRun {
 };
 
 void run(const Flags& f) {
-  const DeviceContext dev = open_device(f.device, f.gpu);
+  const RunSetup setup = resolve_run(f, "moe");
+  const DeviceContext& dev = setup.dev;
   const bool cuda = dev.device == Device::Cuda;
-  const int new_tokens = f.new_tokens > 0 ? f.new_tokens : cuda ? 64 : 32;
-  if (new_tokens < 3) throw Error("--new-tokens must be at least 3 (two warm-up steps, then timed ones)");
+  const int new_tokens = setup.new_tokens;
   const std::vector<std::string> variants =
       !f.weights.empty() ? f.weights
       : cuda ? std::vector<std::string>{"fp16", "fp16+int4-experts", "int8+int4-experts", "int4"}
              : std::vector<std::string>{"fp16", "int8", "int8+int4-experts", "int4"};
-  const int64_t g4 = parse_group(f.group_int4, "--group"), g8 = parse_group(f.group_int8, "--group-int8");
-  const WeightSource source{f.in_memory || (cuda && !f.on_disk),
-                            f.work.empty() ? fs::temp_directory_path() / "fineserve-bench-moe" : fs::path(f.work)};
-  const std::string out = !f.out.empty() ? f.out : cuda ? "docs/results/moe_cuda.json" : "docs/results/moe_cpu.json";
+  const int64_t g4 = setup.group_int4, g8 = setup.group_int8;
+  const WeightSource& source = setup.source;
+  const std::string& out = setup.out;
   for (int b : f.batches)
     if (b < 1) throw Error("--batches must be positive");
   const int max_batch = *std::max_element(f.batches.begin(), f.batches.end());
 
   // The config: the preset, --set, then the shape flags.
-  nlohmann::json overrides = parse_overrides(f.sets);
+  nlohmann::json overrides = setup.overrides;
   const int64_t hidden = f.hidden ? f.hidden : cuda ? 0 : 1024;
   const int64_t ffn = f.ffn ? f.ffn : cuda ? 0 : 3584;
   if (hidden) {
@@ -275,8 +265,6 @@ void setup(CLI::App& group) {
   auto f = std::make_shared<Flags>();
   CLI::App* cmd = group.add_subcommand(
       "moe", "Decode tokens/s of a synthetic Mixtral-8x7B-shaped MoE: fp16 vs int4 experts, on the CPU or a GPU");
-  cmd->add_option("--device", f->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
-  cmd->add_option("--gpu", f->gpu, "CUDA device index")->check(CLI::NonNegativeNumber);
   cmd->add_option("--config", f->config, "The MoE config.json to shape the model after");
   cmd->add_option("--hidden", f->hidden, "hidden_size (default: the config's on cuda, 1024 on cpu)")
       ->check(CLI::PositiveNumber);
@@ -294,18 +282,7 @@ void setup(CLI::App& group) {
                   "Variants: fp16 int8 int4 int8+int4-experts fp16+int4-experts (default: cpu fp16 int8 "
                   "int8+int4-experts int4; cuda fp16 fp16+int4-experts int8+int4-experts int4)");
   cmd->add_option("--batches", f->batches, "Batch sizes");
-  cmd->add_option("--prompt-tokens", f->prompt_tokens, "Prompt length of every sequence")->check(CLI::PositiveNumber);
-  cmd->add_option("--new-tokens", f->new_tokens, "New tokens per sequence (default: cpu 32; cuda 64)")
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--group", f->group_int4, "Group size of int4 matrices (and of the mixed variants) along K, or K");
-  cmd->add_option("--group-int8", f->group_int8, "Group size of the int8 variant along K, or K (column-wise)");
-  CLI::Option* mem = cmd->add_flag("--in-memory", f->in_memory, "Generate the weights in memory (default on cuda)");
-  cmd->add_flag("--on-disk", f->on_disk,
-                "Write the weights to disk and quantize them with the quantization pipeline (default on cpu)")
-      ->excludes(mem);
-  cmd->add_option("--set", f->sets, "Override a config field, KEY=VALUE with VALUE as JSON (repeatable)");
-  cmd->add_option("--work", f->work, "Scratch directory for on-disk checkpoints (kept for reuse)");
-  cmd->add_option("--out", f->out, "JSON result path (default: docs/results/moe_<device>.json)");
+  add_run_options(*cmd, *f, "moe");
   cmd->callback([f] { run(*f); });
 }
 
