@@ -33,8 +33,10 @@ ncclDataType_t nccl_type(DType t) {
 
 struct NcclCommunicator::Impl {
   ncclComm_t comm = nullptr;
-  cudaStream_t stream = nullptr;
-  bool own_stream = false;
+  // The legacy default stream: it waits for all earlier work on every blocking stream of the
+  // device (the CUDA backend's stream is one), so a collective never reads a buffer a backend
+  // kernel is still writing; blocking streams wait for it in turn.
+  cudaStream_t stream = cudaStreamLegacy;
   bool aborted = false;
   int device = 0;
   std::chrono::milliseconds timeout{0};
@@ -84,7 +86,6 @@ struct NcclCommunicator::Impl {
     // ncclCommFinalize would wait for the peers; a rank that is going away does not.
     if (comm && !aborted) ncclCommAbort(comm);
     if (scratch) cudaFree(scratch);
-    if (own_stream && stream) cudaStreamDestroy(stream);
   }
 
   void enter() {
@@ -103,8 +104,6 @@ NcclCommunicator::NcclCommunicator(const NcclOptions& o) : impl_(std::make_uniqu
   m.device = o.device;
   m.timeout = o.timeout;
   check_cuda(cudaSetDevice(o.device), "cudaSetDevice");
-  check_cuda(cudaStreamCreate(&m.stream), "cudaStreamCreate");
-  m.own_stream = true;
   check_cuda(cudaMalloc(reinterpret_cast<void**>(&m.scratch), sizeof(int)), "cudaMalloc");
   ncclUniqueId id;
   std::memcpy(&id, o.unique_id.data(), sizeof(id));

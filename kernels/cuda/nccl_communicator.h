@@ -12,8 +12,9 @@
 // the model's forward wants anyway (the next op reads the all-reduced activations).
 //
 // Buffers are device memory on the rank's device. Ordering with the backend's kernels: the
-// collective runs on a blocking stream of its own (cudaStreamCreate), which the CUDA runtime
-// orders after earlier work on the legacy default stream (where the backend's kernels run).
+// collective runs on the legacy default stream (cudaStreamLegacy), which the CUDA runtime orders
+// after all earlier work on the device's blocking streams — the CUDA backend's stream is one
+// (cudaStreamCreate) — and before their later work.
 #pragma once
 
 #include <memory>
