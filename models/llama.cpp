@@ -138,7 +138,7 @@ LlamaModel::LlamaModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt:
 
   WeightLoader ld(*checkpoint_, be_, "model.", shard_);
   const LlamaLoadContext ctx{*checkpoint_, ld, be_, c_};
-  w_.embed_tokens = ld.dense("embed_tokens.weight", {vocab, h});
+  w_.embed_tokens = ld.embedding("embed_tokens", vocab, h);
   w_.final_norm = ld.dense("norm.weight", {h});
   const bool bias = c_.attention_bias;
   for (int64_t i = 0; i < c_.num_hidden_layers; ++i) {
@@ -163,6 +163,8 @@ LlamaModel::LlamaModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt:
   WeightLoader root(*checkpoint_, be_, "");  // the LM head is replicated
   if (!c_.tie_word_embeddings) {
     w_.lm_head = root.linear("lm_head", vocab, h);
+  } else if (root.has("model.embed_tokens.qweight")) {
+    w_.lm_head = root.linear("model.embed_tokens", vocab, h);  // tied and quantized: the head reads the codes
   } else {
     // The host copy of the embedding (upload_weight takes host memory).
     const ckpt::TensorView e = checkpoint_->get("model.embed_tokens.weight");

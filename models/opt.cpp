@@ -62,10 +62,12 @@ OptModel::OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::Opt
   hidden_ = heads_ * c_.head_dim();
   ffn_ = f / world;
   // Original fairseq conversions store "decoder.*"; save_pretrained stores "model.decoder.*".
-  const std::string prefix = checkpoint_->has("model.decoder.embed_tokens.weight") ? "model.decoder." : "decoder.";
+  const bool hf_prefix = checkpoint_->has("model.decoder.embed_tokens.weight") ||
+                         checkpoint_->has("model.decoder.embed_tokens.qweight");  // quantize --quantize-embeddings
+  const std::string prefix = hf_prefix ? "model.decoder." : "decoder.";
   WeightLoader ld(*checkpoint_, be_, prefix, shard_);
 
-  w_.embed_tokens = ld.dense("embed_tokens.weight", {vocab, e});
+  w_.embed_tokens = ld.embedding("embed_tokens", vocab, e);
   w_.embed_positions = ld.dense("embed_positions.weight", {c_.max_position_embeddings + ckpt::OptConfig::kPositionOffset, h});
   if (e != h) {
     w_.project_in = ld.linear("project_in", h, e);
@@ -110,16 +112,22 @@ OptModel::OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::Opt
     norm(p + "final_layer_norm", L.ffn_ln_w, L.ffn_ln_b);
     w_.layers.push_back(L);
   }
+  const uint64_t layer_bytes = ld.bytes_loaded();  // before a quantized tied head adds its own
   // The LM head: a stored lm_head.weight when the checkpoint has an untied one, else the embedding.
   WeightLoader root(*checkpoint_, be_, "");  // the LM head is replicated
   if (!c_.tie_word_embeddings && (root.has("lm_head.weight") || root.has("lm_head.qweight"))) {
     w_.lm_head = root.linear("lm_head", vocab, e);
+  } else if (ld.has("embed_tokens.qweight")) {
+    w_.lm_head = ld.linear("embed_tokens", vocab, e);  // tied and quantized: the head reads the codes
   } else {
+    // The host copy of the embedding: upload_weight takes host memory, and embed_tokens.data is
+    // the backend's (device memory on a GPU).
+    const ckpt::TensorView t = checkpoint_->get(prefix + "embed_tokens.weight");
     WeightMatrix tied;
     tied.rows = vocab;
     tied.cols = e;
-    tied.dtype = w_.embed_tokens.dtype;
-    tied.data = w_.embed_tokens.data;
+    tied.dtype = t.dtype();
+    tied.data = t.data;
     w_.lm_head = be_.upload_weight(tied);
   }
 
@@ -132,7 +140,7 @@ OptModel::OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::Opt
   info_.head_dim = static_cast<int>(c_.head_dim());
   info_.bos_token_id = c_.bos_token_id;
   info_.eos_token_id = c_.eos_token_id;
-  info_.weight_bytes = ld.bytes_loaded() + static_cast<uint64_t>(w_.lm_head.bytes());  // this rank's
+  info_.weight_bytes = layer_bytes + static_cast<uint64_t>(w_.lm_head.bytes());  // this rank's
   kv_ = std::make_unique<PagedKvCache>(be_, c_.num_hidden_layers, hidden_);
 }
 

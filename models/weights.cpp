@@ -5,6 +5,7 @@
 #include <nlohmann/json.hpp>
 
 #include "kernels/base.h"
+#include "kernels/half.h"
 #include "quant/quantizer.h"
 
 namespace fineserve {
@@ -88,14 +89,10 @@ WeightMatrix WeightLoader::linear_part(const std::string& stem, int64_t rows, in
   return load_linear(stem, rows, cols, Parallel::Column, part);
 }
 
-// `part` is the cut: rank part.rank of part.world (the loader's shard, except for linear_part).
-WeightMatrix WeightLoader::load_linear(const std::string& stem, int64_t rows, int64_t cols, Parallel parallel,
-                                       ShardSpec part) {
-  if (part.world == 1) parallel = Parallel::Replicated;
+WeightMatrix WeightLoader::stored(const std::string& stem, int64_t rows, int64_t cols, int64_t* row_bytes_out) {
   WeightMatrix host;
   host.rows = rows;
   host.cols = cols;
-  const void* scales = nullptr;
   int64_t row_bytes = 0;  // of the stored codes / values
   if (has(stem + ".qweight")) {
     if (bits_ == 0) throw Error("checkpoint " + ckpt_.dir().string() + ": " + stem + ".qweight without FineQuant metadata");
@@ -112,14 +109,25 @@ WeightMatrix WeightLoader::load_linear(const std::string& stem, int64_t rows, in
     host.dtype = bits == 4 ? DType::U8 : DType::I8;
     row_bytes = bits == 4 ? cols / 2 : cols;
     host.data = expect(stem + ".qweight", {rows, row_bytes}, {host.dtype}).data;
-    scales = expect(stem + ".scales", {rows, cols / group}, {DType::F16}).data;
-    host.scales = static_cast<const uint16_t*>(scales);
+    host.scales = reinterpret_cast<const uint16_t*>(expect(stem + ".scales", {rows, cols / group}, {DType::F16}).data);
   } else {
     const ckpt::TensorView& w = expect(stem + ".weight", {rows, cols}, {DType::F32, DType::F16, DType::BF16});
     host.dtype = w.dtype();
     host.data = w.data;
     row_bytes = cols * static_cast<int64_t>(dtype_size(w.dtype()));
   }
+
+  *row_bytes_out = row_bytes;
+  return host;
+}
+
+// `part` is the cut: rank part.rank of part.world (the loader's shard, except for linear_part).
+WeightMatrix WeightLoader::load_linear(const std::string& stem, int64_t rows, int64_t cols, Parallel parallel,
+                                       ShardSpec part) {
+  if (part.world == 1) parallel = Parallel::Replicated;
+  int64_t row_bytes = 0;
+  WeightMatrix host = stored(stem, rows, cols, &row_bytes);
+  const void* scales = host.scales;
 
   // This rank's shard, copied out of the mapped checkpoint into contiguous buffers.
   std::vector<std::byte> data, scale_data;
@@ -166,6 +174,23 @@ WeightMatrix WeightLoader::load_linear(const std::string& stem, int64_t rows, in
   if (!scale_data.empty()) host.scales = reinterpret_cast<const uint16_t*>(scale_data.data());
   bytes_ += static_cast<uint64_t>(host.bytes());
   return backend_.upload_weight(host);
+}
+
+DeviceTensor WeightLoader::embedding(const std::string& stem, int64_t rows, int64_t cols) {
+  if (!has(stem + ".qweight")) return dense(stem + ".weight", {rows, cols});
+  int64_t row_bytes = 0;
+  const WeightMatrix q = stored(stem, rows, cols, &row_bytes);
+  std::vector<uint16_t> table(static_cast<size_t>(rows * cols));
+  std::vector<int8_t> codes(static_cast<size_t>(cols));
+  std::vector<float> row(static_cast<size_t>(cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    const auto* src = static_cast<const uint8_t*>(q.data) + r * row_bytes;
+    if (q.bits == 4) quant::unpack_int4(src, cols, codes.data());
+    else std::memcpy(codes.data(), src, static_cast<size_t>(cols));
+    quant::dequantize_row(codes.data(), q.scales + r * (cols / q.group), cols, q.group, row.data());
+    for (int64_t c = 0; c < cols; ++c) table[static_cast<size_t>(r * cols + c)] = float_to_half(row[static_cast<size_t>(c)]);
+  }
+  return {backend_.upload(table.data(), table.size() * sizeof(uint16_t)), DType::F16, {rows, cols}};
 }
 
 DeviceTensor WeightLoader::dense(const std::string& name, const std::vector<int64_t>& shape) {

@@ -53,6 +53,11 @@ class WeightLoader {
   // K/V projections of a model with fewer KV heads than ranks, where several ranks hold the same
   // KV head (the one their query heads read).
   WeightMatrix linear_part(const std::string& stem, int64_t rows, int64_t cols, ShardSpec part);
+  // A token embedding [rows, cols] for lookups (replicated): `stem`.weight uploaded as stored, or a
+  // FineQuant `stem`.qweight + .scales (`quantize --quantize-embeddings`) dequantized to fp16 on
+  // the host at load time. A lookup reads a few rows per step, so only the LM head, which reads
+  // every row, gains from keeping the codes: load it with linear(stem, ...).
+  DeviceTensor embedding(const std::string& stem, int64_t rows, int64_t cols);
   // A dense tensor of the given shape (float dtype), uploaded as stored.
   DeviceTensor dense(const std::string& name, const std::vector<int64_t>& shape);
   // This rank's slice of a dense tensor along its first dimension (the bias of a column-parallel
@@ -66,6 +71,9 @@ class WeightLoader {
  private:
   const ckpt::TensorView& expect(const std::string& name, const std::vector<int64_t>& shape,
                                  const std::vector<DType>& dtypes);
+  // `stem` as stored, the full [rows, cols] matrix in checkpoint memory, checked; `row_bytes` gets
+  // the stored bytes per row (of codes or values).
+  WeightMatrix stored(const std::string& stem, int64_t rows, int64_t cols, int64_t* row_bytes);
   WeightMatrix load_linear(const std::string& stem, int64_t rows, int64_t cols, Parallel parallel, ShardSpec part);
   int64_t split(const std::string& what, int64_t n, const char* dim, int parts) const;
   const ckpt::Checkpoint& ckpt_;

@@ -67,6 +67,13 @@ std::vector<std::string> default_keep_patterns() {
   return {"embed", "lm_head", "norm", "\\.gate\\.weight$", "router"};
 }
 
+std::vector<std::string> keep_patterns_quantizing_embeddings() {
+  std::vector<std::string> keep = default_keep_patterns();
+  std::erase_if(keep, [](const std::string& p) { return p == "embed" || p == "lm_head"; });
+  keep.push_back("embed_positions");  // OPT's learned positions: added, not looked up by token
+  return keep;
+}
+
 std::string source_fingerprint(const fs::path& model) {
   const ckpt::Checkpoint src = ckpt::Checkpoint::open(model);
   uint64_t h = 1469598103934665603ull;

@@ -50,6 +50,9 @@ struct ConvertOptions {
 
 // The default `keep` list: embeddings, the LM head, norms and MoE routers stay in 16 bits.
 std::vector<std::string> default_keep_patterns();
+// default_keep_patterns() less the token embedding and LM head ones (`quantize --quantize-embeddings`):
+// the models load such an embedding dequantized for lookups and run a tied LM head on its codes.
+std::vector<std::string> keep_patterns_quantizing_embeddings();
 
 struct MatrixReport {
   std::string name;  // the source tensor (".weight")

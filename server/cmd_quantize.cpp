@@ -66,9 +66,9 @@ void add_quantize_command(CLI::App& app) {
       o.group.mode = quant::GroupMode::Adaptive;
       o.group.alpha = f->alpha;
     }
-    o.keep = f->keep.empty() ? quant::default_keep_patterns() : f->keep;
-    if (f->quantize_embeddings && f->keep.empty())
-      std::erase_if(o.keep, [](const std::string& p) { return p == "embed" || p == "lm_head"; });
+    o.keep = !f->keep.empty()           ? f->keep
+             : f->quantize_embeddings ? quant::keep_patterns_quantizing_embeddings()
+                                      : quant::default_keep_patterns();
     o.max_shard_bytes = static_cast<uint64_t>(f->shard_gb * 1e9);
     o.overwrite = f->force;
 

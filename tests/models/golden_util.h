@@ -20,6 +20,7 @@
 
 #include "engine/engine.h"
 #include "kernels/base.h"
+#include "kernels/half.h"
 #include "models/checkpoint/safetensors.h"
 #include "models/model.h"
 #include "models/tokenizer/tokenizer.h"
@@ -169,12 +170,26 @@ inline double top1_agreement(const std::vector<float>& a, const std::vector<floa
 // Writes FineQuant checkpoint `q` with every .qweight/.scales pair replaced by the dequantized fp32
 // .weight; each matrix's bits come from its codes' dtype (I8: int8, U8: packed int4), so mixed
 // bits (`quantize --expert-bits`) work.
+//
+// A quantized token embedding (`quantize --quantize-embeddings`) is what the models make of it:
+// the lookup table dequantized and rounded to fp16, and — when tied — a separate fp32 lm_head
+// (the tied head runs on the codes), so config.json gets tie_word_embeddings false.
 inline void write_dequantized(const std::filesystem::path& q, const std::filesystem::path& out) {
   const ckpt::Checkpoint c = ckpt::Checkpoint::open(q);
+  auto config = nlohmann::json::parse(std::ifstream(q / "config.json"));
+  config.erase("quantization_config");
+  const bool tied = config.value("tie_word_embeddings", true);
   std::vector<std::string> names;
+  std::string untied_head;  // the tied quantized embedding's stem, whose head is written separately
   for (const auto* t : c.tensors()) {
     if (t->name.ends_with(".scales")) continue;
-    names.push_back(t->name.ends_with(".qweight") ? t->name.substr(0, t->name.size() - 8) + ".weight" : t->name);
+    const bool quantized = t->name.ends_with(".qweight");
+    const std::string stem = quantized ? t->name.substr(0, t->name.size() - 8) : "";
+    names.push_back(quantized ? stem + ".weight" : t->name);
+    if (quantized && stem.ends_with("embed_tokens") && tied) {
+      untied_head = stem;
+      names.push_back("lm_head.weight");
+    }
   }
   std::filesystem::create_directories(out);
   ckpt::CheckpointWriter w(out, names, {}, 1ull << 40);
@@ -197,11 +212,17 @@ inline void write_dequantized(const std::filesystem::path& q, const std::filesys
     m.scales.resize(static_cast<size_t>(s.numel()));
     std::memcpy(m.scales.data(), s.data, s.nbytes());
     const std::vector<float> dense = quant::dequantize(m);
-    w.add(stem + ".weight", DType::F32, {m.rows, m.cols}, std::as_bytes(std::span(dense)));
+    if (!stem.ends_with("embed_tokens")) {
+      w.add(stem + ".weight", DType::F32, {m.rows, m.cols}, std::as_bytes(std::span(dense)));
+      continue;
+    }
+    std::vector<uint16_t> table(dense.size());
+    for (size_t i = 0; i < dense.size(); ++i) table[i] = float_to_half(dense[i]);
+    w.add(stem + ".weight", DType::F16, {m.rows, m.cols}, std::as_bytes(std::span(table)));
+    if (stem == untied_head) w.add("lm_head.weight", DType::F32, {m.rows, m.cols}, std::as_bytes(std::span(dense)));
   }
   w.finish();
-  auto config = nlohmann::json::parse(std::ifstream(q / "config.json"));
-  config.erase("quantization_config");
+  if (!untied_head.empty()) config["tie_word_embeddings"] = false;
   std::ofstream(out / "config.json") << config.dump();
 }
 

@@ -56,12 +56,13 @@ void write_hybrid(const fs::path& base, const fs::path& other, const std::string
   fs::copy_file(base / "config.json", out / "config.json");
 }
 
-quant::ConvertOptions convert_options(const fs::path& model, const fs::path& out, int bits) {
+quant::ConvertOptions convert_options(const fs::path& model, const fs::path& out, int bits,
+                                      bool quantize_embeddings = false) {
   quant::ConvertOptions o;
   o.model = model;
   o.out = out;
   o.group.bits = bits;
-  o.keep = quant::default_keep_patterns();
+  o.keep = quantize_embeddings ? quant::keep_patterns_quantizing_embeddings() : quant::default_keep_patterns();
   return o;
 }
 
@@ -96,22 +97,27 @@ TEST_P(LlamaGolden, DenseLogitsAndGreedyMatchTransformers) {
 TEST_P(LlamaGolden, QuantizedMatchesDequantizedDense) {
   const fs::path dir = kGolden / GetParam();
   const Golden g = read_golden(dir);
-  for (int bits : {8, 4}) {
-    Scratch tmp;
-    const quant::ConvertOptions o = convert_options(dir, tmp.path / "q", bits);
-    quant::convert_checkpoint(o);
-    write_dequantized(o.out, tmp.path / "deq");
-    auto backend = make_cpu_backend();
-    auto quantized = load_model(o.out, *backend);
-    auto dense = load_model(tmp.path / "deq", *backend);
-    EXPECT_EQ(quantized->info().quantization, "finequant-int" + std::to_string(bits));
-    EXPECT_LT(quantized->info().weight_bytes, dense->info().weight_bytes);
-    for (const auto& p : g.prompts) {
-      const std::vector<float> q = prefill_logits(*quantized, p.ids);
-      EXPECT_LE(rel_max_error(q, prefill_logits(*dense, p.ids)), 1e-4) << GetParam() << " int" << bits;
-      const double fro = rel_fro_error(q, p.logits);
-      EXPECT_LE(fro, bits == 8 ? 0.06 : 0.9) << GetParam() << " int" << bits;
-      std::printf("%s int%d: logits vs transformers: rel Frobenius error %.4f\n", GetParam().c_str(), bits, fro);
+  for (bool quantize_embeddings : {false, true}) {
+    for (int bits : {8, 4}) {
+      const std::string what = GetParam() + " int" + std::to_string(bits) + (quantize_embeddings ? " +embeddings" : "");
+      Scratch tmp;
+      const quant::ConvertOptions o = convert_options(dir, tmp.path / "q", bits, quantize_embeddings);
+      quant::convert_checkpoint(o);
+      // The embedding (and a tied LM head) quantized too, or kept in 16 bits.
+      EXPECT_EQ(ckpt::Checkpoint::open(o.out).has("model.embed_tokens.qweight"), quantize_embeddings) << what;
+      write_dequantized(o.out, tmp.path / "deq");
+      auto backend = make_cpu_backend();
+      auto quantized = load_model(o.out, *backend);
+      auto dense = load_model(tmp.path / "deq", *backend);
+      EXPECT_EQ(quantized->info().quantization, "finequant-int" + std::to_string(bits));
+      EXPECT_LT(quantized->info().weight_bytes, dense->info().weight_bytes);
+      for (const auto& p : g.prompts) {
+        const std::vector<float> q = prefill_logits(*quantized, p.ids);
+        EXPECT_LE(rel_max_error(q, prefill_logits(*dense, p.ids)), 1e-4) << what;
+        const double fro = rel_fro_error(q, p.logits);
+        EXPECT_LE(fro, bits == 8 ? 0.06 : 0.9) << what;
+        std::printf("%s: logits vs transformers: rel Frobenius error %.4f\n", what.c_str(), fro);
+      }
     }
   }
 }

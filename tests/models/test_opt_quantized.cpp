@@ -83,6 +83,40 @@ TEST_P(OptQuantized, MatchesDequantizedDenseAndStaysNearTransformers) {
   }
 }
 
+// `quantize --quantize-embeddings`: the tied embedding is stored as codes; the model looks tokens
+// up in its dequantized copy and runs the LM head on the codes. Same logits as the dense model on
+// the dequantized weights, and the LM head's bytes shrink.
+TEST_P(OptQuantized, QuantizedEmbeddingsMatchDequantizedDense) {
+  const fs::path dir = kGolden / GetParam();
+  const auto golden = nlohmann::json::parse(std::ifstream(dir / "golden.json"));
+  for (int bits : {8, 4}) {
+    Scratch tmp;
+    quant::ConvertOptions o;
+    o.model = dir;
+    o.out = tmp.path / "qemb";
+    o.group.bits = bits;
+    o.keep = quant::keep_patterns_quantizing_embeddings();
+    quant::convert_checkpoint(o);
+    ASSERT_TRUE(ckpt::Checkpoint::open(o.out).has("model.decoder.embed_tokens.qweight"));
+    write_dequantized(o.out, tmp.path / "deq");
+    quant::ConvertOptions plain = o;
+    plain.out = tmp.path / "q";
+    plain.keep = quant::default_keep_patterns();
+    quant::convert_checkpoint(plain);
+
+    auto backend = make_cpu_backend();
+    auto quantized = load_model(o.out, *backend);
+    auto dense = load_model(tmp.path / "deq", *backend);
+    auto head16 = load_model(plain.out, *backend);
+    EXPECT_LT(quantized->info().weight_bytes, head16->info().weight_bytes) << GetParam() << " int" << bits;
+    for (size_t i = 0; i < golden["prompts"].size(); ++i) {
+      const auto ids = golden["prompts"][i]["ids"].get<std::vector<int32_t>>();
+      EXPECT_LE(rel_max_error(prefill_logits(*quantized, ids), prefill_logits(*dense, ids)), 1e-4)
+          << GetParam() << " int" << bits << " prompt " << i;
+    }
+  }
+}
+
 // On the fixture with planted outlier channels, the adaptive group size must beat column-wise int4.
 TEST(OptQuantizedOutliers, AdaptiveBeatsColumnWise) {
   const fs::path dir = kGolden / "opt-outliers";
