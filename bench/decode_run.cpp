@@ -241,6 +241,36 @@ DecodeTiming time_decode(Model& model, const DeviceContext& dev, int batch, int 
   return t;
 }
 
+PrefillTiming time_prefill(Model& model, int prompt_tokens, int reps) {
+  FS_ASSERT(prompt_tokens >= 1 && reps >= 1);
+  const int vocab = static_cast<int>(model.info().vocab_size);
+  EngineConfig ec;
+  ec.block_size = 16;
+  ec.num_blocks = (prompt_tokens + 1 + ec.block_size - 1) / ec.block_size + 1;
+  ec.max_seqs = 1;
+  ec.max_batch_tokens = prompt_tokens;  // the whole prompt in one step
+  Engine engine(model, nullptr, ec);
+  std::vector<double> ms;
+  for (int rep = 0; rep <= reps; ++rep) {
+    GenerationRequest r;
+    for (int t = 0; t < prompt_tokens; ++t) r.prompt.push_back((100 + 37 * t + 11 * rep) % vocab);
+    r.stop.max_new_tokens = 1;
+    r.ignore_eos = true;
+    engine.add(r);
+    const auto t0 = std::chrono::steady_clock::now();
+    engine.step();
+    const double s = seconds_since(t0);
+    FS_ASSERT(engine.idle());  // one step prefilled the prompt and finished the request
+    if (rep > 0) ms.push_back(1e3 * s);  // rep 0 warms up
+  }
+  std::sort(ms.begin(), ms.end());
+  PrefillTiming t;
+  t.reps = reps;
+  t.ms_median = ms[ms.size() / 2];
+  t.tokens_per_s = prompt_tokens * 1e3 / t.ms_median;
+  return t;
+}
+
 nlohmann::json parse_overrides(const std::vector<std::string>& sets) {
   nlohmann::json out = nlohmann::json::object();
   for (const std::string& kv : sets) {

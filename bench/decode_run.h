@@ -91,6 +91,17 @@ struct DecodeTiming {
 // timed (each decodes one token of every sequence). Needs new_tokens >= 3.
 DecodeTiming time_decode(Model& model, const DeviceContext& dev, int batch, int prompt_tokens, int new_tokens);
 
+struct PrefillTiming {
+  int reps = 0;
+  double ms_median = 0;     // one prompt of prompt_tokens tokens, batch 1
+  double tokens_per_s = 0;  // prompt_tokens / the median
+};
+
+// Prefills one sequence of `prompt_tokens` tokens in a single Engine::step (the step also samples
+// the first new token, as the server's prefill does), `reps` times after one untimed warm-up;
+// reports the median step. Needs prompt_tokens, reps >= 1.
+PrefillTiming time_prefill(Model& model, int prompt_tokens, int reps);
+
 // `--set KEY=VALUE` overrides of config.json fields (VALUE as JSON, else a bare string).
 nlohmann::json parse_overrides(const std::vector<std::string>& sets);
 

@@ -1,0 +1,288 @@
+// `fineserve bench model`: prefill and decode tokens/s of real checkpoints at batch 1 (e.g. the
+// embedded default SmolLM2 as fp16, int8 and int4), on the CPU or one GPU, through the engine's own
+// step loop. Beside each figure: the weight bytes a decode step reads, the decode bandwidth that
+// makes, its share of the bandwidth measured in the same run, the decode floor that bandwidth
+// allows, and the ratios to the first model listed (the baseline, e.g. fp16).
+//
+// The peer: with --llama-bench BIN --gguf FILE, llama.cpp's llama-bench runs on that GGUF in the
+// same run (same thread count, the same prompt and generation lengths) and its pp/tg tokens/s sit
+// in the table with our ratios to them. Every round measures every model and the peer in turn;
+// the figures are medians over the rounds (these machines are noisy).
+#include <fcntl.h>
+#include <omp.h>
+#include <spawn.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <filesystem>
+#include <map>
+#include <memory>
+
+#include "bench/decode_run.h"
+#include "bench/report.h"
+#include "kernels/base.h"
+
+extern char** environ;
+
+namespace fineserve::bench {
+namespace {
+namespace fs = std::filesystem;
+
+struct Flags {
+  std::string device = "cpu";
+  int gpu = 0;
+  std::vector<std::string> models;
+  std::vector<std::string> labels;
+  int prompt_tokens = 128;
+  int new_tokens = 64;
+  int reps = 5;
+  int rounds = 3;
+  std::string llama_bench, gguf;
+  int threads = 0;
+  std::string out;
+};
+
+double median(std::vector<double> v) {
+  FS_ASSERT(!v.empty());
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+uint64_t directory_bytes(const fs::path& dir) {
+  uint64_t bytes = 0;
+  for (const auto& e : fs::directory_iterator(dir))
+    if (e.is_regular_file()) bytes += e.file_size();
+  return bytes;
+}
+
+// Runs argv (no shell) and returns its standard output; throws fineserve::Error when it cannot
+// start or exits non-zero. Its standard error passes through.
+std::string run_capture(const std::vector<std::string>& args) {
+  int fds[2];
+  if (pipe(fds) != 0) throw Error("pipe failed");
+  posix_spawn_file_actions_t actions;
+  posix_spawn_file_actions_init(&actions);
+  posix_spawn_file_actions_adddup2(&actions, fds[1], 1);
+  posix_spawn_file_actions_addclose(&actions, fds[0]);
+  std::vector<char*> argv;
+  for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+  argv.push_back(nullptr);
+  pid_t pid = -1;
+  const int rc = posix_spawnp(&pid, argv[0], &actions, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&actions);
+  close(fds[1]);
+  if (rc != 0) {
+    close(fds[0]);
+    throw Error("cannot run " + args[0]);
+  }
+  std::string out;
+  char buf[4096];
+  for (ssize_t n; (n = read(fds[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<size_t>(n));
+  close(fds[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) throw Error(args[0] + " failed");
+  return out;
+}
+
+struct PeerTiming {
+  double prefill_tps = 0, decode_tps = 0;
+  std::string model_type, build;
+  uint64_t model_bytes = 0;
+};
+
+// llama-bench -o json: one object per test; pp has n_gen 0, tg has n_prompt 0.
+PeerTiming run_llama_bench(const Flags& f, int threads) {
+  const std::string json = run_capture({f.llama_bench, "-m", f.gguf, "-p", std::to_string(f.prompt_tokens), "-n",
+                                        std::to_string(f.new_tokens), "-t", std::to_string(threads), "-r",
+                                        std::to_string(f.reps), "-o", "json"});
+  const nlohmann::json tests = nlohmann::json::parse(json, nullptr, /*allow_exceptions=*/false);
+  if (!tests.is_array()) throw Error("llama-bench printed no JSON array");
+  PeerTiming t;
+  for (const nlohmann::json& test : tests) {
+    const int n_prompt = test.value("n_prompt", 0), n_gen = test.value("n_gen", 0);
+    const double ts = test.value("avg_ts", 0.0);
+    if (n_prompt > 0 && n_gen == 0) t.prefill_tps = ts;
+    if (n_gen > 0 && n_prompt == 0) t.decode_tps = ts;
+    t.model_type = test.value("model_type", "");
+    t.build = test.value("build_commit", "");
+    t.model_bytes = test.value("model_size", uint64_t{0});
+  }
+  if (t.prefill_tps <= 0 || t.decode_tps <= 0) throw Error("llama-bench reported no pp and tg results");
+  return t;
+}
+
+struct Subject {
+  std::string label, path, quantization;
+  uint64_t weight_bytes = 0, file_bytes = 0;
+  std::unique_ptr<Backend> backend;
+  std::unique_ptr<Model> model;
+  std::vector<double> prefill, decode, decode_ms;  // one per round
+};
+
+void run(const Flags& f) {
+  if (f.models.empty()) throw Error("--model: give at least one checkpoint directory");
+  if (!f.labels.empty() && f.labels.size() != f.models.size())
+    throw Error("--label: give one per --model, or none");
+  if (f.llama_bench.empty() != f.gguf.empty()) throw Error("--llama-bench and --gguf go together");
+  if (f.new_tokens < 3) throw Error("--new-tokens must be at least 3 (two warm-up steps, then timed ones)");
+  const DeviceContext dev = open_device(f.device, f.gpu);
+  const bool cuda = dev.device == Device::Cuda;
+  const int threads = f.threads > 0 ? f.threads : omp_get_max_threads();
+  std::printf("device: %s\nbandwidth probe: %.1f GB/s (%s)\nprefill: %d tokens, batch 1, median of %d; "
+              "decode: batch 1 after that prompt, %d new tokens; %d rounds\n",
+              dev.name.c_str(), dev.bandwidth_gbs, dev.bandwidth_probe.c_str(), f.prompt_tokens, f.reps,
+              f.new_tokens, f.rounds);
+  std::fflush(stdout);
+
+  std::vector<Subject> subjects(f.models.size());
+  for (size_t i = 0; i < f.models.size(); ++i) {
+    Subject& s = subjects[i];
+    s.path = f.models[i];
+    s.label = f.labels.empty() ? fs::path(s.path).filename().string() : f.labels[i];
+    if (s.label.empty()) s.label = fs::path(s.path).parent_path().filename().string();
+    s.backend = make_backend(dev);
+    s.model = load_model(s.path, *s.backend);
+    s.quantization = s.model->info().quantization;
+    s.weight_bytes = s.model->info().weight_bytes;
+    s.file_bytes = directory_bytes(s.path);
+    std::printf("loaded %s (%s, %s)\n", s.label.c_str(), s.model->info().architecture.c_str(), s.quantization.c_str());
+  }
+
+  std::vector<PeerTiming> peer;
+  for (int round = 0; round < f.rounds; ++round) {
+    for (Subject& s : subjects) {
+      const PrefillTiming p = time_prefill(*s.model, f.prompt_tokens, f.reps);
+      const DecodeTiming d = time_decode(*s.model, dev, 1, f.prompt_tokens, f.new_tokens);
+      s.prefill.push_back(p.tokens_per_s);
+      s.decode.push_back(d.tokens_per_s);
+      s.decode_ms.push_back(d.ms_per_step);
+      std::printf("round %d %s: prefill %.1f tok/s, decode %.1f tok/s\n", round + 1, s.label.c_str(), p.tokens_per_s,
+                  d.tokens_per_s);
+      std::fflush(stdout);
+    }
+    if (!f.llama_bench.empty()) {
+      peer.push_back(run_llama_bench(f, threads));
+      std::printf("round %d llama.cpp: pp %.1f tok/s, tg %.1f tok/s\n", round + 1, peer.back().prefill_tps,
+                  peer.back().decode_tps);
+      std::fflush(stdout);
+    }
+  }
+
+  const Subject& base = subjects.front();
+  const double base_prefill = median(base.prefill), base_decode = median(base.decode);
+  double peer_prefill = 0, peer_decode = 0;
+  if (!peer.empty()) {
+    std::vector<double> pp, tg;
+    for (const PeerTiming& p : peer) pp.push_back(p.prefill_tps), tg.push_back(p.decode_tps);
+    peer_prefill = median(pp);
+    peer_decode = median(tg);
+  }
+
+  std::vector<std::string> header = {"model", "weights", "file MB", "weight MB/token", "prefill tok/s", "decode tok/s",
+                                     "decode GB/s", "% of bw", "floor tok/s", "prefill vs " + base.label,
+                                     "decode vs " + base.label};
+  if (!peer.empty()) header.insert(header.end(), {"prefill vs llama.cpp", "decode vs llama.cpp"});
+  Table table(header);
+  nlohmann::json runs = nlohmann::json::array();
+  for (const Subject& s : subjects) {
+    const double prefill = median(s.prefill), decode = median(s.decode), ms = median(s.decode_ms);
+    const double gb = static_cast<double>(s.weight_bytes) / kGB;
+    const double gbs = gb * 1e3 / ms, floor_tps = dev.bandwidth_gbs / gb;
+    std::vector<std::string> row = {s.label, s.quantization, fmt(s.file_bytes / 1e6, 1), fmt(gb * 1e3, 1),
+                                    fmt(prefill, 1), fmt(decode, 1), fmt(gbs, 1), fmt(100 * gbs / dev.bandwidth_gbs, 0) + "%",
+                                    fmt(floor_tps, 1), fmt(prefill / base_prefill) + "x", fmt(decode / base_decode) + "x"};
+    nlohmann::json j = {{"model", s.label},
+                        {"path", fs::path(s.path).filename().string()},
+                        {"quantization", s.quantization},
+                        {"file_bytes", s.file_bytes},
+                        {"weight_bytes_per_token", s.weight_bytes},
+                        {"prefill_tokens_per_s", prefill},
+                        {"prefill_tokens_per_s_rounds", s.prefill},
+                        {"decode_tokens_per_s", decode},
+                        {"decode_tokens_per_s_rounds", s.decode},
+                        {"decode_ms_per_step", ms},
+                        {"decode_weight_gbs", gbs},
+                        {"fraction_of_bandwidth", gbs / dev.bandwidth_gbs},
+                        {"decode_floor_tokens_per_s", floor_tps},
+                        {"prefill_vs_baseline", prefill / base_prefill},
+                        {"decode_vs_baseline", decode / base_decode}};
+    if (!peer.empty()) {
+      row.insert(row.end(), {fmt(prefill / peer_prefill) + "x", fmt(decode / peer_decode) + "x"});
+      j["prefill_vs_llama_cpp"] = prefill / peer_prefill;
+      j["decode_vs_llama_cpp"] = decode / peer_decode;
+    }
+    table.add_row(row);
+    runs.push_back(j);
+  }
+  nlohmann::json peer_json;
+  if (!peer.empty()) {
+    const PeerTiming& p = peer.front();
+    const double gb = static_cast<double>(p.model_bytes) / kGB;
+    std::vector<std::string> row = {"llama.cpp", p.model_type, fmt(p.model_bytes / 1e6, 1), "-", fmt(peer_prefill, 1),
+                                    fmt(peer_decode, 1), "-", "-", gb > 0 ? fmt(dev.bandwidth_gbs / gb, 1) : "-",
+                                    fmt(peer_prefill / base_prefill) + "x", fmt(peer_decode / base_decode) + "x", "1.00x",
+                                    "1.00x"};
+    table.add_row(row);
+    std::vector<double> pp, tg;
+    for (const PeerTiming& q : peer) pp.push_back(q.prefill_tps), tg.push_back(q.decode_tps);
+    peer_json = {{"name", "llama.cpp llama-bench"},
+                 {"gguf", fs::path(f.gguf).filename().string()},
+                 {"model_type", p.model_type},
+                 {"build_commit", p.build},
+                 {"model_bytes", p.model_bytes},
+                 {"threads", threads},
+                 {"prefill_tokens_per_s", peer_prefill},
+                 {"prefill_tokens_per_s_rounds", pp},
+                 {"decode_tokens_per_s", peer_decode},
+                 {"decode_tokens_per_s_rounds", tg},
+                 {"note", "llama-bench's tg test decodes from an empty context; ours decodes after the prompt"}};
+  }
+  table.print();
+  std::printf("floor tok/s: the decode rate at which one token's weight bytes take the measured bandwidth "
+              "(weights only: KV-cache and activation traffic come on top)\n");
+
+  nlohmann::json results = {{"device_kind", cuda ? "cuda" : "cpu"},
+                            {"bandwidth_gbs", dev.bandwidth_gbs},
+                            {"bandwidth_probe", dev.bandwidth_probe},
+                            {"threads", cuda ? 0 : threads},
+                            {"prompt_tokens", f.prompt_tokens},
+                            {"new_tokens", f.new_tokens},
+                            {"prefill_reps", f.reps},
+                            {"rounds", f.rounds},
+                            {"baseline", base.label},
+                            {"runs", runs}};
+  if (!peer.empty()) results["peer"] = peer_json;
+  const std::string out = !f.out.empty() ? f.out : std::string("docs/results/model_") + (cuda ? "cuda" : "cpu") + ".json";
+  write_result(out, cuda ? "model_cuda" : "model_cpu", dev.name, results);
+}
+
+void setup(CLI::App& group) {
+  auto f = std::make_shared<Flags>();
+  CLI::App* cmd = group.add_subcommand(
+      "model", "Prefill and decode tokens/s of checkpoints at batch 1 (e.g. fp16 vs int4), optionally beside llama.cpp");
+  cmd->add_option("--model", f->models, "Checkpoint directory (repeatable; the first is the baseline of the ratios)")
+      ->required()
+      ->check(CLI::ExistingDirectory);
+  cmd->add_option("--label", f->labels, "A name per --model for the table (default: the directory's name)");
+  cmd->add_option("--device", f->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
+  cmd->add_option("--gpu", f->gpu, "CUDA device index")->check(CLI::NonNegativeNumber);
+  cmd->add_option("--prompt-tokens", f->prompt_tokens, "Prompt length: prefilled in one step, then decoded after")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--new-tokens", f->new_tokens, "Tokens decoded per decode run (two warm up)")->check(CLI::PositiveNumber);
+  cmd->add_option("--reps", f->reps, "Timed prefills per round (median)")->check(CLI::PositiveNumber);
+  cmd->add_option("--rounds", f->rounds, "Rounds over all models and the peer (median)")->check(CLI::PositiveNumber);
+  cmd->add_option("--llama-bench", f->llama_bench, "llama.cpp's llama-bench binary, to run as the peer");
+  cmd->add_option("--gguf", f->gguf, "The GGUF file llama-bench runs")->check(CLI::ExistingFile);
+  cmd->add_option("--threads", f->threads, "CPU threads llama-bench uses (default: ours, OpenMP's count)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--out", f->out, "JSON result path (default: docs/results/model_<device>.json)");
+  cmd->callback([f] { run(*f); });
+}
+
+const Registrar registrar(setup);
+
+}  // namespace
+}  // namespace fineserve::bench
