@@ -82,7 +82,6 @@ struct LlamaModel::Activations {
   void* attn;     // [T, q_dim]
   void* scratch;  // the FFNs' working memory (LlamaFfn::scratch_bytes)
   void* last;     // [L, hidden] hidden states of the logit rows
-  void* out;      // [L, vocab]
 };
 
 LlamaModel::Activations LlamaModel::activations(int n_tokens, int n_logits) {
@@ -101,7 +100,6 @@ LlamaModel::Activations LlamaModel::activations(int n_tokens, int n_logits) {
     b.attn = sc.take(T * q_dim * a);
     b.scratch = sc.take(scratch);
     b.last = sc.take(L * h * a);
-    b.out = sc.take(L * static_cast<size_t>(c_.vocab_size) * a);
     return b;
   });
 }
@@ -160,21 +158,8 @@ LlamaModel::LlamaModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt:
     L.ffn = c_.is_moe() ? load_sparse_moe(ctx, p) : load_dense_mlp(ctx, p);
     w_.layers.push_back(std::move(L));
   }
-  WeightLoader root(*checkpoint_, be_, "");  // the LM head is replicated
-  if (!c_.tie_word_embeddings) {
-    w_.lm_head = root.linear("lm_head", vocab, h);
-  } else if (root.has("model.embed_tokens.qweight")) {
-    w_.lm_head = root.linear("model.embed_tokens", vocab, h);  // tied and quantized: the head reads the codes
-  } else {
-    // The host copy of the embedding (upload_weight takes host memory).
-    const ckpt::TensorView e = checkpoint_->get("model.embed_tokens.weight");
-    WeightMatrix tied;
-    tied.rows = vocab;
-    tied.cols = h;
-    tied.dtype = e.dtype();
-    tied.data = e.data;
-    w_.lm_head = be_.upload_weight(tied);
-  }
+  head_ = std::make_unique<LmHead>(*checkpoint_, be_, c_.tie_word_embeddings ? "model.embed_tokens" : "lm_head",
+                                   vocab, h, shard_, comm_);
   const std::vector<float> inv_freq = llama_inv_freq(c_);
   w_.inv_freq = static_cast<const float*>(be_.upload(inv_freq.data(), inv_freq.size() * 4));
   kv_ = std::make_unique<PagedKvCache>(be_, c_.num_hidden_layers, static_cast<int64_t>(kv_heads_) * hd);
@@ -191,7 +176,7 @@ LlamaModel::LlamaModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt:
   info_.head_dim = static_cast<int>(hd);
   info_.bos_token_id = c_.bos_token_id;
   info_.eos_token_id = c_.eos_token_ids.empty() ? -1 : c_.eos_token_ids.front();
-  uint64_t bytes = static_cast<uint64_t>(w_.lm_head.bytes());  // this rank's
+  uint64_t bytes = head_->bytes();  // this rank's
   for (const LlamaLayer& L : w_.layers)
     bytes += static_cast<uint64_t>(L.q_proj.bytes() + L.k_proj.bytes() + L.v_proj.bytes() + L.o_proj.bytes()) +
              L.ffn->weight_bytes();
@@ -443,13 +428,13 @@ void LlamaModel::forward(const StepInput& s, float* logits) {
     all_reduce(b.x);
     be_.add(b.h, b.x, T * h);
   }
-  if (L == 0 || logits == nullptr) return;
+  // A replicated head runs only where logits are read; a vocab-parallel one on every rank.
+  if (L == 0 || (logits == nullptr && !head_->vocab_parallel())) return;
 
   // Only the rows whose next token is wanted go through the final norm and the LM head.
   gather_logit_rows(be_, s, b.h, h, b.last);
   be_.rms_norm(b.last, L, h, w_.final_norm.data, w_.final_norm.dtype, eps, b.last);
-  be_.linear(w_.lm_head, b.last, L, nullptr, DType::F16, b.out);
-  be_.to_host_f32(b.out, static_cast<int64_t>(L) * c_.vocab_size, logits);
+  head_->forward(b.last, L, logits);
 }
 
 }  // namespace fineserve

@@ -23,6 +23,7 @@
 #include "kernels/communicator.h"
 #include "models/checkpoint/config.h"
 #include "models/checkpoint/safetensors.h"
+#include "models/lm_head.h"
 #include "models/model.h"
 #include "models/step_buffers.h"
 #include "models/weights.h"
@@ -87,7 +88,6 @@ struct LlamaLayer {
 struct LlamaWeights {
   DeviceTensor embed_tokens;  // [vocab, hidden]
   DeviceTensor final_norm;    // [hidden] model.norm
-  WeightMatrix lm_head;       // [vocab, hidden], the embedding when tied
   const float* inv_freq = nullptr;  // [head_dim / 2] rotary inverse frequencies, scaling applied
   std::vector<LlamaLayer> layers;
 };
@@ -122,6 +122,7 @@ class LlamaModel : public Model {
   Communicator* comm_ = nullptr;
   int heads_ = 0, kv_heads_ = 0;  // this rank's query and KV heads
   LlamaWeights w_;
+  std::unique_ptr<LmHead> head_;  // [vocab, hidden]: lm_head, or the embedding when tied
   ModelInfo info_;
   std::unique_ptr<PagedKvCache> kv_;  // this rank's KV heads
   DeviceBuffer arena_;                // the activations of a step, grown to the largest seen

@@ -16,7 +16,6 @@ struct OptModel::Activations {
   void *q, *k, *v, *attn;  // [T, h]
   void* ffn;   // [T, f]
   void* last;  // [L, max(hidden, embed)] hidden states of the logit rows
-  void* out;   // [L, vocab]
 };
 
 OptModel::Activations OptModel::activations(int n_tokens, int n_logits) {
@@ -35,7 +34,6 @@ OptModel::Activations OptModel::activations(int n_tokens, int n_logits) {
     b.attn = sc.take(T * h * a);
     b.ffn = sc.take(T * f * a);
     b.last = sc.take(L * wide * a);
-    b.out = sc.take(L * static_cast<size_t>(c_.vocab_size) * a);
     return b;
   });
 }
@@ -112,24 +110,9 @@ OptModel::OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::Opt
     norm(p + "final_layer_norm", L.ffn_ln_w, L.ffn_ln_b);
     w_.layers.push_back(L);
   }
-  const uint64_t layer_bytes = ld.bytes_loaded();  // before a quantized tied head adds its own
-  // The LM head: a stored lm_head.weight when the checkpoint has an untied one, else the embedding.
-  WeightLoader root(*checkpoint_, be_, "");  // the LM head is replicated
-  if (!c_.tie_word_embeddings && (root.has("lm_head.weight") || root.has("lm_head.qweight"))) {
-    w_.lm_head = root.linear("lm_head", vocab, e);
-  } else if (ld.has("embed_tokens.qweight")) {
-    w_.lm_head = ld.linear("embed_tokens", vocab, e);  // tied and quantized: the head reads the codes
-  } else {
-    // The host copy of the embedding: upload_weight takes host memory, and embed_tokens.data is
-    // the backend's (device memory on a GPU).
-    const ckpt::TensorView t = checkpoint_->get(prefix + "embed_tokens.weight");
-    WeightMatrix tied;
-    tied.rows = vocab;
-    tied.cols = e;
-    tied.dtype = t.dtype();
-    tied.data = t.data;
-    w_.lm_head = be_.upload_weight(tied);
-  }
+  // The LM head: a stored lm_head when the checkpoint has an untied one, else the embedding.
+  const bool untied = !c_.tie_word_embeddings && (checkpoint_->has("lm_head.weight") || checkpoint_->has("lm_head.qweight"));
+  head_ = std::make_unique<LmHead>(*checkpoint_, be_, untied ? "lm_head" : prefix + "embed_tokens", vocab, e, shard_, comm_);
 
   info_.architecture = "opt";
   info_.quantization = ld.bits() ? "finequant-int" + std::to_string(ld.bits()) : "none";
@@ -140,7 +123,7 @@ OptModel::OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::Opt
   info_.head_dim = static_cast<int>(c_.head_dim());
   info_.bos_token_id = c_.bos_token_id;
   info_.eos_token_id = c_.eos_token_id;
-  info_.weight_bytes = layer_bytes + static_cast<uint64_t>(w_.lm_head.bytes());  // this rank's
+  info_.weight_bytes = ld.bytes_loaded() + head_->bytes();  // this rank's
   kv_ = std::make_unique<PagedKvCache>(be_, c_.num_hidden_layers, hidden_);
 }
 
@@ -214,7 +197,8 @@ void OptModel::forward(const StepInput& s, float* logits) {
     be_.add(b.h, b.x, T * h);
     if (!c_.do_layer_norm_before) layer_norm(Ly.ffn_ln_w, Ly.ffn_ln_b, b.h, b.h);
   }
-  if (L == 0 || logits == nullptr) return;
+  // A replicated head runs only where logits are read; a vocab-parallel one on every rank.
+  if (L == 0 || (logits == nullptr && !head_->vocab_parallel())) return;
 
   // Only the rows whose next token is wanted go through the final norm and the LM head.
   gather_logit_rows(be_, s, b.h, h, b.last);
@@ -229,8 +213,7 @@ void OptModel::forward(const StepInput& s, float* logits) {
     be_.linear(w_.project_out, b.last, L, nullptr, DType::F16, b.x);
     head_in = b.x;
   }
-  be_.linear(w_.lm_head, head_in, L, nullptr, DType::F16, b.out);
-  be_.to_host_f32(b.out, static_cast<int64_t>(L) * c_.vocab_size, logits);
+  head_->forward(head_in, L, logits);
 }
 
 }  // namespace fineserve

@@ -18,6 +18,7 @@
 #include "kernels/communicator.h"
 #include "models/checkpoint/config.h"
 #include "models/checkpoint/safetensors.h"
+#include "models/lm_head.h"
 #include "models/model.h"
 #include "models/step_buffers.h"
 #include "models/weights.h"
@@ -44,7 +45,6 @@ struct OptWeights {
   WeightMatrix project_in;       // [hidden, word_embed_proj_dim] (when the dims differ)
   WeightMatrix project_out;      // [word_embed_proj_dim, hidden]
   DeviceTensor final_ln_w, final_ln_b;  // [hidden] (pre-LN models)
-  WeightMatrix lm_head;          // [vocab, word_embed_proj_dim], tied to embed_tokens unless stored
   std::vector<OptLayer> layers;
 };
 
@@ -74,6 +74,7 @@ class OptModel : public Model {
   Communicator* comm_ = nullptr;
   int64_t heads_ = 0, hidden_ = 0, ffn_ = 0;  // this rank's attention heads, heads * head_dim, FFN width
   OptWeights w_;
+  std::unique_ptr<LmHead> head_;  // [vocab, word_embed_proj_dim], tied to embed_tokens unless stored
   ModelInfo info_;
   std::unique_ptr<PagedKvCache> kv_;  // this rank's heads
   DeviceBuffer arena_;                // the activations of a step, grown to the largest seen

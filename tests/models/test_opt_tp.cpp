@@ -61,6 +61,18 @@ TEST_P(OptTp, DenseTp2And4MatchTp1) {
   for (int world : {2, 4}) expect_tp_matches(kGolden / GetParam(), world, 1e-5, GetParam());
 }
 
+// Every matrix is split, the LM head too (vocab-parallel: 512 rows divide by 2 and 4), so a rank
+// reads exactly 1/world of the weight bytes a step reads at TP = 1. (Not opt-postln-proj: its
+// project_in/out matrices are replicated.)
+TEST(OptTp, EveryRankHoldsItsShareOfTheWeightsAndTheHead) {
+  for (const char* name : {"opt-preln", "opt-outliers"}) {
+    auto backend = make_cpu_backend(CpuOptions{.reference = false, .threads = 1});
+    const uint64_t single = load_model(kGolden / name, *backend)->info().weight_bytes;
+    for (int world : {2, 4})
+      EXPECT_EQ(load_tp(kGolden / name, world)->info().weight_bytes * world, single) << name << " tp " << world;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, OptTp, ::testing::Values("opt-preln", "opt-postln-proj", "opt-outliers"));
 
 TEST(OptTpQuantized, Int8AndInt4MatchTp1) {
@@ -82,6 +94,22 @@ TEST(OptTpQuantized, Int8AndInt4MatchTp1) {
     quant::convert_checkpoint(o);
     const std::string what = "int" + std::to_string(c.bits) + " group " + std::to_string(c.group);
     for (int world : {2, 4}) expect_tp_matches(o.out, world, 1e-4, what);
+  }
+}
+
+// The tied LM head on FineQuant codes (quantize --quantize-embeddings), split by vocabulary.
+TEST(OptTpQuantized, QuantizedTiedHeadIsVocabParallel) {
+  for (int bits : {8, 4}) {
+    Scratch tmp;
+    quant::ConvertOptions o;
+    o.model = kGolden / "opt-preln";
+    o.out = tmp.path / "q";
+    o.group.bits = bits;
+    o.group.mode = quant::GroupMode::Fixed;
+    o.group.group = 32;
+    o.keep = quant::keep_patterns_quantizing_embeddings();
+    quant::convert_checkpoint(o);
+    for (int world : {2, 4}) expect_tp_matches(o.out, world, 1e-4, "int" + std::to_string(bits) + " +embeddings");
   }
 }
 
