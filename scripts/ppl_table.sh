@@ -7,7 +7,9 @@
 # CORPUS_DIR holds kjv.txt and sotu.txt. The evaluated text is the LAST 40,000 bytes of each file
 # (nothing in FineServe was tuned on them: the golden-test tokenizer saw the start of kjv.txt, and
 # the α default comes from synthetic weights). Variants: fp16 (the imported weights), int8
-# adaptive, int4 column-wise, int4 g=64, int4 g=32, int4 adaptive (the default). There is no
+# adaptive, int4 column-wise, int4 g=64, int4 g=32 (the default model's), int4 adaptive, and
+# int8 adaptive / int4 g=32 with the token embedding (= the tied LM head) quantized too
+# (--quantize-embeddings; "+emb"). There is no
 # g=128 row: SmolLM2's d_model is 576 = 9·64, so 128 is not an allowed group for most matrices. Bits/weight is over the
 # quantized matrices (codes + fp16 scales); the file size is the whole checkpoint's safetensors.
 # Needs build/fineserve and the default model (scripts/fetch_default_model.sh makes both inputs).
@@ -33,9 +35,11 @@ declare -A variants=(
   [int4-g64]="--bits 4 --group 64"
   [int4-g32]="--bits 4 --group 32"
   [int4-adaptive]="--bits 4"
+  [int8-adaptive+emb]="--bits 8 --quantize-embeddings"
+  [int4-g32+emb]="--bits 4 --group 32 --quantize-embeddings"
 )
 models=("fp16=$dense")
-for v in int8-adaptive int4-columnwise int4-g64 int4-g32 int4-adaptive; do
+for v in int8-adaptive int4-columnwise int4-g64 int4-g32 int4-adaptive int8-adaptive+emb int4-g32+emb; do
   # shellcheck disable=SC2086
   "$fineserve" quantize --model "$dense" --out "$work/$v" ${variants[$v]} --force --quiet >&2
   models+=("$v=$work/$v")
