@@ -181,13 +181,10 @@ DeviceTensor WeightLoader::embedding(const std::string& stem, int64_t rows, int6
   int64_t row_bytes = 0;
   const WeightMatrix q = stored(stem, rows, cols, &row_bytes);
   std::vector<uint16_t> table(static_cast<size_t>(rows * cols));
-  std::vector<int8_t> codes(static_cast<size_t>(cols));
-  std::vector<float> row(static_cast<size_t>(cols));
+  std::vector<float> row(static_cast<size_t>(cols));  // one row at a time: no fp32 copy of the table
   for (int64_t r = 0; r < rows; ++r) {
-    const auto* src = static_cast<const uint8_t*>(q.data) + r * row_bytes;
-    if (q.bits == 4) quant::unpack_int4(src, cols, codes.data());
-    else std::memcpy(codes.data(), src, static_cast<size_t>(cols));
-    quant::dequantize_row(codes.data(), q.scales + r * (cols / q.group), cols, q.group, row.data());
+    quant::dequantize_rows(static_cast<const uint8_t*>(q.data) + r * row_bytes, q.scales + r * q.groups_per_row(), 1,
+                           cols, q.bits, q.group, row.data());
     for (int64_t c = 0; c < cols; ++c) table[static_cast<size_t>(r * cols + c)] = float_to_half(row[static_cast<size_t>(c)]);
   }
   return {backend_.upload(table.data(), table.size() * sizeof(uint16_t)), DType::F16, {rows, cols}};

@@ -181,24 +181,30 @@ void dequantize_row(const int8_t* codes, const uint16_t* scales, int64_t cols, i
   }
 }
 
+void dequantize_rows(const uint8_t* codes, const uint16_t* scales, int64_t rows, int64_t cols, int bits, int64_t group,
+                     float* out) {
+  FS_ASSERT(is_supported_bits(bits) && is_allowed_group(cols, group), "dequantize: bad bits or group");
+  const int64_t codes_per_row = bits == 4 ? cols / 2 : cols;
+  const int64_t groups_per_row = cols / group;
+  std::vector<int8_t> row_codes(static_cast<size_t>(cols));
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = codes + r * codes_per_row;
+    if (bits == 4) {
+      unpack_int4(row, cols, row_codes.data());
+    } else {
+      std::memcpy(row_codes.data(), row, static_cast<size_t>(cols));
+    }
+    dequantize_row(row_codes.data(), scales + r * groups_per_row, cols, group, out + r * cols);
+  }
+}
+
 std::vector<float> dequantize(const QuantizedMatrix& q) {
   FS_ASSERT(is_supported_bits(q.bits) && is_allowed_group(q.cols, q.group), "dequantize: bad bits or group");
   const int64_t codes_per_row = q.bits == 4 ? q.cols / 2 : q.cols;
-  const int64_t groups_per_row = q.cols / q.group;
   FS_ASSERT(q.codes.size() == static_cast<size_t>(q.rows * codes_per_row), "dequantize: codes size");
-  FS_ASSERT(q.scales.size() == static_cast<size_t>(q.rows * groups_per_row), "dequantize: scales size");
-
+  FS_ASSERT(q.scales.size() == static_cast<size_t>(q.rows * (q.cols / q.group)), "dequantize: scales size");
   std::vector<float> w(static_cast<size_t>(q.rows * q.cols));
-  std::vector<int8_t> codes(static_cast<size_t>(q.cols));
-  for (int64_t r = 0; r < q.rows; ++r) {
-    const uint8_t* row = q.codes.data() + r * codes_per_row;
-    if (q.bits == 4) {
-      unpack_int4(row, q.cols, codes.data());
-    } else {
-      std::memcpy(codes.data(), row, static_cast<size_t>(q.cols));
-    }
-    dequantize_row(codes.data(), q.scales.data() + r * groups_per_row, q.cols, q.group, w.data() + r * q.cols);
-  }
+  dequantize_rows(q.codes.data(), q.scales.data(), q.rows, q.cols, q.bits, q.group, w.data());
   return w;
 }
 

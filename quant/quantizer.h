@@ -60,6 +60,10 @@ QuantizedMatrix quantize(const MatrixView& w, int bits, int64_t group);
 void quantize_row(const float* w, int64_t cols, int bits, int64_t group, int8_t* codes, uint16_t* scales);
 void dequantize_row(const int8_t* codes, const uint16_t* scales, int64_t cols, int64_t group, float* w);
 
+// Dequantizes `rows` rows stored as above (codes [rows, cols] int8 or [rows, cols / 2] packed int4,
+// scales [rows, cols / group]; e.g. a checkpoint's tensors in place) to fp32 out[rows, cols].
+void dequantize_rows(const uint8_t* codes, const uint16_t* scales, int64_t rows, int64_t cols, int bits, int64_t group,
+                     float* out);
 // Dequantizes a stored QuantizedMatrix to fp32 [rows, cols].
 std::vector<float> dequantize(const QuantizedMatrix& q);
 
