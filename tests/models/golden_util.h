@@ -24,6 +24,7 @@
 #include "models/checkpoint/safetensors.h"
 #include "models/model.h"
 #include "models/tokenizer/tokenizer.h"
+#include "quant/convert.h"
 #include "quant/quantizer.h"
 
 namespace fineserve::testing {
@@ -165,6 +166,19 @@ inline double top1_agreement(const std::vector<float>& a, const std::vector<floa
     same += std::max_element(pa, pa + vocab) - pa == std::max_element(pb, pb + vocab) - pb;
   }
   return static_cast<double>(same) / static_cast<double>(rows);
+}
+
+// FineQuant conversion of `model` into `out` at `bits` with the default (adaptive) groups, keeping
+// quantize's default 16-bit tensors, or — with quantize_embeddings — quantizing the token embedding
+// and LM head too (`quantize --quantize-embeddings`).
+inline quant::ConvertOptions convert_options(const std::filesystem::path& model, const std::filesystem::path& out,
+                                             int bits, bool quantize_embeddings = false) {
+  quant::ConvertOptions o;
+  o.model = model;
+  o.out = out;
+  o.group.bits = bits;
+  o.keep = quantize_embeddings ? quant::keep_patterns_quantizing_embeddings() : quant::default_keep_patterns();
+  return o;
 }
 
 // Writes FineQuant checkpoint `q` with every .qweight/.scales pair replaced by the dequantized fp32

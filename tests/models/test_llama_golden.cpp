@@ -28,6 +28,7 @@
 namespace fineserve {
 namespace {
 namespace fs = std::filesystem;
+using testing::convert_options;
 using testing::Golden;
 using testing::Scratch;
 using testing::greedy;
@@ -54,16 +55,6 @@ void write_hybrid(const fs::path& base, const fs::path& other, const std::string
   }
   w.finish();
   fs::copy_file(base / "config.json", out / "config.json");
-}
-
-quant::ConvertOptions convert_options(const fs::path& model, const fs::path& out, int bits,
-                                      bool quantize_embeddings = false) {
-  quant::ConvertOptions o;
-  o.model = model;
-  o.out = out;
-  o.group.bits = bits;
-  o.keep = quantize_embeddings ? quant::keep_patterns_quantizing_embeddings() : quant::default_keep_patterns();
-  return o;
 }
 
 class LlamaGolden : public ::testing::TestWithParam<std::string> {};

@@ -21,6 +21,7 @@
 namespace fineserve {
 namespace {
 namespace fs = std::filesystem;
+using testing::convert_options;
 using testing::Scratch;
 using testing::prefill_logits;
 using testing::rel_fro_error;
@@ -52,11 +53,7 @@ TEST_P(OptQuantized, MatchesDequantizedDenseAndStaysNearTransformers) {
   const ckpt::Checkpoint gold_logits = ckpt::Checkpoint::open(dir / "golden.safetensors");
   for (const Bound& bound : kBounds) {
     Scratch tmp;
-    quant::ConvertOptions o;
-    o.model = dir;
-    o.out = tmp.path / "q";
-    o.group.bits = bound.bits;
-    o.keep = quant::default_keep_patterns();
+    const quant::ConvertOptions o = convert_options(dir, tmp.path / "q", bound.bits);
     quant::convert_checkpoint(o);
     write_dequantized(o.out, tmp.path / "deq");
 
@@ -91,17 +88,11 @@ TEST_P(OptQuantized, QuantizedEmbeddingsMatchDequantizedDense) {
   const auto golden = nlohmann::json::parse(std::ifstream(dir / "golden.json"));
   for (int bits : {8, 4}) {
     Scratch tmp;
-    quant::ConvertOptions o;
-    o.model = dir;
-    o.out = tmp.path / "qemb";
-    o.group.bits = bits;
-    o.keep = quant::keep_patterns_quantizing_embeddings();
+    const quant::ConvertOptions o = convert_options(dir, tmp.path / "qemb", bits, /*quantize_embeddings=*/true);
     quant::convert_checkpoint(o);
     ASSERT_TRUE(ckpt::Checkpoint::open(o.out).has("model.decoder.embed_tokens.qweight"));
     write_dequantized(o.out, tmp.path / "deq");
-    quant::ConvertOptions plain = o;
-    plain.out = tmp.path / "q";
-    plain.keep = quant::default_keep_patterns();
+    const quant::ConvertOptions plain = convert_options(dir, tmp.path / "q", bits);
     quant::convert_checkpoint(plain);
 
     auto backend = make_cpu_backend();
