@@ -263,10 +263,8 @@ PrefillTiming time_prefill(Model& model, int prompt_tokens, int reps) {
     FS_ASSERT(engine.idle());  // one step prefilled the prompt and finished the request
     if (rep > 0) ms.push_back(1e3 * s);  // rep 0 warms up
   }
-  std::sort(ms.begin(), ms.end());
   PrefillTiming t;
-  t.reps = reps;
-  t.ms_median = ms[ms.size() / 2];
+  t.ms_median = median(ms);
   t.tokens_per_s = prompt_tokens * 1e3 / t.ms_median;
   return t;
 }

@@ -92,7 +92,6 @@ struct DecodeTiming {
 DecodeTiming time_decode(Model& model, const DeviceContext& dev, int batch, int prompt_tokens, int new_tokens);
 
 struct PrefillTiming {
-  int reps = 0;
   double ms_median = 0;     // one prompt of prompt_tokens tokens, batch 1
   double tokens_per_s = 0;  // prompt_tokens / the median
 };

@@ -14,7 +14,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <map>
@@ -43,12 +42,6 @@ struct Flags {
   int threads = 0;
   std::string out;
 };
-
-double median(std::vector<double> v) {
-  FS_ASSERT(!v.empty());
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 uint64_t directory_bytes(const fs::path& dir) {
   uint64_t bytes = 0;
@@ -173,13 +166,9 @@ void run(const Flags& f) {
 
   const Subject& base = subjects.front();
   const double base_prefill = median(base.prefill), base_decode = median(base.decode);
-  double peer_prefill = 0, peer_decode = 0;
-  if (!peer.empty()) {
-    std::vector<double> pp, tg;
-    for (const PeerTiming& p : peer) pp.push_back(p.prefill_tps), tg.push_back(p.decode_tps);
-    peer_prefill = median(pp);
-    peer_decode = median(tg);
-  }
+  std::vector<double> peer_pp, peer_tg;  // per round
+  for (const PeerTiming& p : peer) peer_pp.push_back(p.prefill_tps), peer_tg.push_back(p.decode_tps);
+  const double peer_prefill = peer.empty() ? 0 : median(peer_pp), peer_decode = peer.empty() ? 0 : median(peer_tg);
 
   std::vector<std::string> header = {"model", "weights", "file MB", "weight MB/token", "prefill tok/s", "decode tok/s",
                                      "decode GB/s", "% of bw", "floor tok/s", "prefill vs " + base.label,
@@ -226,8 +215,6 @@ void run(const Flags& f) {
                                     fmt(peer_prefill / base_prefill) + "x", fmt(peer_decode / base_decode) + "x", "1.00x",
                                     "1.00x"};
     table.add_row(row);
-    std::vector<double> pp, tg;
-    for (const PeerTiming& q : peer) pp.push_back(q.prefill_tps), tg.push_back(q.decode_tps);
     peer_json = {{"name", "llama.cpp llama-bench"},
                  {"gguf", fs::path(f.gguf).filename().string()},
                  {"model_type", p.model_type},
@@ -235,9 +222,9 @@ void run(const Flags& f) {
                  {"model_bytes", p.model_bytes},
                  {"threads", threads},
                  {"prefill_tokens_per_s", peer_prefill},
-                 {"prefill_tokens_per_s_rounds", pp},
+                 {"prefill_tokens_per_s_rounds", peer_pp},
                  {"decode_tokens_per_s", peer_decode},
-                 {"decode_tokens_per_s_rounds", tg},
+                 {"decode_tokens_per_s_rounds", peer_tg},
                  {"note", "llama-bench's tg test decodes from an empty context; ours decodes after the prompt"}};
   }
   table.print();

@@ -46,6 +46,12 @@ void Table::print() const {
   std::fflush(stdout);
 }
 
+double median(std::vector<double> v) {
+  FS_ASSERT(!v.empty());
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
 std::string fmt(double v, int precision) {
   char buf[64];
   std::snprintf(buf, sizeof buf, "%.*f", precision, v);

@@ -30,6 +30,7 @@ class Table {
 };
 
 std::string fmt(double v, int precision = 2);
+double median(std::vector<double> v);  // the upper median; v must not be empty
 std::string cpu_name();  // from /proc/cpuinfo
 std::string now_utc();   // ISO 8601
 std::string command_line();  // as the process was started
