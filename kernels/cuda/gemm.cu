@@ -5,12 +5,14 @@
 //    chunks (32 int4 / 16 int8 codes of one row, inside one group), so every weight byte is loaded
 //    once, coalesced, with 4 loads in flight per lane. Codes become fp32 through the fp32 magic
 //    number, a chunk's products are summed in fp32 and multiplied by the group scale once. Split-K
-//    over grid.y when there are too few rows to fill the SMs.
+//    over grid.y only when the rows alone give fewer than 2 CTAs per SM (the partial sums then
+//    cost a second kernel).
 //  - TensorCore (mid M): a CTA owns a 128 (N) x 64 (M) output tile; k tiles of 64 stream through a
 //    4-stage cp.async pipeline into shared memory, codes become exact fp16/bf16 integers through the
 //    packed magic numbers, mma.sync m16n8k16 multiplies them with x in fp32, and the fp32 partial sum
 //    of each group is multiplied by the group's scale when the group ends. Split-K over grid.z.
-//  - DequantCublas (large M): dequantize a slab of rows to the activation dtype, cublasGemmEx.
+//  - DequantCublas (large M): dequantize the matrix to the activation dtype, one cublasGemmEx over
+//    all of it (slabs of rows only when the device lacks the memory for the whole matrix).
 // Dense weights (converted to the activation dtype at upload) always go to cuBLAS.
 #include "kernels/cuda/gemm.h"
 
@@ -41,14 +43,24 @@ using layout::QuantLayout;
 // m = 4; the tensor-core kernel reads the weights once per 64 tokens, cuBLAS wins once compute-bound.
 constexpr int64_t kGemvMaxM = 4;
 constexpr int64_t kTensorCoreMaxM = 256;
-// Split-K aims for this many CTAs per SM (so small matrices still fill the GPU) ...
+// Split-K (grids under layout::kNoSplitCtasPerSm CTAs per SM) aims for this many CTAs per SM ...
 constexpr int64_t kTargetCtasPerSm = 4;
 // ... with fp32 partial sums in a workspace of at most this size (reduced by a second kernel).
 constexpr size_t kSplitWorkspaceBytes = size_t{32} << 20;
-// DequantCublas dequantizes at most this many bytes of weights at a time (a slab of rows).
-constexpr size_t kDequantWorkspaceBytes = size_t{64} << 20;
+// DequantCublas dequantizes the whole matrix into a grow-only workspace of up to kDequantMaxBytes
+// (OPT-175B's fc1 is 1.1 GiB of fp16), so one cuBLAS call sees all N and fills the GPU. It grows
+// only while the device keeps kDequantKeepFreeBytes free afterwards; otherwise the rows go through
+// the workspace in slabs, which is at least kDequantMinBytes.
+constexpr size_t kDequantMinBytes = size_t{64} << 20;
+constexpr size_t kDequantMaxBytes = size_t{2} << 30;
+constexpr size_t kDequantKeepFreeBytes = size_t{2} << 30;
 
 constexpr int kGemvWarps = 8;
+// Occupancy the GEMV is built for: 2 CTAs (16 warps) per SM, i.e. at most 128 registers a thread
+// (it needs ~120: 4 rows x 4 tokens of sums plus 4 x 16 bytes of codes in flight). A third CTA would
+// cap it at 85 registers and spill; the 4 independent 16-byte loads per lane give the memory
+// parallelism instead of more warps.
+constexpr int kGemvMinCtasPerSm = 2;
 constexpr int kGemvRows = 4;    // weight rows per warp
 constexpr int kGemvTokens = 4;  // tokens per CTA (grid.z covers the rest)
 constexpr int kGemvMinChunksPerSplit = 64;  // 16-byte chunks per row per split: 2 per lane at least
@@ -134,7 +146,7 @@ __global__ void splitk_reduce_kernel(int splits, Epilogue e) {
   if (i >= total) return;
   float s = 0.0f;
   for (int k = 0; k < splits; ++k) s += e.partial[k * total + i];
-  static_cast<T*>(e.y)[i] = ActOps<T>::from_float(s + load_bias(e, i % e.n));
+  static_cast<T*>(e.y)[i] = ActOps<T>::from_float(s + (e.bias_kind == kNoBias ? 0.0f : load_bias(e, i % e.n)));
 }
 
 // The device-layout weights, as every kernel sees them.
@@ -143,6 +155,7 @@ struct DeviceWeights {
   const __half* scales = nullptr;  // [groups, padded_rows]
   int64_t padded_rows = 0, row_bytes = 0, group_eff = 0;
   int64_t n = 0, k = 0;  // logical rows, cols
+  int group_shift = 0;   // k >> group_shift == k / group_eff (layout::group_shift): no division in kernels
 };
 
 // ---- Gemv ----------------------------------------------------------------------------------------
@@ -152,7 +165,8 @@ struct GemvArgs {
   const void* x = nullptr;  // [m, k]
   int64_t m = 0;
   bool x_vec = false;  // x rows are 16-byte aligned: full chunks use vector loads
-  int64_t chunks_per_split = 0;
+  int chunk_group_shift = 0;  // chunk c (kElems wide) is in group c >> chunk_group_shift
+  int chunks_per_split = 0;
   Epilogue out;
 };
 
@@ -198,8 +212,10 @@ __device__ __forceinline__ void gemv_load_x(const uint16_t* xrow, int64_t k, int
 }
 
 // grid (ceil(n / 32), splits, ceil(m / kGemvTokens)), block kGemvWarps warps.
+// Built for kGemvMinCtasPerSm CTAs per SM. The loop counts chunks in 32-bit ints (a row has fewer
+// than 2^27 of them) and finds a chunk's group with a shift: no 64-bit division or modulo inside.
 template <typename T, int BITS>
-__global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(GemvArgs a) {
+__global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinCtasPerSm) gemv_kernel(GemvArgs a) {
   constexpr int kElems = BITS == 4 ? 32 : 16;  // k per 16-byte chunk
   constexpr int kPerWord = BITS == 4 ? 8 : 4;
   const int warp = static_cast<int>(threadIdx.x) / 32, lane = static_cast<int>(threadIdx.x) % 32;
@@ -207,22 +223,24 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(GemvArgs a) {
   if (r0 >= a.w.n) return;  // whole warp; no block-wide barrier below
   const int64_t m0 = static_cast<int64_t>(blockIdx.z) * kGemvTokens;
   const int mc = static_cast<int>(min(static_cast<int64_t>(kGemvTokens), a.m - m0));
-  const int64_t n_chunks = (a.w.k + kElems - 1) / kElems;
-  const int64_t c_begin = static_cast<int64_t>(blockIdx.y) * a.chunks_per_split;
-  const int64_t c_end = min(n_chunks, c_begin + a.chunks_per_split);
+  const int n_chunks = static_cast<int>((a.w.k + kElems - 1) / kElems);
+  const int c_begin = static_cast<int>(blockIdx.y) * a.chunks_per_split;
+  const int c_end = min(n_chunks, c_begin + a.chunks_per_split);
   const auto* x = static_cast<const uint16_t*>(a.x);
+  const uint8_t* wrow = a.w.codes + r0 * a.w.row_bytes;  // row r0; rows r0 + 1.. follow row_bytes apart
+  const __half* srow = a.w.scales + r0;                  // group 0's scales of rows r0..r0+3
 
   float acc[kGemvRows][kGemvTokens] = {};
-  for (int64_t c = c_begin + lane; c < c_end; c += 32) {
+  for (int c = c_begin + lane; c < c_end; c += 32) {
     // Weights are read exactly once: a streaming (evict-first) load keeps x and the scales in cache.
     uint4 raw[kGemvRows];
 #pragma unroll
     for (int r = 0; r < kGemvRows; ++r)
-      raw[r] = __ldcs(reinterpret_cast<const uint4*>(a.w.codes + (r0 + r) * a.w.row_bytes + c * 16));
-    const int64_t kc = c * kElems;
+      raw[r] = __ldcs(reinterpret_cast<const uint4*>(wrow + r * a.w.row_bytes + c * 16));
+    const int64_t kc = static_cast<int64_t>(c) * kElems;
     // The 4 rows' scales of this chunk's group: 8 contiguous bytes of the transposed scales.
     const uint2 sraw =
-        __ldg(reinterpret_cast<const uint2*>(a.w.scales + (kc / a.w.group_eff) * a.w.padded_rows + r0));
+        __ldg(reinterpret_cast<const uint2*>(srow + static_cast<int64_t>(c >> a.chunk_group_shift) * a.w.padded_rows));
     const float scale[4] = {__half2float(__ushort_as_half(static_cast<uint16_t>(sraw.x))),
                             __half2float(__ushort_as_half(static_cast<uint16_t>(sraw.x >> 16))),
                             __half2float(__ushort_as_half(static_cast<uint16_t>(sraw.y))),
@@ -279,6 +297,7 @@ struct TcArgs {
   int64_t m = 0;
   bool x_vec = false;  // x rows 16-byte aligned and k % 8 == 0: cp.async for x
   int64_t k_tiles = 0, tiles_per_split = 0;
+  layout::TcGroupEnds group_ends;  // which k-steps end a group, without dividing by the group size
   Epilogue out;
 };
 
@@ -397,7 +416,6 @@ __global__ void __launch_bounds__(kTcWarps * 32, 2) tc_kernel(TcArgs a) {
   const int64_t kt_begin = split * a.tiles_per_split;
   const int64_t kt_end = min(a.k_tiles, kt_begin + a.tiles_per_split);
   const int k_count = static_cast<int>(kt_end - kt_begin);  // k tiles this CTA computes
-  const int64_t k_end = kt_end * kTcBK;
   const int m_rows = static_cast<int>(min(static_cast<int64_t>(kTcBM), a.m - m0));  // real tokens here
   const int m_rows16 = min(kTcBM, (m_rows + 15) / 16 * 16);  // rows staged (ldmatrix reads 16 at a time)
   const auto* x = static_cast<const uint16_t*>(a.x);
@@ -436,7 +454,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 2) tc_kernel(TcArgs a) {
     constexpr int kScaleChunks = kTcBN * 2 / 16;
     for (int i = tid; i < 2 * kScaleChunks; i += kTcWarps * 32) {
       const int h = i / kScaleChunks, part = i % kScaleChunks;
-      const int64_t gi = (k0 + 32 * h) / a.w.group_eff;
+      const int64_t gi = (k0 + 32 * h) >> a.w.group_shift;
       cp_async16(ss + h * kTcBN * 2 + part * 16, a.w.scales + gi * a.w.padded_rows + n0 + part * 8, 16);
     }
   };
@@ -462,7 +480,9 @@ __global__ void __launch_bounds__(kTcWarps * 32, 2) tc_kernel(TcArgs a) {
     const uint8_t* st = smem + (i % kTcStages) * S::kStageBytes;
     const uint8_t* xs = st + S::kWBytes;
     const auto* ss = reinterpret_cast<const __half*>(st + S::kWBytes + S::kXBytes);
-    const int64_t k0 = (kt_begin + i) * kTcBK;
+    // Does this tile end a group (after its last k-step), or the slice? Decided once per tile; the
+    // unrolled k-steps below test only compile-time step numbers against these.
+    const bool tile_ends_group = ((kt_begin + i + 1) & a.group_ends.tile_mask) == 0 || i == k_count - 1;
 #pragma unroll
     for (int s = 0; s < kTcBK / 16; ++s) {
       uint32_t af[4];
@@ -480,8 +500,8 @@ __global__ void __launch_bounds__(kTcWarps * 32, 2) tc_kernel(TcArgs a) {
         }
       }
       // At a group's end (or the split's), scale the group's sum once and fold it into acc.
-      const int64_t kn = k0 + 16 * (s + 1);
-      if (kn % a.w.group_eff == 0 || kn == k_end) {
+      const bool group_end = s == kTcBK / 16 - 1 ? tile_ends_group : s == 1 && a.group_ends.half_tile;
+      if (group_end) {
         const int h = s >= 2 ? 1 : 0;
         const float s_lo = __half2float(ss[h * kTcBN + row_lo]);
         const float s_hi = __half2float(ss[h * kTcBN + row_lo + 8]);
@@ -526,7 +546,7 @@ __global__ void dequant_rows_kernel(DeviceWeights w, int64_t r_begin, int64_t r_
   const uint4 raw = *reinterpret_cast<const uint4*>(w.codes + r * w.row_bytes + c * 16);
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
   const int64_t kc = c * kElems;
-  const float scale = __half2float(w.scales[(kc / w.group_eff) * w.padded_rows + r]);
+  const float scale = __half2float(w.scales[(kc >> w.group_shift) * w.padded_rows + r]);
   uint16_t vals[kElems];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -574,10 +594,12 @@ struct Gemm::Impl {
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
   int sm_count = 1;
+  GemmOptions options;
   std::vector<void*> owned;                               // uploaded weights
   std::unordered_map<const void*, QuantLayout> uploads;  // data pointer -> layout (bits 0: dense)
   float* split_ws = nullptr;                              // kSplitWorkspaceBytes, on first use
-  void* dequant_ws = nullptr;                             // kDequantWorkspaceBytes, on first use
+  void* dequant_ws = nullptr;                             // dequant_bytes, grown on demand
+  size_t dequant_bytes = 0;
 
   void* alloc(size_t bytes) {
     void* p = nullptr;
@@ -585,13 +607,41 @@ struct Gemm::Impl {
     owned.push_back(p);
     return p;
   }
+  void poison(void* p, size_t bytes) {
+    // 0xFF bytes: NaN in fp32, fp16 and bf16.
+    if (options.poison_workspaces) check(cudaMemsetAsync(p, 0xFF, bytes, stream), "cudaMemsetAsync (poison)");
+  }
   float* split_workspace() {
     if (!split_ws) check(cudaMalloc(&split_ws, kSplitWorkspaceBytes), "cudaMalloc (GEMM split-K workspace)");
+    poison(split_ws, kSplitWorkspaceBytes);
     return split_ws;
   }
-  void* dequant_workspace() {
-    if (!dequant_ws) check(cudaMalloc(&dequant_ws, kDequantWorkspaceBytes), "cudaMalloc (GEMM dequant workspace)");
+  // A workspace of `want` bytes when it exists or the device can spare it (see kDequantMaxBytes),
+  // else the largest one there is (>= kDequantMinBytes); its size lands in dequant_bytes.
+  void* dequant_workspace(size_t want) {
+    const size_t max_bytes = options.max_dequant_bytes ? options.max_dequant_bytes : kDequantMaxBytes;
+    const size_t min_bytes = std::min(kDequantMinBytes, max_bytes);
+    want = std::max(want, min_bytes);
+    if (want > dequant_bytes) {
+      size_t free_b = 0, total_b = 0;
+      check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
+      const bool spare = want <= max_bytes && free_b + dequant_bytes >= want + kDequantKeepFreeBytes;
+      const size_t grow = spare ? want : std::max(dequant_bytes, min_bytes);
+      if (grow > dequant_bytes) {
+        if (dequant_ws) check(cudaFree(dequant_ws), "cudaFree (GEMM dequant workspace)");
+        dequant_ws = nullptr;
+        dequant_bytes = 0;
+        check(cudaMalloc(&dequant_ws, grow), "cudaMalloc (GEMM dequant workspace)");
+        dequant_bytes = grow;
+      }
+    }
+    poison(dequant_ws, dequant_bytes);
     return dequant_ws;
+  }
+  layout::SplitPlan plan(int64_t base_ctas, int64_t units, int64_t min_units, int64_t max_splits) const {
+    if (options.force_splits > 0) return layout::plan_forced_split(units, options.force_splits, max_splits);
+    return layout::plan_split(base_ctas, layout::split_target_ctas(base_ctas, sm_count, kTargetCtasPerSm), units,
+                              min_units, max_splits);
   }
 
   template <typename T>
@@ -626,14 +676,18 @@ void Gemm::Impl::run_gemv(const QuantLayout& l, const DeviceWeights& dw, const v
   const int64_t row_blocks = (l.rows + kRowsPerCta - 1) / kRowsPerCta;
   const int64_t token_blocks = (m + kGemvTokens - 1) / kGemvTokens;
   const layout::SplitPlan plan =
-      layout::plan_split(row_blocks * token_blocks, kTargetCtasPerSm * sm_count, n_chunks, kGemvMinChunksPerSplit,
-                         static_cast<int64_t>(kSplitWorkspaceBytes / sizeof(float)) / (m * l.rows));
+      this->plan(row_blocks * token_blocks, n_chunks, kGemvMinChunksPerSplit,
+                 static_cast<int64_t>(kSplitWorkspaceBytes / sizeof(float)) / (m * l.rows));
   GemvArgs a;
   a.w = dw;
   a.x = x;
   a.m = m;
   a.x_vec = x_vector_ok(x, l.cols);
-  a.chunks_per_split = plan.per_split;
+  // A group holds group_eff / elems chunks, a power of two (groups >= 32 >= elems), or all of them.
+  // (A column-wise shift of 62 becomes 31: every int chunk index still maps to group 0.)
+  a.chunk_group_shift = std::min(dw.group_shift - (l.bits == 4 ? 5 : 4), 31);
+  FS_ASSERT(n_chunks <= INT32_MAX / 2, "GEMV: K too large");
+  a.chunks_per_split = static_cast<int>(plan.per_split);
   a.out = out;
   if (plan.splits > 1) a.out.partial = split_workspace();
   FS_ASSERT(row_blocks <= INT32_MAX && plan.splits <= 65535 && token_blocks <= 65535, "GEMV grid too large");
@@ -653,8 +707,8 @@ void Gemm::Impl::run_tc(const QuantLayout& l, const DeviceWeights& dw, const voi
   const int64_t m_tiles = (m + kTcBM - 1) / kTcBM;
   const int64_t n_tiles = l.padded_rows / kTcBN;
   const layout::SplitPlan plan =
-      layout::plan_split(m_tiles * n_tiles, kTargetCtasPerSm * sm_count, k_tiles, kTcMinTilesPerSplit,
-                         static_cast<int64_t>(kSplitWorkspaceBytes / sizeof(float)) / (m * l.rows));
+      this->plan(m_tiles * n_tiles, k_tiles, kTcMinTilesPerSplit,
+                 static_cast<int64_t>(kSplitWorkspaceBytes / sizeof(float)) / (m * l.rows));
   TcArgs a;
   a.w = dw;
   a.x = x;
@@ -662,6 +716,7 @@ void Gemm::Impl::run_tc(const QuantLayout& l, const DeviceWeights& dw, const voi
   a.x_vec = x_vector_ok(x, l.cols);
   a.k_tiles = k_tiles;
   a.tiles_per_split = plan.per_split;
+  a.group_ends = layout::tc_group_ends(l);
   a.out = out;
   if (plan.splits > 1) a.out.partial = split_workspace();
   FS_ASSERT(n_tiles <= 65535 && plan.splits <= 65535 && m_tiles <= INT32_MAX, "tensor-core GEMM grid too large");
@@ -695,10 +750,12 @@ void Gemm::Impl::run_dequant_cublas(const QuantLayout& l, const DeviceWeights& d
     check(cudaGetLastError(), "bias fill launch");
   }
   const int64_t row_elems = l.padded_cols;
-  int64_t slab = static_cast<int64_t>(kDequantWorkspaceBytes / sizeof(T)) / row_elems;
+  // The whole matrix when the workspace can hold it: one cuBLAS call over all N rows. Otherwise
+  // slabs of rows, as many as fit, in multiples of 128 rows.
+  T* ws = static_cast<T*>(dequant_workspace(static_cast<size_t>(l.rows * row_elems) * sizeof(T)));
+  int64_t slab = static_cast<int64_t>(dequant_bytes / sizeof(T)) / row_elems;
   if (slab < 1) throw Error("GEMM: a row of " + std::to_string(l.cols) + " columns exceeds the dequantization workspace");
-  if (slab >= kTcBN) slab = slab / kTcBN * kTcBN;
-  T* ws = static_cast<T*>(dequant_workspace());
+  if (slab < l.rows && slab >= kTcBN) slab = slab / kTcBN * kTcBN;
   for (int64_t r = 0; r < l.rows; r += slab) {
     const int64_t r_end = std::min(l.rows, r + slab);
     const int64_t threads = (r_end - r) * (l.row_bytes() / 16);
@@ -712,10 +769,11 @@ void Gemm::Impl::run_dequant_cublas(const QuantLayout& l, const DeviceWeights& d
   }
 }
 
-Gemm::Gemm(DType act, cudaStream_t stream) : impl_(std::make_unique<Impl>()) {
+Gemm::Gemm(DType act, cudaStream_t stream, const GemmOptions& options) : impl_(std::make_unique<Impl>()) {
   if (act != DType::F16 && act != DType::BF16)
     throw Error("CUDA GEMM: activations must be F16 or BF16, got " + std::string(dtype_name(act)));
   impl_->act = act;
+  impl_->options = options;
   impl_->stream = stream;
   int device = 0;
   check(cudaGetDevice(&device), "cudaGetDevice");
@@ -815,6 +873,7 @@ void Gemm::linear(const WeightMatrix& w, const void* x, int64_t m, const void* b
   dw.padded_rows = l.padded_rows;
   dw.row_bytes = l.row_bytes();
   dw.group_eff = l.group_eff;
+  dw.group_shift = layout::group_shift(l);
   dw.n = l.rows;
   dw.k = l.cols;
   if (path == GemmPath::Auto) path = choose(w, m);

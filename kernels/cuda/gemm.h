@@ -6,8 +6,9 @@
 // GEMM for mid M, and a dequantize-to-fp16 + cuBLAS GEMM for large M.
 // Pointers are device memory; everything runs on the stream given at construction. The first
 // call that needs one allocates a workspace and keeps it: split-K partial sums (32 MiB) and the
-// dequantization slab of the large-M path (64 MiB). The device layout and the split rules live in
-// kernels/cuda/gemm_layout.h (host code, tested without a GPU).
+// dequantized weights of the large-M path (the whole matrix, up to 2 GiB while the device keeps
+// enough memory free, else at least 64 MiB slabs of rows). The device layout and the split rules
+// live in kernels/cuda/gemm_layout.h (host code, tested without a GPU).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -22,10 +23,24 @@ namespace fineserve::cuda {
 // Which kernel runs a quantized linear (Auto picks by M; the others exist for tests and bench).
 enum class GemmPath { Auto, Gemv, TensorCore, DequantCublas };
 
+// Knobs for tests and the sanitizer runs; the defaults are what serving uses.
+struct GemmOptions {
+  // Split-K slices of the Gemv and TensorCore paths: 0 picks them from the grid (gemm_layout.h
+  // plan_split); a positive count forces that many (capped by the work and the workspace), so a
+  // test can put slice boundaries inside a quantization group.
+  int64_t force_splits = 0;
+  // Fill the split-K and dequantization workspaces with NaN bytes before every use, so a kernel
+  // that reads a slot no kernel of this call wrote shows up as NaN in the output.
+  bool poison_workspaces = false;
+  // Largest dequantization workspace of the DequantCublas path (0: 2 GiB); a smaller one makes it
+  // go through the matrix in slabs of rows, as on a device short of memory.
+  size_t max_dequant_bytes = 0;
+};
+
 class Gemm {
  public:
   // act: the activation dtype (F16 or BF16) of every x and y this object sees.
-  Gemm(DType act, cudaStream_t stream);
+  Gemm(DType act, cudaStream_t stream, const GemmOptions& options = {});
   ~Gemm();
   Gemm(const Gemm&) = delete;
   Gemm& operator=(const Gemm&) = delete;

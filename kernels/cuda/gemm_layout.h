@@ -167,6 +167,57 @@ inline SplitPlan plan_split(int64_t base_ctas, int64_t target_ctas, int64_t unit
   return p;
 }
 
+// Split-K costs a second (reduction) kernel and a round trip of fp32 partial sums through memory.
+// It pays only while the grid alone leaves SMs idle: a grid with at least kNoSplitCtasPerSm CTAs
+// per SM already keeps every SM busy and runs unsplit; a smaller one aims for target_per_sm.
+constexpr int64_t kNoSplitCtasPerSm = 2;
+inline int64_t split_target_ctas(int64_t base_ctas, int64_t sm_count, int64_t target_per_sm) {
+  return base_ctas >= kNoSplitCtasPerSm * sm_count ? base_ctas : target_per_sm * sm_count;
+}
+
+// A forced number of slices (tests: boundaries inside a group), within the same limits as plan_split.
+inline SplitPlan plan_forced_split(int64_t units, int64_t splits, int64_t max_splits) {
+  int64_t s = std::min({std::max<int64_t>(1, splits), std::max<int64_t>(1, units), std::max<int64_t>(1, max_splits)});
+  s = std::min<int64_t>(s, 65535);
+  SplitPlan p;
+  p.per_split = (units + s - 1) / s;
+  p.splits = (units + p.per_split - 1) / p.per_split;
+  return p;
+}
+
+// ---- group arithmetic without a run-time division ---------------------------------------------
+// Every group is a power of two >= 32 (cpu::validate_weight) except column-wise ones, whose single
+// group spans the whole padded row. The kernels therefore find an element's group with a shift.
+
+// k >> group_shift(l) == k / l.group_eff for every 0 <= k < l.padded_cols. A column-wise matrix has
+// one group: a shift of 62 maps every k the GPU can address to group 0.
+inline int group_shift(const QuantLayout& l) {
+  if (l.groups == 1) return 62;
+  int s = 0;
+  while ((int64_t{1} << s) < l.group_eff) ++s;
+  return s;  // group_eff is a power of two here
+}
+
+// Where the tensor-core kernel's k-steps (16 wide, 4 per 64-wide k tile) end a group: after
+// step 1 and step 3 of every tile when the group is 32 (half a tile); otherwise after step 3 of tile
+// kt when ((kt + 1) & tile_mask) == 0. A column-wise group ends only where the last slice ends,
+// which the kernel checks on its own, so its mask never matches.
+struct TcGroupEnds {
+  bool half_tile = false;
+  int32_t tile_mask = 0;
+};
+inline TcGroupEnds tc_group_ends(const QuantLayout& l) {
+  TcGroupEnds e;
+  if (l.groups == 1) {
+    e.tile_mask = 0x7FFFFFFF;
+  } else if (l.group_eff < kColAlign) {
+    e.half_tile = true;  // group 32
+  } else {
+    e.tile_mask = static_cast<int32_t>(l.group_eff / kColAlign - 1);
+  }
+  return e;
+}
+
 // ---- numbers from codes -------------------------------------------------------------------------
 
 // PTX prmt (byte permute): result byte i = byte sel[4i..4i+2] of the 8-byte value {b:a}.

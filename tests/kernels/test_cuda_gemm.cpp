@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <random>
 #include <string>
@@ -15,6 +16,7 @@
 #include "kernels/cpu/reference.h"
 #include "kernels/cuda/dequant.h"
 #include "kernels/cuda/gemm.h"
+#include "kernels/cuda/gemm_layout.h"
 #include "kernels/half.h"
 #include "quant/quantizer.h"
 #endif
@@ -253,11 +255,19 @@ void run_quant_cases(DType act) {
     const WeightMatrix dev_w = gemm.upload(h.w);
     const Bias bias = make_bias(DType::F16, 131, seed);
     check_linear(gemm, h, dev_w, act, 600, &bias, {GemmPath::Auto, GemmPath::TensorCore}, false, seed);
-    // A matrix larger than the dequantization workspace's slab (64 MiB of fp16 = 4096 rows of 8192).
+    // A 67 MiB matrix (fp16): dequantized whole for one cuBLAS call, and through a 4 MiB
+    // workspace in slabs of 256 rows (the last one short), as on a device short of memory.
     const HostWeight big = make_quantized(4, 4200, 8192, 128, seed++);
     const WeightMatrix dev_big = gemm.upload(big.w);
     check_linear(gemm, big, dev_big, act, 2, nullptr, {GemmPath::DequantCublas, GemmPath::Gemv, GemmPath::TensorCore},
                  false, seed);
+    cuda::GemmOptions small_ws;
+    small_ws.max_dequant_bytes = size_t{4} << 20;
+    small_ws.poison_workspaces = true;
+    Gemm slabs(act, stream, small_ws);
+    const WeightMatrix dev_big2 = slabs.upload(big.w);
+    const Bias big_bias = make_bias(DType::F32, 4200, seed);
+    check_linear(slabs, big, dev_big2, act, 300, &big_bias, {GemmPath::DequantCublas}, false, seed + 1);
   }
   cuda_ok(cudaStreamDestroy(stream), "stream");
 }
@@ -354,6 +364,143 @@ TEST(CudaGemm, RejectsMalformedWeights) {
   bad.scales = nullptr;
   EXPECT_THROW(gemm.upload(bad), Error);
   EXPECT_THROW(Gemm(DType::F32, nullptr), Error);
+#endif
+}
+
+
+// Split-K slices that end inside a g128 group (5 forced slices of K = 4096: every slice boundary is
+// 64 codes into a group), on both split paths, with NaN-poisoned workspaces: a slice that folds a
+// group's partial sum with the wrong scale, or a reduction that reads a slot no slice wrote, is off.
+TEST(CudaGemm, SplitKBoundaryInsideAGroup) {
+  REQUIRE_GPU();
+#ifdef FINESERVE_HAVE_CUDA
+  cuda::GemmOptions o;
+  o.force_splits = 5;
+  o.poison_workspaces = true;
+  for (DType act : {DType::F16, DType::BF16}) {
+    Gemm gemm(act, nullptr, o);
+    uint32_t seed = act == DType::F16 ? 4000 : 4100;
+    for (int bits : {4, 8}) {
+      SCOPED_TRACE("int" + std::to_string(bits) + " act " + std::string(dtype_name(act)));
+      const int64_t k = 4096, group = 128, elems = bits == 4 ? 32 : 16;
+      // The slices really do end inside groups, on both paths.
+      const auto gemv = cuda::layout::plan_forced_split(k / elems, o.force_splits, 1 << 20);
+      const auto tc = cuda::layout::plan_forced_split(k / 64, o.force_splits, 1 << 20);
+      ASSERT_EQ(gemv.splits, 5);
+      ASSERT_EQ(tc.splits, 5);
+      ASSERT_NE(gemv.per_split * elems % group, 0);
+      ASSERT_NE(tc.per_split * 64 % group, 0);
+      const HostWeight h = make_quantized(bits, 131, k, group, seed++);
+      const WeightMatrix dev_w = gemm.upload(h.w);
+      const Bias bias = make_bias(DType::F32, 131, seed);
+      for (int64_t m : {1, 3, 17})
+        check_linear(gemm, h, dev_w, act, m, m == 17 ? &bias : nullptr, {GemmPath::Gemv, GemmPath::TensorCore},
+                     m == 3, seed * 7 + static_cast<uint32_t>(m));
+    }
+  }
+#endif
+}
+
+// Every path once at awkward sizes (N not a multiple of the 128-row tile, K not of the 64-wide k
+// tile, group 32, column-wise, a K long enough to split), with NaN-poisoned workspaces. Small on
+// purpose: gpu_check.sh runs it under compute-sanitizer's memcheck, racecheck and initcheck.
+TEST(CudaGemm, EveryPathAtAwkwardSizesWithPoisonedWorkspaces) {
+  REQUIRE_GPU();
+#ifdef FINESERVE_HAVE_CUDA
+  cuda::GemmOptions o;
+  o.poison_workspaces = true;
+  Gemm gemm(DType::F16, nullptr, o);
+  const QuantCase cases[] = {{4, 131, 200, 0}, {8, 8, 96, 32}, {4, 131, 4096, 128}};
+  uint32_t seed = 4200;
+  for (const QuantCase& c : cases) {
+    const int64_t group = c.group ? c.group : c.k;
+    SCOPED_TRACE("int" + std::to_string(c.bits) + " n " + std::to_string(c.n) + " k " + std::to_string(c.k) +
+                 " group " + std::to_string(group));
+    const HostWeight h = make_quantized(c.bits, c.n, c.k, group, seed++);
+    const WeightMatrix dev_w = gemm.upload(h.w);
+    const Bias bias = make_bias(DType::F16, c.n, seed);
+    check_linear(gemm, h, dev_w, DType::F16, 3, &bias, {GemmPath::Gemv, GemmPath::TensorCore, GemmPath::DequantCublas},
+                 true, seed);
+  }
+#endif
+}
+
+// Real OPT-175B sizes: fc1 (N 49152, K 12288) and fc2 (K 49152) at M = 1, 64 and 8192. Needs
+// ~4 GB of device memory and a minute, so it runs only where FINESERVE_GPU_LARGE_TESTS=1
+// (scripts/gpu_check.sh sets it). The CPU reference covers a random sample of outputs.
+TEST(CudaGemmRealSize, Opt175bShapesMatchTheReferenceOnSampledOutputs) {
+  REQUIRE_GPU();
+#ifdef FINESERVE_HAVE_CUDA
+  const char* gate = std::getenv("FINESERVE_GPU_LARGE_TESTS");
+  if (!gate || std::string(gate) != "1") GTEST_SKIP() << "set FINESERVE_GPU_LARGE_TESTS=1 to run real-size shapes";
+  struct Shape {
+    int64_t n, k;
+  };
+  for (const Shape s : {Shape{49152, 12288}, Shape{12288, 49152}}) {
+    SCOPED_TRACE("n " + std::to_string(s.n) + " k " + std::to_string(s.k));
+    // Codes and scales drawn directly (quantizing 600M weights on the host would take minutes).
+    std::mt19937_64 rng(static_cast<uint64_t>(s.n * 31 + s.k));
+    HostWeight h;
+    h.w.rows = s.n;
+    h.w.cols = s.k;
+    h.w.bits = 4;
+    h.w.group = 128;
+    h.w.dtype = DType::U8;
+    h.codes.resize(static_cast<size_t>(s.n * s.k / 2));
+    for (size_t i = 0; i < h.codes.size(); i += 8) {
+      uint64_t r = rng();
+      for (size_t j = 0; j < 8 && i + j < h.codes.size(); ++j, r >>= 8) h.codes[i + j] = static_cast<uint8_t>(r);
+    }
+    h.scales.resize(static_cast<size_t>(s.n * (s.k / 128)));
+    for (auto& v : h.scales) v = float_to_half(0.002f + static_cast<float>(rng() % 1000) * 2e-6f);
+    h.w.data = h.codes.data();
+    h.w.scales = h.scales.data();
+    Gemm gemm(DType::F16, nullptr);
+    const WeightMatrix dev_w = gemm.upload(h.w);
+    // w[r][c] from the checkpoint layout: int4 codes are nibbles (low first) holding code + 8.
+    auto weight = [&](int64_t r, int64_t c) {
+      const uint8_t b = h.codes[static_cast<size_t>((r * s.k + c) / 2)];
+      const int code = ((c % 2) ? b >> 4 : b & 0xF) - 8;
+      return static_cast<double>(code) * half_to_float(h.scales[static_cast<size_t>(r * (s.k / 128) + c / 128)]);
+    };
+    for (int64_t m : {1, 64, 8192}) {
+      SCOPED_TRACE("m " + std::to_string(m) + " path " + path_name(gemm.choose(dev_w, m)));
+      std::vector<uint16_t> x(static_cast<size_t>(m * s.k));
+      std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+      for (auto& v : x) v = float_to_half(d(rng));
+      DeviceBuffer d_x(x.size() * 2), d_y(static_cast<size_t>(m * s.n) * 2);
+      ASSERT_NE(d_x.ptr, nullptr);
+      ASSERT_NE(d_y.ptr, nullptr);
+      cuda_ok(cudaMemcpy(d_x.ptr, x.data(), x.size() * 2, cudaMemcpyHostToDevice), "copy x");
+      cuda_ok(cudaMemset(d_y.ptr, 0xff, static_cast<size_t>(m * s.n) * 2), "poison y");
+      gemm.linear(dev_w, d_x.ptr, m, nullptr, DType::F32, d_y.ptr);
+      cuda_ok(cudaDeviceSynchronize(), "linear");
+      std::vector<uint16_t> y(static_cast<size_t>(m * s.n));
+      cuda_ok(cudaMemcpy(y.data(), d_y.ptr, y.size() * 2, cudaMemcpyDeviceToHost), "copy y");
+      // 256 sampled outputs against the fp64 sum, with check_linear's bound for the path (the
+      // DequantCublas path also rounds each weight to fp16).
+      const bool rounds_weights = gemm.choose(dev_w, m) == GemmPath::DequantCublas;
+      size_t bad = 0;
+      for (int i = 0; i < 256; ++i) {
+        const int64_t t = static_cast<int64_t>(rng() % static_cast<uint64_t>(m));
+        const int64_t r = static_cast<int64_t>(rng() % static_cast<uint64_t>(s.n));
+        double want = 0, abs_sum = 0;
+        for (int64_t c = 0; c < s.k; ++c) {
+          const double p = weight(r, c) * half_to_float(x[static_cast<size_t>(t * s.k + c)]);
+          want += p;
+          abs_sum += std::fabs(p);
+        }
+        const double u = std::ldexp(1.0, -11);
+        double tol = u * std::fabs(want) + static_cast<double>(s.k + 2) * std::ldexp(1.0, -24) * abs_sum;
+        if (rounds_weights) tol += u * abs_sum;
+        const double got = half_to_float(y[static_cast<size_t>(t * s.n + r)]);
+        if (!(std::fabs(got - want) <= tol * 1.01)) {
+          if (bad++ < 5) ADD_FAILURE() << "token " << t << " row " << r << ": got " << got << " want " << want;
+        }
+      }
+      EXPECT_EQ(bad, 0u);
+    }
+  }
 #endif
 }
 

@@ -3,6 +3,7 @@
 // kernels call.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <random>
 #include <string>
@@ -301,6 +302,68 @@ TEST(CudaGemmLayout, SplitPlansCoverEveryUnitOnce) {
             ASSERT_EQ(p.splits, 1);
           }
         }
+}
+
+
+// Grids that already give >= 2 CTAs per SM run unsplit (no reduction kernel); smaller ones split.
+TEST(CudaGemmLayout, SplitOnlyWhenTheGridLeavesSmsIdle) {
+  const int64_t sms = 132;
+  for (int64_t base : {1, 40, 131, 263, 264, 500, 5000}) {
+    const int64_t target = L::split_target_ctas(base, sms, 4);
+    const L::SplitPlan p = L::plan_split(base, target, 4096, 1, 1000);
+    SCOPED_TRACE("base " + std::to_string(base));
+    if (base >= L::kNoSplitCtasPerSm * sms) {
+      EXPECT_EQ(p.splits, 1);
+    } else {
+      // A small grid aims for 4 CTAs per SM, as plan_split does with that target.
+      EXPECT_GT(p.splits, 1);
+      EXPECT_EQ(p.splits, L::plan_split(base, 4 * sms, 4096, 1, 1000).splits);
+    }
+  }
+  // Forced splits cover every unit once, within the work and workspace limits.
+  for (int64_t units : {1, 5, 64, 128, 256})
+    for (int64_t want : {1, 3, 5, 7, 1000})
+      for (int64_t max_splits : {0, 2, 1000}) {
+        const L::SplitPlan p = L::plan_forced_split(units, want, max_splits);
+        ASSERT_GE(p.splits, 1);
+        ASSERT_LE(p.splits, std::min({want, units, std::max<int64_t>(1, max_splits)}));
+        ASSERT_LT((p.splits - 1) * p.per_split, units);
+        ASSERT_GE(p.splits * p.per_split, units);
+      }
+}
+
+// The kernels' shift and per-tile mask give the same groups as dividing by the group size.
+TEST(CudaGemmLayout, GroupShiftsAndTileMasksMatchDivision) {
+  struct Case {
+    int64_t cols, group;
+  };
+  const Case cases[] = {{96, 32},   {256, 32},  {256, 64},   {4096, 128}, {4096, 256}, {12288, 128},
+                        {200, 200}, {131, 131}, {4096, 4096}, {1024, 512}, {49152, 128}};
+  for (const Case& c : cases)
+    for (int bits : {4, 8}) {
+      if (bits == 4 && c.cols % 2) continue;
+      const L::QuantLayout l = L::make_layout(8, c.cols, bits, c.group);
+      SCOPED_TRACE("cols " + std::to_string(c.cols) + " group " + std::to_string(c.group));
+      const int shift = L::group_shift(l);
+      for (int64_t k = 0; k < l.padded_cols; ++k) ASSERT_EQ(k >> shift, k / l.group_eff) << "k " << k;
+      // The Gemv's chunk shift (32 int4 / 16 int8 codes a chunk), capped at 31 for an int index.
+      const int chunk_shift = std::min(shift - (bits == 4 ? 5 : 4), 31);
+      const int elems = bits == 4 ? 32 : 16;
+      for (int32_t ch = 0; ch < static_cast<int32_t>(l.padded_cols / elems); ++ch)
+        ASSERT_EQ(ch >> chunk_shift, ch * elems / l.group_eff) << "chunk " << ch;
+      // The tensor-core kernel folds a group after k-step s (16 wide) of tile kt when a group ends
+      // there; the end of the last tile (the slice's end) it checks separately.
+      const L::TcGroupEnds e = L::tc_group_ends(l);
+      const int64_t k_tiles = l.padded_cols / L::kColAlign;
+      for (int64_t kt = 0; kt < k_tiles; ++kt)
+        for (int s = 0; s < 4; ++s) {
+          const int64_t kn = kt * L::kColAlign + 16 * (s + 1);
+          const bool want = kn % l.group_eff == 0 && kn != l.padded_cols;
+          const bool got = kn != l.padded_cols &&
+                           (s == 3 ? ((kt + 1) & e.tile_mask) == 0 : s == 1 && e.half_tile);
+          ASSERT_EQ(got, want) << "tile " << kt << " step " << s;
+        }
+    }
 }
 
 }  // namespace
