@@ -57,8 +57,8 @@ struct NcclCommunicator::Impl {
   // Polls until the communicator's pending work (init, or the collective just enqueued on
   // `stream` when `stream_done` is set) completes, fails, or the deadline passes.
   void wait(const char* what, bool stream_done) {
-    const auto deadline = Clock::now() + timeout;
-    auto sleep = std::chrono::microseconds(1);
+    const auto start = Clock::now();
+    const auto deadline = start + timeout;
     for (;;) {
       ncclResult_t async = ncclSuccess;
       const ncclResult_t q = ncclCommGetAsyncError(comm, &async);
@@ -71,14 +71,23 @@ struct NcclCommunicator::Impl {
         if (e == cudaSuccess) return;
         if (e != cudaErrorNotReady) fail(std::string(what) + ": " + cudaGetErrorString(e));
       }
-      if (Clock::now() > deadline)
+      const auto now = Clock::now();
+      if (now > deadline)
         fail(std::string(what) + " did not complete within " + std::to_string(timeout.count()) +
              " ms (a peer rank is missing or stuck)");
-      // Spin briefly (decode-step all-reduces take microseconds), then back off to 1 ms.
-      std::this_thread::sleep_for(sleep);
-      sleep = std::min(sleep * 2, std::chrono::microseconds(1000));
+      // A decode step's all-reduce completes in microseconds, and a sleep costs ~55 us however short
+      // it is asked to be (timer slack plus a wake-up): with two all-reduces per layer that alone
+      // would add milliseconds per token. So: spin (the queries above are the spin), then yield the
+      // core to other threads while still polling; only a wait that is clearly not a collective's
+      // (a bootstrap, a peer that is late) sleeps, where 100 us no longer matters.
+      const auto waited = now - start;
+      if (waited < kSpin) continue;
+      if (waited < kYield) std::this_thread::yield();
+      else std::this_thread::sleep_for(std::chrono::microseconds(100));
     }
   }
+  static constexpr std::chrono::microseconds kSpin{20};
+  static constexpr std::chrono::milliseconds kYield{5};
 
   // Also runs when the constructor throws, so a failed join leaks nothing.
   ~Impl() {
