@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -55,7 +56,12 @@ class CudaBackend final : public Backend {
       *fault_host_ = 0;
       check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&fault_dev_), fault_host_, 0),
                  "cudaHostGetDevicePointer (fault word)");
-      gemm_ = std::make_unique<cuda::Gemm>(act, stream_);
+      // FINESERVE_CUDA_POISON_WORKSPACES=1 (tests, sanitizer runs): NaN-fill every workspace before use.
+      const char* poison = std::getenv("FINESERVE_CUDA_POISON_WORKSPACES");
+      poison_ = poison && std::string(poison) == "1";
+      cuda::GemmOptions gemm_options;
+      gemm_options.poison_workspaces = poison_;
+      gemm_ = std::make_unique<cuda::Gemm>(act, stream_, gemm_options);
     } catch (...) {
       release();
       throw;
@@ -223,6 +229,8 @@ class CudaBackend final : public Backend {
       planned_qs_ = plan_qs_;
       planned_ctx_ = plan_ctx_;
     }
+    if (poison_ && rows)  // the partial results only: the plan above may be reused
+      check_cuda(cudaMemsetAsync(base + o_at, 0xFF, ml_at + ml_floats * 4 - o_at, stream_), "cudaMemsetAsync (poison)");
     cuda::AttentionWork work;
     work.items = reinterpret_cast<const cuda::AttentionItem*>(base);
     work.groups = reinterpret_cast<const cuda::AttentionGroup*>(base + groups_at);
@@ -359,6 +367,7 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_ = nullptr;
   int* fault_host_ = nullptr;  // mapped pinned memory: the kernels' fault word
   int* fault_dev_ = nullptr;   // its device address
+  bool poison_ = false;
   std::unique_ptr<cuda::Gemm> gemm_;
   std::mutex gemm_mu_;  // Gemm keeps its own workspace
 

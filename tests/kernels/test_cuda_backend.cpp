@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <numeric>
@@ -469,6 +470,42 @@ class CudaOps : public ::testing::TestWithParam<DType> {
     expect_close(got, want, tol_.atol, tol_.rtol, what + (act_ == DType::F16 ? " [f16]" : " [bf16]"));
   }
 
+  // write_kv then attention for one batch whose tokens start at row `offset` of q, k, v and out
+  // (query_start[0] == offset); the rows before it must be neither read nor written.
+  void check_attention(const AttnShape& s, const std::vector<Seq>& seqs, int32_t offset, uint32_t seed,
+                       const std::string& what) {
+    HostBatch b = make_batch(seqs, s.block_size, seed);
+    for (int32_t& q : b.qstart) q += offset;
+    const int64_t n_rows = b.qstart.back(), kv_row = static_cast<int64_t>(s.n_kv_heads) * s.head_dim;
+    const int64_t q_row = static_cast<int64_t>(s.n_heads) * s.head_dim;
+    const size_t cache = static_cast<size_t>(b.num_blocks) * s.block_size * static_cast<size_t>(kv_row);
+    const std::vector<float> k = rounded(random_floats(static_cast<size_t>(n_rows * kv_row), ++seed));
+    const std::vector<float> v = rounded(random_floats(k.size(), ++seed));
+    const std::vector<float> q = rounded(random_floats(static_cast<size_t>(n_rows * q_row), ++seed, -2, 2));
+    const std::vector<float> k0 = rounded(random_floats(cache, ++seed)), v0 = rounded(random_floats(cache, ++seed));
+    const PagedAttention hp = host_params(s, b);
+    std::vector<float> kc = k0, vc = v0, want(q.size(), 0.0f);
+    cpu_->write_kv(hp, k.data(), v.data(), kc.data(), vc.data());
+    cpu_->attention(hp, q.data(), kc.data(), vc.data(), want.data());
+
+    PagedAttention dp = hp;
+    dp.query_start = put_raw(b.qstart);
+    dp.context_len = put_raw(b.ctx);
+    dp.block_table = put_raw(b.table);
+    void* dkc = put(k0);
+    void* dvc = put(v0);
+    gpu_->write_kv(dp, put(k), put(v), dkc, dvc);
+    expect_close(get(dkc, cache), kc, 0, 0, what + ": k cache");
+    expect_close(get(dvc, cache), vc, 0, 0, what + ": v cache");
+    void* dout = put_nan(q.size());
+    gpu_->attention(dp, put(q), dkc, dvc, dout);
+    const std::vector<float> got = get(dout, q.size());
+    const size_t first = static_cast<size_t>(offset * q_row);
+    for (size_t i = 0; i < first; ++i) ASSERT_TRUE(std::isnan(got[i])) << what << ": row " << i / q_row << " written";
+    expect(std::vector<float>(got.begin() + static_cast<std::ptrdiff_t>(first), got.end()),
+           std::vector<float>(want.begin() + static_cast<std::ptrdiff_t>(first), want.end()), what);
+  }
+
   DType act_ = DType::F16;
   std::unique_ptr<Backend> gpu_, cpu_;
   Tol tol_{};
@@ -714,6 +751,56 @@ TEST_P(CudaOps, WriteKvAndAttentionMatchCpu) {
     void* dout2 = put_nan(q.size());
     gpu_->attention(rp, dq, dkc, dvc, dout2);
     expect(get(dout2, q.size()), want, what + " (index arrays read back)");
+  }
+}
+
+// A step whose tokens do not start at row 0 (query_start[0] != 0): prefill chunks, decodes and
+// contexts long enough that the plan splits keys over CTAs.
+TEST_P(CudaOps, AttentionWithQueryStartOffset) {
+  const std::vector<Seq> mixed = {{37, 37}, {50, 1}, {129, 17}, {20, 0}, {300, 5}};
+  const std::vector<Seq> long_decode = {{1500, 1}, {700, 1}};
+  check_attention({8, 2, 64, 16, 0}, mixed, 5, 300, "mixed, offset 5");
+  check_attention({8, 2, 128, 16, 0}, long_decode, 3, 310, "long decode, offset 3");
+  check_attention({12, 3, 80, 32, 300}, {{1500, 1}, {900, 3}}, 1, 320, "window, offset 1");
+}
+
+// The same with a backend that NaN-fills its workspaces before every use
+// (FINESERVE_CUDA_POISON_WORKSPACES=1): split attention tiles must read only the partial results
+// this call wrote, and the linear layers only their own split-K slices.
+TEST_P(CudaOps, AttentionAndLinearWithPoisonedWorkspaces) {
+  setenv("FINESERVE_CUDA_POISON_WORKSPACES", "1", 1);
+  gpu_ = make_cuda_backend(0, act_);
+  unsetenv("FINESERVE_CUDA_POISON_WORKSPACES");
+  check_attention({8, 2, 128, 16, 0}, {{1500, 1}, {700, 1}, {64, 1}}, 0, 330, "poisoned, long decode");
+  check_attention({8, 2, 64, 16, 0}, {{37, 37}, {129, 17}, {2000, 2}}, 2, 340, "poisoned, mixed, offset 2");
+  if (::testing::Test::HasFatalFailure()) return;
+  // An int4 g128 GEMV whose few rows make it split K (a reduction over the poisoned workspace),
+  // and the same weight at m = 600 (dequantized into the poisoned workspace for cuBLAS).
+  const int64_t n = 40, k = 4096;
+  std::mt19937 rng(350);
+  std::vector<unsigned char> codes(static_cast<size_t>(n * k / 2));
+  for (auto& c : codes) c = static_cast<unsigned char>(rng() & 0xff);
+  std::vector<uint16_t> scales(static_cast<size_t>(n * (k / 128)));
+  for (auto& v : scales) v = float_to_half(0.0005f + 0.001f * static_cast<float>(rng() % 1000) / 1000.0f);
+  WeightMatrix w;
+  w.rows = n;
+  w.cols = k;
+  w.bits = 4;
+  w.group = 128;
+  w.dtype = DType::U8;
+  w.data = codes.data();
+  w.scales = scales.data();
+  const WeightMatrix cw = cpu_->upload_weight(w), gw = gpu_->upload_weight(w);
+  for (int64_t m : {int64_t{2}, int64_t{600}}) {
+    const std::vector<float> x = rounded(random_floats(static_cast<size_t>(m * k), 351));
+    std::vector<float> want(static_cast<size_t>(m * n));
+    cpu_->linear(cw, x.data(), m, nullptr, DType::F32, want.data());
+    void* y = put_nan(want.size());
+    gpu_->linear(gw, put(x), m, nullptr, DType::F32, y);
+    double scale = 0;
+    for (float v : want) scale = std::max(scale, static_cast<double>(std::fabs(v)));
+    expect_close(get(y, want.size()), want, (act_ == DType::F16 ? 3e-3 : 2.5e-2) * std::max(scale, 1.0), tol_.rtol,
+                 "poisoned linear m " + std::to_string(m));
   }
 }
 
