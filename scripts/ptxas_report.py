@@ -3,7 +3,10 @@
 loads, stack frame, static shared memory, barriers. Exits 1 when a "hot" kernel (--hot, a regex on
 the demangled name) spills registers to local memory.
 
-    python3 scripts/ptxas_report.py --hot 'gemv_kernel|tc_kernel' --md table.md --tsv table.tsv LOG...
+    python3 scripts/ptxas_report.py --hot 'gemv_kernel|tc_kernel' --md table.md --tsv table.tsv [SOURCE=]LOG...
+
+A LOG may also be a Ninja build log of nvcc compiles with -Xptxas -v: "Building CUDA object" lines
+name the source of the ptxas output that follows them.
 
 Dynamic shared memory (extern __shared__, sized at launch) does not appear in ptxas output.
 """
@@ -19,6 +22,7 @@ SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) by
 USED = re.compile(r"Used (\d+) registers")
 SMEM = re.compile(r"(\d+) bytes smem")
 BARRIERS = re.compile(r"used (\d+) barriers")
+NINJA_CU = re.compile(r"Building CUDA object \S*?([\w.-]+\.cu)\.o")  # a build log: which file follows
 
 
 def parse(path, source):
@@ -27,6 +31,10 @@ def parse(path, source):
     props_for = None
     with open(path, errors="replace") as f:
         for line in f:
+            m = NINJA_CU.search(line)
+            if m:
+                source = m.group(1)
+                continue
             m = ENTRY.search(line)
             if m:
                 current = (m.group(2), m.group(1))
