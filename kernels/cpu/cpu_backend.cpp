@@ -1,14 +1,18 @@
 #include "kernels/cpu/cpu_backend.h"
 
+#include <atomic>
 #include <cstring>
+#include <deque>
 #include <mutex>
 #include <unordered_map>
 #include <vector>
 
 #include "kernels/base.h"
 #include "kernels/cpu/aligned.h"
+#include "configs/cpu_env.h"
 #include "kernels/cpu/fast_ops.h"
 #include "kernels/cpu/gemm.h"
+#include "kernels/cpu/gemm_a8.h"
 #include "kernels/cpu/moe.h"
 #include "kernels/cpu/reference.h"
 #include "kernels/cpu/simd.h"
@@ -17,9 +21,25 @@
 namespace fineserve {
 namespace {
 
+cpu::Isa choose_isa(const CpuOptions& o) {
+  if (o.reference) return cpu::Isa::Reference;
+  const cpu::Isa isa = o.isa.value_or(cpu::best_isa());
+  if (!cpu::isa_supported(isa))
+    throw Error("cpu backend: this CPU does not run the " + std::string(cpu::isa_name(isa)) + " kernels");
+  return isa;
+}
+
+// Which backend instance a cached look-up belongs to: never reused, unlike addresses.
+std::atomic<uint64_t> next_backend_id{1};
+
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(const CpuOptions& o) : fast_(!o.reference && cpu::has_avx2()), threads_(o.threads) {}
+  explicit CpuBackend(const CpuOptions& o)
+      : isa_(choose_isa(o)),
+        fast_(isa_ != cpu::Isa::Reference),
+        threads_(o.threads),
+        int8_activations_(o.int8_activations),
+        int8_dense_weights_(o.int8_dense_weights) {}
 
   std::string name() const override { return fast_ ? "cpu" : "cpu-reference"; }
   DType act_dtype() const override { return DType::F32; }
@@ -33,14 +53,17 @@ class CpuBackend final : public Backend {
   }
   void synchronize() override {}
 
-  WeightMatrix upload_weight(const WeightMatrix& host) override {
-    cpu::validate_weight(host, "upload_weight");
+  WeightMatrix upload_weight(const WeightMatrix& source) override {
+    cpu::validate_weight(source, "upload_weight");
+    cpu::Int8Weight requantized;
+    if (int8_dense_weights_ && !source.quantized()) requantized = cpu::quantize_dense_int8(source);
+    const WeightMatrix& host = requantized.w.data ? requantized.w : source;
     std::lock_guard<std::mutex> lock(mu_);
     if (fast_) {
-      cpu::PackedWeight p = cpu::pack_weight(host);
-      const WeightMatrix shape = p.shape;
-      packed_.emplace(shape.data, std::move(p));
-      return shape;
+      packed_.push_back(cpu::pack_weight(host));
+      const cpu::PackedWeight& p = packed_.back();
+      by_data_.emplace(p.shape.data, &p);
+      return p.shape;
     }
     // Reference: an aligned copy in the checkpoint layout.
     WeightMatrix w = host;
@@ -57,20 +80,17 @@ class CpuBackend final : public Backend {
   }
 
   void linear(const WeightMatrix& w, const void* x, int64_t m, const void* bias, DType bias_dtype, void* y) override {
-    const cpu::PackedWeight* p = nullptr;
-    if (fast_) {
-      std::lock_guard<std::mutex> lock(mu_);
-      auto it = packed_.find(w.data);
-      if (it != packed_.end()) p = &it->second;
-    }
+    const cpu::PackedWeight* p = fast_ ? find_packed(w.data) : nullptr;
+    const bool int8_act = int8_activations_ && w.quantized();
     if (p) {
       FS_ASSERT(p->shape.rows == w.rows && p->shape.cols == w.cols && p->shape.bits == w.bits &&
                     p->shape.group == w.group && p->shape.dtype == w.dtype,
                 "linear: weight does not match what upload_weight returned");
-      cpu::linear(*p, f(x), m, bias, bias_dtype, f(y), threads_);
-    } else {
-      cpu::ref::linear(w, f(x), m, bias, bias_dtype, f(y));
+      if (int8_act) return cpu::linear_int8_act(*p, f(x), m, bias, bias_dtype, f(y), isa_, threads_);
+      return cpu::linear(*p, f(x), m, bias, bias_dtype, f(y), threads_);
     }
+    if (int8_act) return cpu::ref::linear_int8_act(w, f(x), m, bias, bias_dtype, f(y));
+    cpu::ref::linear(w, f(x), m, bias, bias_dtype, f(y));
   }
 
   void embedding(const void* table, DType table_dtype, int64_t dim, const int32_t* ids, int64_t n, bool accumulate,
@@ -146,6 +166,28 @@ class CpuBackend final : public Backend {
   static float* f(void* p) { return static_cast<float*>(p); }
   static const float* f(const void* p) { return static_cast<const float*>(p); }
 
+  // The packed weight whose codes start at `data`, or null. linear() runs hundreds of times per
+  // token: a per-thread direct-mapped cache answers it without the mutex or a hash-map walk after
+  // the first call per weight (entries are tagged with this backend's id; packed weights live as
+  // long as the backend and never move, a std::deque).
+  const cpu::PackedWeight* find_packed(const void* data) {
+    struct Entry {
+      uint64_t backend = 0;
+      const void* data = nullptr;
+      const cpu::PackedWeight* packed = nullptr;
+    };
+    constexpr size_t kSlots = 1024;
+    thread_local Entry cache[kSlots];
+    const auto key = reinterpret_cast<uintptr_t>(data);
+    Entry& e = cache[((key >> 6) * 0x9E3779B97F4A7C15ull) >> 54];  // Fibonacci hashing to 10 bits
+    if (e.backend == id_ && e.data == data) return e.packed;
+    std::lock_guard<std::mutex> lock(mu_);
+    auto it = by_data_.find(data);
+    if (it == by_data_.end()) return nullptr;
+    e = {id_, data, it->second};
+    return it->second;
+  }
+
   // An owned aligned copy of host bytes (caller holds mu_).
   const void* keep(const void* host, size_t bytes) {
     cpu::AlignedBytes b = cpu::aligned_zeros(bytes);
@@ -154,10 +196,14 @@ class CpuBackend final : public Backend {
     return owned_.back().get();
   }
 
+  const cpu::Isa isa_;
   const bool fast_;
   const int threads_;
+  const bool int8_activations_, int8_dense_weights_;
+  const uint64_t id_ = next_backend_id.fetch_add(1);
   std::mutex mu_;
-  std::unordered_map<const void*, cpu::PackedWeight> packed_;
+  std::deque<cpu::PackedWeight> packed_;
+  std::unordered_map<const void*, const cpu::PackedWeight*> by_data_;
   std::vector<cpu::AlignedBytes> owned_;
 };
 
@@ -165,6 +211,6 @@ class CpuBackend final : public Backend {
 
 std::unique_ptr<Backend> make_cpu_backend(const CpuOptions& options) { return std::make_unique<CpuBackend>(options); }
 
-std::unique_ptr<Backend> make_cpu_backend() { return make_cpu_backend(CpuOptions{}); }
+std::unique_ptr<Backend> make_cpu_backend() { return make_cpu_backend(cpu_options_from_env()); }
 
 }  // namespace fineserve
