@@ -1,10 +1,14 @@
 // `fineserve bench cpu-gemm`: the CPU backend's linear layer on OPT-1.3B's layer shapes at decode
-// batch 1 and 8, for int4 (group 128 and column-wise), int8 (column-wise) and dense fp16, against
-// the machine's read bandwidth measured in the same run.
+// batch 1 and 8 and batched m = 16, 64, 128, for int4 (group 128 and column-wise), int8
+// (column-wise) and dense fp16 through the exact weight-only path, and int4 / int8 through the
+// int8-activation path ("a8"), against the machine's read bandwidth and peak multiply-add rates
+// measured in the same run.
 //
-// Decode is memory-bound, so the figure of merit is GB/s of weight bytes (WeightMatrix::bytes():
+// Small m is memory-bound: the figure of merit is GB/s of weight bytes (WeightMatrix::bytes():
 // codes + fp16 scales, or fp16 values) and its share of the measured read bandwidth; the int4
-// speedup is against the fp16 time on the same shape. Several copies of each weight are rotated so
+// speedup is against the fp16 time on the same shape. Large m is compute-bound: the figure is
+// multiply-adds per second as a share of the peak rate of the arithmetic the path uses (fp32 FMA
+// for the exact path, int8 dot products for a8). Several copies of each weight are rotated so
 // that the bytes touched exceed the last-level cache and every call streams from DRAM.
 // Derived figures use the best call time, like the bandwidth they are compared with (best of
 // several passes): on a machine shared with other work the best call is the one that ran
@@ -21,6 +25,7 @@
 #include "bench/membw.h"
 #include "bench/report.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/dispatch.h"
 #include "kernels/half.h"
 
 namespace fineserve::bench {
@@ -35,6 +40,7 @@ struct Format {
   const char* name;
   int bits;       // 0 = dense fp16
   int64_t group;  // 0 = column-wise (K)
+  bool int8_act = false;
 };
 
 struct HostWeight {
@@ -101,39 +107,56 @@ Timing time_linear(Backend& be, const std::vector<WeightMatrix>& copies, const s
   return {us[us.size() / 2], us.front()};
 }
 
-void run(const std::string& out, int threads, double min_seconds, double rotate_mb) {
+void run(const std::string& out, int threads, double min_seconds, double rotate_mb, const std::vector<int64_t>& ms) {
   const std::vector<Shape> shapes = {{"qkv 2048->6144", 2048, 6144},
                                      {"out_proj 2048->2048", 2048, 2048},
                                      {"fc1 2048->8192", 2048, 8192},
                                      {"fc2 8192->2048", 8192, 2048}};
-  const std::vector<Format> formats = {{"fp16", 0, 0}, {"int4 g128", 4, 128}, {"int4 col", 4, 0}, {"int8 col", 8, 0}};
+  const std::vector<Format> formats = {{"fp16", 0, 0},           {"int4 g128", 4, 128},
+                                       {"int4 col", 4, 0},       {"int8 col", 8, 0},
+                                       {"int4 g128 a8", 4, 128, true}, {"int8 col a8", 8, 0, true}};
   auto be = make_cpu_backend(CpuOptions{.threads = threads});
+  const cpu::Isa isa = cpu::best_isa();
   const double load_before = load_average();
-  std::printf("backend %s, measuring read bandwidth ...\n", be->name().c_str());
+  std::printf("backend %s (%s), measuring read bandwidth and compute peaks ...\n", be->name().c_str(),
+              std::string(cpu::isa_name(isa)).c_str());
   const double bw_before = measure_read_bandwidth_gbs(threads);
-  std::printf("read bandwidth: %.1f GB/s\n", bw_before);
+  const ComputePeak peak = measure_compute_peak(threads);
+  std::printf("read bandwidth: %.1f GB/s; peak GMAC/s: fp32 FMA avx2 %.1f, avx512 %.1f; int8 avx2 %.1f, vnni %.1f\n",
+              bw_before, peak.fp32_fma_avx2, peak.fp32_fma_avx512, peak.int8_avx2, peak.int8_vnni_avx512);
+  // The ceiling of each path: the exact GEMM runs 256-bit fp32 FMAs; a8 the int8 dot products of
+  // the ISA it dispatches to.
+  const double exact_peak = peak.fp32_fma_avx2;
+  const double a8_peak = isa == cpu::Isa::Avx512Vnni ? peak.int8_vnni_avx512 : peak.int8_avx2;
 
-  Table table({"shape", "m", "format", "MB", "us best", "us median", "GB/s", "% of bw", "x vs fp16"});
+  Table table({"shape", "m", "format", "MB", "us best", "us median", "GB/s", "% of bw", "x vs fp16", "GMAC/s",
+               "% of peak"});
   nlohmann::json rows = nlohmann::json::array();
   for (const Shape& s : shapes) {
-    for (int64_t m : {1, 8}) {
-      double fp16_us = 0;
-      for (const Format& f : formats) {
-        const HostWeight h = make_host_weight(s, f, 42);
-        const double mb = static_cast<double>(h.w.bytes()) / 1e6;
-        const size_t n_copies = static_cast<size_t>(std::max(2.0, rotate_mb / mb + 1));
-        std::vector<WeightMatrix> copies;
-        for (size_t c = 0; c < n_copies; ++c) copies.push_back(be->upload_weight(h.w));
+    std::vector<double> fp16_us(ms.size(), 0.0);
+    for (const Format& f : formats) {
+      // A fresh backend per weight: the copies it packs are freed before the next format's.
+      auto b = make_cpu_backend(CpuOptions{.threads = threads, .int8_activations = f.int8_act});
+      const HostWeight h = make_host_weight(s, f, 42);
+      const double mb = static_cast<double>(h.w.bytes()) / 1e6;
+      const size_t n_copies = static_cast<size_t>(std::max(2.0, rotate_mb / mb + 1));
+      std::vector<WeightMatrix> copies;
+      for (size_t c = 0; c < n_copies; ++c) copies.push_back(b->upload_weight(h.w));
+      for (size_t mi = 0; mi < ms.size(); ++mi) {
+        const int64_t m = ms[mi];
         std::mt19937 rng(7);
         std::normal_distribution<float> d(0.0f, 1.0f);
         std::vector<float> x(static_cast<size_t>(m * s.k)), y(static_cast<size_t>(m * s.n));
         for (auto& v : x) v = d(rng);
-        const Timing t = time_linear(*be, copies, x, m, y, min_seconds);
-        if (f.bits == 0) fp16_us = t.us_min;
+        const Timing t = time_linear(*b, copies, x, m, y, min_seconds);
+        if (f.bits == 0) fp16_us[mi] = t.us_min;
         const double gbs = static_cast<double>(h.w.bytes()) / (t.us_min * 1e3);
-        const double speedup = fp16_us / t.us_min;
+        const double speedup = fp16_us[mi] / t.us_min;
+        const double gmacs = static_cast<double>(m * s.n * s.k) / (t.us_min * 1e3);
+        const double path_peak = f.int8_act ? a8_peak : exact_peak;
+        const double pct_peak = path_peak > 0 ? 100 * gmacs / path_peak : 0;
         table.add_row({s.name, std::to_string(m), f.name, fmt(mb, 1), fmt(t.us_min, 1), fmt(t.us_median, 1),
-                       fmt(gbs, 1), fmt(100 * gbs / bw_before, 0), fmt(speedup, 2)});
+                       fmt(gbs, 1), fmt(100 * gbs / bw_before, 0), fmt(speedup, 2), fmt(gmacs, 1), fmt(pct_peak, 0)});
         rows.push_back({{"shape", s.name},
                         {"k", s.k},
                         {"n", s.n},
@@ -145,7 +168,10 @@ void run(const std::string& out, int threads, double min_seconds, double rotate_
                         {"us_min", t.us_min},
                         {"weight_gbs_best", gbs},
                         {"pct_of_read_bw", 100 * gbs / bw_before},
-                        {"speedup_vs_fp16", speedup}});
+                        {"speedup_vs_fp16", speedup},
+                        {"int8_activations", f.int8_act},
+                        {"gmacs_best", gmacs},
+                        {"pct_of_path_peak", pct_peak}});
       }
     }
   }
@@ -154,7 +180,14 @@ void run(const std::string& out, int threads, double min_seconds, double rotate_
   std::printf("read bandwidth: %.1f GB/s before, %.1f GB/s after the runs; load average %.2f before, %.2f after\n",
               bw_before, bw_after, load_before, load_average());
   const nlohmann::json result = {{"backend", be->name()},
+                                 {"isa", cpu::isa_name(isa)},
                                  {"threads", threads},
+                                 {"peak_gmacs", {{"fp32_fma_avx2", peak.fp32_fma_avx2},
+                                                 {"fp32_fma_avx512", peak.fp32_fma_avx512},
+                                                 {"int8_avx2", peak.int8_avx2},
+                                                 {"int8_vnni_avx512", peak.int8_vnni_avx512}}},
+                                 {"exact_path_peak", "fp32_fma_avx2"},
+                                 {"a8_path_peak", isa == cpu::Isa::Avx512Vnni ? "int8_vnni_avx512" : "int8_avx2"},
                                  {"read_bw_gbs_before", bw_before},
                                  {"read_bw_gbs_after", bw_after},
                                  {"load_average_before", load_before},
@@ -170,14 +203,16 @@ void setup(CLI::App& group) {
     int threads = 0;
     double min_seconds = 0.5;
     double rotate_mb = 128;
+    std::vector<int64_t> ms = {1, 8, 16, 64, 128};
   };
   auto f = std::make_shared<Flags>();
-  CLI::App* cmd = group.add_subcommand("cpu-gemm", "CPU linear layer: int4/int8/fp16 at decode batch 1 and 8");
+  CLI::App* cmd = group.add_subcommand("cpu-gemm", "CPU linear layer: int4/int8/fp16, exact and int8-activation paths");
   cmd->add_option("--out", f->out, "JSON result path");
   cmd->add_option("--threads", f->threads, "OpenMP threads (0 = all cores)");
   cmd->add_option("--min-seconds", f->min_seconds, "Minimum timed seconds per configuration");
   cmd->add_option("--rotate-mb", f->rotate_mb, "Total MB of weight copies rotated per configuration (> L3)");
-  cmd->callback([f] { run(f->out, f->threads, f->min_seconds, f->rotate_mb); });
+  cmd->add_option("--m", f->ms, "Rows of x (tokens) to time");
+  cmd->callback([f] { run(f->out, f->threads, f->min_seconds, f->rotate_mb, f->ms); });
 }
 
 const Registrar registrar(setup);

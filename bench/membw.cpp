@@ -1,5 +1,11 @@
 #include "bench/membw.h"
 
+// GCC 12's AVX-512 intrinsics headers start some wrappers (_mm512_broadcast_i32x4,
+// _mm512_cvtepi32_ps, ...) from a deliberately undefined vector, which -Wuninitialized and
+// -Wmaybe-uninitialized report inside the header once inlined at -O3 (GCC PR 105593).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
 #include <immintrin.h>
 #include <omp.h>
 
@@ -9,6 +15,7 @@
 #include <cstring>
 
 #include "kernels/cpu/aligned.h"
+#include "kernels/cpu/dispatch.h"
 #include "kernels/cpu/simd.h"
 
 namespace fineserve::bench {
@@ -39,7 +46,91 @@ uint64_t read_plain(const uint8_t* p, size_t bytes) {
   return s;
 }
 
+// The compute loops: kAcc independent accumulators (latency 4-5 cycles x 2 ports needs ~10),
+// `iters` rounds; each returns something derived from every accumulator so nothing is dropped.
+constexpr int kAcc = 12;
+
+FS_AVX2 float fma_avx2(int64_t iters, float seed) {
+  __m256 acc[kAcc];
+  for (int j = 0; j < kAcc; ++j) acc[j] = _mm256_set1_ps(seed * static_cast<float>(j));
+  const __m256 a = _mm256_set1_ps(0.999999f), b = _mm256_set1_ps(1e-7f);
+  for (int64_t i = 0; i < iters; ++i)
+#pragma GCC unroll 12
+    for (int j = 0; j < kAcc; ++j) acc[j] = _mm256_fmadd_ps(acc[j], a, b);
+  __m256 s = acc[0];
+  for (int j = 1; j < kAcc; ++j) s = _mm256_add_ps(s, acc[j]);
+  return cpu::simd::hsum(s);
+}
+
+FS_AVX512 float fma_avx512(int64_t iters, float seed) {
+  __m512 acc[kAcc];
+  for (int j = 0; j < kAcc; ++j) acc[j] = _mm512_set1_ps(seed * static_cast<float>(j));
+  const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-7f);
+  for (int64_t i = 0; i < iters; ++i)
+#pragma GCC unroll 12
+    for (int j = 0; j < kAcc; ++j) acc[j] = _mm512_fmadd_ps(acc[j], a, b);
+  __m512 s = acc[0];
+  for (int j = 1; j < kAcc; ++j) s = _mm512_add_ps(s, acc[j]);
+  return _mm512_reduce_add_ps(s);
+}
+
+FS_AVX2 float int8_avx2(int64_t iters, float seed) {
+  __m256i acc[kAcc];
+  for (int j = 0; j < kAcc; ++j) acc[j] = _mm256_set1_epi32(static_cast<int>(seed) + j);
+  const __m256i u = _mm256_set1_epi8(3), s8 = _mm256_set1_epi8(-2), ones = _mm256_set1_epi16(1);
+  for (int64_t i = 0; i < iters; ++i)
+#pragma GCC unroll 12
+    for (int j = 0; j < kAcc; ++j)
+      acc[j] = _mm256_add_epi32(acc[j], _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_xor_si256(u, acc[j]), s8), ones));
+  __m256i s = acc[0];
+  for (int j = 1; j < kAcc; ++j) s = _mm256_add_epi32(s, acc[j]);
+  return static_cast<float>(_mm256_extract_epi32(s, 0));
+}
+
+FS_AVX512 float int8_vnni(int64_t iters, float seed) {
+  __m512i acc[kAcc];
+  for (int j = 0; j < kAcc; ++j) acc[j] = _mm512_set1_epi32(static_cast<int>(seed) + j);
+  const __m512i u = _mm512_set1_epi8(3), s8 = _mm512_set1_epi8(-2);
+  for (int64_t i = 0; i < iters; ++i)
+#pragma GCC unroll 12
+    for (int j = 0; j < kAcc; ++j) acc[j] = _mm512_dpbusd_epi32(acc[j], u, s8);
+  __m512i s = acc[0];
+  for (int j = 1; j < kAcc; ++j) s = _mm512_add_epi32(s, acc[j]);
+  return static_cast<float>(_mm512_reduce_add_epi32(s));
+}
+
+// Best rate (1e9 multiply-adds/s) of `loop` over several ~20 ms runs on `threads` threads.
+double peak_rate(float (*loop)(int64_t, float), double macs_per_iter, int threads) {
+  const int64_t iters = 1 << 20;
+  volatile float sink = 0;
+  double best = 0;
+  for (int run = 0; run < 8; ++run) {
+    float total = 0;
+    const auto t0 = std::chrono::steady_clock::now();
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+    total += loop(iters, static_cast<float>(omp_get_thread_num() + run));
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    sink = sink + total;
+    best = std::max(best, macs_per_iter * static_cast<double>(iters) * threads / s / 1e9);
+  }
+  return best;
+}
+
 }  // namespace
+
+ComputePeak measure_compute_peak(int threads) {
+  if (threads <= 0) threads = omp_get_max_threads();
+  ComputePeak p;
+  if (cpu::isa_supported(cpu::Isa::Avx2)) {
+    p.fp32_fma_avx2 = peak_rate(fma_avx2, kAcc * 8.0, threads);
+    p.int8_avx2 = peak_rate(int8_avx2, kAcc * 32.0, threads);
+  }
+  if (cpu::isa_supported(cpu::Isa::Avx512Vnni)) {
+    p.fp32_fma_avx512 = peak_rate(fma_avx512, kAcc * 16.0, threads);
+    p.int8_vnni_avx512 = peak_rate(int8_vnni, kAcc * 64.0, threads);
+  }
+  return p;
+}
 
 double measure_read_bandwidth_gbs(int threads) {
   if (threads <= 0) threads = omp_get_max_threads();
