@@ -5,6 +5,12 @@
 // sweep runs twice in one process: against the continuous-batching server (max_seqs = the largest
 // C) and against the same server limited to one sequence per step (max_seqs = 1).
 //
+// With --peer-url (another OpenAI-compatible server, e.g. llama.cpp's llama-server) both servers
+// are driven through POST /v1/completions instead (stream, greedy, ignore_eos, max_tokens fixed,
+// the same prompts), point by point interleaved in one run — FineServe at C clients, then the peer
+// at C clients — and tabled side by side with end-to-end latency; the one-sequence sweep is
+// skipped then.
+//
 // Default model: a synthetic OPT of a real shape (configs/models/<name>.json, Gaussian weights),
 // FineQuant int8, with the GPT-2 tokenizer files copied in (tests/data/gpt2), written once to the
 // work directory. --model serves any checkpoint with a tokenizer instead.
@@ -44,13 +50,42 @@ struct Flags {
   int max_batch_tokens = 512;
   std::string work;
   std::string out = "docs/results/serve_cpu.json";
+  std::string peer_url;  // "" -> no peer
+  std::string peer_name = "peer";
 };
+
+// Where requests go and in which API.
+struct Target {
+  std::string host = "127.0.0.1";
+  int port = 0;
+  bool openai = false;  // /v1/completions (text chunks) instead of /generate_stream
+};
+
+// "http://host:port[/]" -> host, port.
+Target parse_peer_url(const std::string& url) {
+  std::string rest = url;
+  if (rest.rfind("http://", 0) == 0) rest = rest.substr(7);
+  else if (rest.find("://") != std::string::npos) throw Error("--peer-url: only http:// URLs are supported: " + url);
+  while (!rest.empty() && rest.back() == '/') rest.pop_back();
+  const size_t colon = rest.rfind(':');
+  Target t;
+  t.openai = true;
+  t.host = colon == std::string::npos ? rest : rest.substr(0, colon);
+  try {
+    t.port = colon == std::string::npos ? 80 : std::stoi(rest.substr(colon + 1));
+  } catch (const std::exception&) {
+    throw Error("--peer-url: expected http://host:port, got " + url);
+  }
+  if (t.host.empty() || t.port <= 0 || t.port > 65535 || rest.find('/') != std::string::npos)
+    throw Error("--peer-url: expected http://host:port, got " + url);
+  return t;
+}
 
 struct Point {
   int concurrency = 0;
   int requests = 0, errors = 0;
   double seconds = 0, tokens_per_s = 0;
-  double ttft_p50 = 0, ttft_p99 = 0, tpot_p50 = 0, tpot_p99 = 0;
+  double ttft_p50 = 0, ttft_p99 = 0, tpot_p50 = 0, tpot_p99 = 0, e2e_p50 = 0, e2e_p99 = 0;
   double prompt_tokens = 0;
   std::string first_error;
 };
@@ -72,10 +107,34 @@ std::string prompt_text(int words, int salt) {
   return s;
 }
 
-Point run_point(int port, int concurrency, const Flags& f) {
+// One OpenAI streamed completion, reduced to what run_point needs: the arrival times of the chunks
+// that carry text (the last chunk, the usage chunk and [DONE] carry none) and whether it stopped
+// at max_tokens.
+struct OpenAiStream {
+  std::vector<double> text_s;
+  bool length_stop = false;
+  double done_s = 0;
+};
+
+OpenAiStream read_openai_stream(const SseTiming& t) {
+  OpenAiStream o;
+  for (size_t i = 0; i < t.data.size(); ++i) {
+    o.done_s = t.event_s[i];
+    if (t.data[i] == "[DONE]") continue;
+    const json j = json::parse(t.data[i], nullptr, false);
+    if (!j.is_object() || !j.contains("choices") || !j["choices"].is_array() || j["choices"].empty()) continue;
+    const json& c = j["choices"][0];
+    if (c.contains("text") && c["text"].is_string() && !c["text"].get<std::string>().empty()) o.text_s.push_back(t.event_s[i]);
+    if (c.contains("finish_reason") && c["finish_reason"].is_string() && c["finish_reason"] == "length") o.length_stop = true;
+  }
+  return o;
+}
+
+Point run_point(const Target& target, int concurrency, const Flags& f) {
   Point pt;
   pt.concurrency = concurrency;
-  std::vector<std::vector<double>> ttft(static_cast<size_t>(concurrency)), tpot(static_cast<size_t>(concurrency));
+  std::vector<std::vector<double>> ttft(static_cast<size_t>(concurrency)), tpot(static_cast<size_t>(concurrency)),
+      e2e(static_cast<size_t>(concurrency));
   std::vector<double> prompt_tokens(static_cast<size_t>(concurrency), 0);
   std::atomic<int> errors{0}, generated{0};
   std::string first_error;
@@ -84,8 +143,28 @@ Point run_point(int port, int concurrency, const Flags& f) {
   std::vector<std::thread> clients;
   for (int c = 0; c < concurrency; ++c)
     clients.emplace_back([&, c] {
-      HttpClient client("127.0.0.1", port);
+      HttpClient client(target.host, target.port);
       for (int r = 0; r < f.rounds; ++r) {
+        if (target.openai) {
+          // Greedy, a fixed output length: the same work for any OpenAI-compatible server.
+          const json body = {{"prompt", prompt_text(f.prompt_words, c * f.rounds + r)}, {"max_tokens", f.new_tokens},
+                             {"temperature", 0.0}, {"ignore_eos", true}, {"stream", true}};
+          const SseTiming t = client.post_sse("/v1/completions", body.dump());
+          const OpenAiStream o = read_openai_stream(t);
+          if (t.status != 200 || o.text_s.empty() || !o.length_stop) {
+            ++errors;
+            std::lock_guard lk(err_mu);
+            if (first_error.empty()) first_error = std::to_string(t.status) + " " + t.error + (o.length_stop ? "" : " (did not stop at max_tokens)");
+            continue;
+          }
+          // Text chunks can merge tokens (an incomplete UTF-8 character waits for the next one);
+          // the output length is max_tokens either way.
+          generated += f.new_tokens;
+          ttft[static_cast<size_t>(c)].push_back(o.text_s.front());
+          tpot[static_cast<size_t>(c)].push_back((o.done_s - o.text_s.front()) / std::max(1, f.new_tokens - 1));
+          e2e[static_cast<size_t>(c)].push_back(o.done_s);
+          continue;
+        }
         const json body = {{"inputs", prompt_text(f.prompt_words, c * f.rounds + r)},
                            {"parameters", {{"max_new_tokens", f.new_tokens}, {"ignore_eos", true}}}};
         const SseTiming t = client.post_sse("/generate_stream", body.dump());
@@ -97,6 +176,7 @@ Point run_point(int port, int concurrency, const Flags& f) {
         }
         generated += static_cast<int>(t.event_s.size());
         ttft[static_cast<size_t>(c)].push_back(t.event_s.front());
+        e2e[static_cast<size_t>(c)].push_back(t.event_s.back());
         if (t.event_s.size() > 1)
           tpot[static_cast<size_t>(c)].push_back((t.event_s.back() - t.event_s.front()) / static_cast<double>(t.event_s.size() - 1));
         const json last = json::parse(t.data.back(), nullptr, false);
@@ -105,9 +185,12 @@ Point run_point(int port, int concurrency, const Flags& f) {
     });
   for (auto& t : clients) t.join();
   pt.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::vector<double> all_ttft, all_tpot;
+  std::vector<double> all_ttft, all_tpot, all_e2e;
   for (auto& v : ttft) all_ttft.insert(all_ttft.end(), v.begin(), v.end());
   for (auto& v : tpot) all_tpot.insert(all_tpot.end(), v.begin(), v.end());
+  for (auto& v : e2e) all_e2e.insert(all_e2e.end(), v.begin(), v.end());
+  pt.e2e_p50 = percentile(all_e2e, 0.5);
+  pt.e2e_p99 = percentile(all_e2e, 0.99);
   pt.requests = concurrency * f.rounds;
   pt.errors = errors;
   pt.first_error = first_error;
@@ -120,7 +203,9 @@ Point run_point(int port, int concurrency, const Flags& f) {
   return pt;
 }
 
-std::vector<Point> sweep(const fs::path& model, int max_seqs, const Flags& f) {
+// One sweep over f.concurrency against FineServe serving `model` (max_seqs sequences per step);
+// with a peer, each point is followed by the same point against the peer (into *peer_points).
+std::vector<Point> sweep(const fs::path& model, int max_seqs, const Flags& f, std::vector<Point>* peer_points = nullptr) {
   ServeOptions o = default_serve_options();
   o.model = model.string();
   o.http.host = "127.0.0.1";
@@ -136,14 +221,29 @@ std::vector<Point> sweep(const fs::path& model, int max_seqs, const Flags& f) {
   // Warm-up: one request (first-touch of the weights and the KV cache).
   HttpClient(std::string("127.0.0.1"), stack.port()).post_sse("/generate_stream",
       json{{"inputs", prompt_text(f.prompt_words, 0)}, {"parameters", {{"max_new_tokens", 4}, {"ignore_eos", true}}}}.dump());
+  Target self;
+  self.port = stack.port();
+  self.openai = peer_points != nullptr;
+  const Target peer = peer_points ? parse_peer_url(f.peer_url) : Target{};
+  if (peer_points)  // the peer's warm-up
+    HttpClient(peer.host, peer.port).post_sse("/v1/completions",
+        json{{"prompt", prompt_text(f.prompt_words, 0)}, {"max_tokens", 4}, {"ignore_eos", true}, {"stream", true}}.dump());
   std::vector<Point> points;
-  for (int c : f.concurrency) {
-    Point p = run_point(stack.port(), c, f);
-    std::printf("  max_seqs %2d  concurrency %2d: %7.1f tokens/s  TTFT p50 %.3f s  TPOT p50 %.4f s  (%d requests, %d errors, %.1f s)\n",
-                max_seqs, c, p.tokens_per_s, p.ttft_p50, p.tpot_p50, p.requests, p.errors, p.seconds);
+  auto report = [](const std::string& who, const Point& p) {
+    std::printf("  %-10s concurrency %2d: %7.1f tokens/s  TTFT p50 %.3f s  TPOT p50 %.4f s  e2e p99 %.2f s  (%d requests, %d errors, %.1f s)\n",
+                who.c_str(), p.concurrency, p.tokens_per_s, p.ttft_p50, p.tpot_p50, p.e2e_p99, p.requests, p.errors, p.seconds);
     if (p.errors) std::printf("    first error: %s\n", p.first_error.c_str());
     std::fflush(stdout);
+  };
+  for (int c : f.concurrency) {
+    Point p = run_point(self, c, f);
+    report("max_seqs " + std::to_string(max_seqs), p);
     points.push_back(p);
+    if (peer_points) {
+      Point q = run_point(peer, c, f);
+      report(f.peer_name, q);
+      peer_points->push_back(q);
+    }
   }
   stack.drain();
   return points;
@@ -190,7 +290,7 @@ std::string folder_name(const fs::path& p) {
 json to_json(const Point& p) {
   return {{"concurrency", p.concurrency}, {"requests", p.requests}, {"errors", p.errors}, {"seconds", p.seconds},
           {"tokens_per_s", p.tokens_per_s}, {"ttft_p50_s", p.ttft_p50}, {"ttft_p99_s", p.ttft_p99},
-          {"tpot_p50_s", p.tpot_p50}, {"tpot_p99_s", p.tpot_p99}};
+          {"tpot_p50_s", p.tpot_p50}, {"tpot_p99_s", p.tpot_p99}, {"e2e_p50_s", p.e2e_p50}, {"e2e_p99_s", p.e2e_p99}};
 }
 
 void setup(CLI::App& group) {
@@ -209,6 +309,10 @@ void setup(CLI::App& group) {
   cmd->add_option("--max-batch-tokens", f->max_batch_tokens)->check(CLI::PositiveNumber);
   cmd->add_option("--work", f->work, "Scratch directory for the synthetic checkpoint (kept for reuse)");
   cmd->add_option("--out", f->out, "JSON result path");
+  cmd->add_option("--peer-url", f->peer_url,
+                  "Another OpenAI-compatible server (http://host:port) to sweep interleaved with this one, "
+                  "both through /v1/completions");
+  cmd->add_option("--peer-name", f->peer_name, "The peer's name in the table and JSON (e.g. llama-server)");
   cmd->callback([f] {
     const fs::path model = f->model.empty() ? synthetic_model(*f) : fs::path(f->model);
     const int max_c = *std::max_element(f->concurrency.begin(), f->concurrency.end());
@@ -220,6 +324,40 @@ void setup(CLI::App& group) {
     }
     std::printf("serving %s: %d-word prompts, %d new tokens, %d requests per client per point, %u hardware threads\n",
                 model.string().c_str(), f->prompt_words, f->new_tokens, f->rounds, std::thread::hardware_concurrency());
+    // The model as a description, not a path of this machine.
+    const std::string model_name =
+        f->model.empty() ? "synthetic " + f->synthetic + " (configs/models/" + f->synthetic + ".json, Gaussian weights), " +
+                               (f->bits == 16 ? std::string("fp16") : "FineQuant int" + std::to_string(f->bits)) +
+                               ", GPT-2 tokenizer"
+                         : folder_name(model);
+    if (!f->peer_url.empty()) {
+      std::vector<Point> peer;
+      const std::vector<Point> ours = sweep(model, max_c, *f, &peer);
+      Table table({"clients", "tok/s", "TTFT p50", "TPOT p50", "e2e p99", f->peer_name + " tok/s",
+                   f->peer_name + " TTFT p50", f->peer_name + " TPOT p50", f->peer_name + " e2e p99", "tok/s ratio",
+                   "e2e p99 ratio"});
+      json rows = json::array();
+      for (size_t i = 0; i < ours.size(); ++i) {
+        const Point& a = ours[i];
+        const Point& b = peer[i];
+        const double ratio = b.tokens_per_s > 0 ? a.tokens_per_s / b.tokens_per_s : 0;
+        const double e2e_ratio = b.e2e_p99 > 0 ? a.e2e_p99 / b.e2e_p99 : 0;
+        table.add_row({std::to_string(a.concurrency), fmt(a.tokens_per_s, 1), fmt(a.ttft_p50, 3),
+                       fmt(a.tpot_p50 * 1e3, 1) + " ms", fmt(a.e2e_p99, 2), fmt(b.tokens_per_s, 1), fmt(b.ttft_p50, 3),
+                       fmt(b.tpot_p50 * 1e3, 1) + " ms", fmt(b.e2e_p99, 2), fmt(ratio) + "x", fmt(e2e_ratio) + "x"});
+        rows.push_back({{"concurrency", a.concurrency}, {"fineserve", to_json(a)}, {"peer", to_json(b)},
+                        {"tokens_per_s_ratio", ratio}, {"e2e_p99_ratio", e2e_ratio}});
+      }
+      std::printf("\n");
+      table.print();
+      write_result(f->out, "serve_load_vs_peer", cpu_name(),
+                   {{"model", model_name}, {"peer", f->peer_name}, {"api", "/v1/completions, stream, temperature 0, ignore_eos"},
+                    {"load_average_1m_at_start", load_at_start}, {"prompt_words", f->prompt_words},
+                    {"new_tokens", f->new_tokens}, {"rounds", f->rounds}, {"max_batch_tokens", f->max_batch_tokens},
+                    {"batched_max_seqs", max_c}, {"hardware_threads", std::thread::hardware_concurrency()},
+                    {"points", rows}});
+      return;
+    }
     const std::vector<Point> batched = sweep(model, max_c, *f);
     const std::vector<Point> single = sweep(model, 1, *f);
 
@@ -239,12 +377,6 @@ void setup(CLI::App& group) {
     }
     std::printf("\n");
     table.print();
-    // The model as a description, not a path of this machine.
-    const std::string model_name =
-        f->model.empty() ? "synthetic " + f->synthetic + " (configs/models/" + f->synthetic + ".json, Gaussian weights), " +
-                               (f->bits == 16 ? std::string("fp16") : "FineQuant int" + std::to_string(f->bits)) +
-                               ", GPT-2 tokenizer"
-                         : folder_name(model);
     write_result(f->out, "serve_load", cpu_name(),
                  {{"model", model_name}, {"load_average_1m_at_start", load_at_start}, {"prompt_tokens", batched.empty() ? 0.0 : batched[0].prompt_tokens},
                   {"new_tokens", f->new_tokens}, {"rounds", f->rounds}, {"max_batch_tokens", f->max_batch_tokens},
