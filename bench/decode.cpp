@@ -17,6 +17,7 @@
 
 #include "bench/decode_run.h"
 #include "bench/report.h"
+#include "configs/cpu_env.h"
 #include "kernels/base.h"
 
 namespace fineserve::bench {
@@ -186,7 +187,14 @@ void run(const Flags& f) {
                             {"loads", loads},
                             {"runs", runs},
                             {"targets", targets}};
-  if (!cuda) results["read_bandwidth_gbs"] = dev.bandwidth_gbs;  // the name earlier CPU results used
+  if (!cuda) {
+    results["read_bandwidth_gbs"] = dev.bandwidth_gbs;  // the name earlier CPU results used
+    // Which CPU kernels ran (configs/cpu_env.h: FINESERVE_CPU_ISA / _INT8_ACT / _INT8_HEAD).
+    const CpuOptions o = cpu_options_from_env();
+    results["cpu_isa"] = cpu::isa_name(o.isa.value_or(cpu::best_isa()));
+    results["cpu_int8_activations"] = o.int8_activations;
+    results["cpu_int8_dense_weights"] = o.int8_dense_weights;
+  }
   write_result(out, cuda ? "decode_cuda" : "decode_cpu", dev.name, results);
 }
 

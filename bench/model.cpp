@@ -8,6 +8,11 @@
 // same run (same thread count, the same prompt and generation lengths) and its pp/tg tokens/s sit
 // in the table with our ratios to them. Every round measures every model and the peer in turn;
 // the figures are medians over the rounds (these machines are noisy).
+//
+// --cpu-path (one per --model) picks the CPU backend's linear path per subject, so that the exact
+// weight-only kernels and the int8-activation ones (kernels/cpu/gemm_a8.h) sit side by side in one
+// run: exact, int8-act, int8-head or int8-act+head (see configs/cpu_env.h for the same choices as
+// environment variables).
 #include <fcntl.h>
 #include <omp.h>
 #include <spawn.h>
@@ -21,7 +26,9 @@
 
 #include "bench/decode_run.h"
 #include "bench/report.h"
+#include "configs/cpu_env.h"
 #include "kernels/base.h"
+#include "kernels/cpu/cpu_backend.h"
 
 extern char** environ;
 
@@ -34,6 +41,7 @@ struct Flags {
   int gpu = 0;
   std::vector<std::string> models;
   std::vector<std::string> labels;
+  std::vector<std::string> cpu_paths;
   int prompt_tokens = 128;
   int new_tokens = 64;
   int reps = 5;
@@ -107,8 +115,16 @@ PeerTiming run_llama_bench(const Flags& f, int threads) {
   return t;
 }
 
+// The CPU backend for a --cpu-path value, on top of the environment's options (its ISA choice).
+std::unique_ptr<Backend> cpu_backend_for(const std::string& path) {
+  CpuOptions o = cpu_options_from_env();
+  o.int8_activations = path == "int8-act" || path == "int8-act+head";
+  o.int8_dense_weights = path == "int8-head" || path == "int8-act+head";
+  return make_cpu_backend(o);
+}
+
 struct Subject {
-  std::string label, path, quantization;
+  std::string label, path, quantization, cpu_path;
   uint64_t weight_bytes = 0, file_bytes = 0;
   std::unique_ptr<Backend> backend;
   std::unique_ptr<Model> model;
@@ -120,6 +136,8 @@ void run(const Flags& f) {
   if (!f.labels.empty() && f.labels.size() != f.models.size())
     throw Error("--label: give one per --model, or none");
   if (f.llama_bench.empty() != f.gguf.empty()) throw Error("--llama-bench and --gguf go together");
+  if (!f.cpu_paths.empty() && f.cpu_paths.size() != f.models.size())
+    throw Error("--cpu-path: give one per --model, or none");
   if (f.new_tokens < 3) throw Error("--new-tokens must be at least 3 (two warm-up steps, then timed ones)");
   const DeviceContext dev = open_device(f.device, f.gpu);
   const bool cuda = dev.device == Device::Cuda;
@@ -136,7 +154,9 @@ void run(const Flags& f) {
     s.path = f.models[i];
     s.label = f.labels.empty() ? fs::path(s.path).filename().string() : f.labels[i];
     if (s.label.empty()) s.label = fs::path(s.path).parent_path().filename().string();
-    s.backend = make_backend(dev);
+    s.cpu_path = f.cpu_paths.empty() ? "" : f.cpu_paths[i];
+    if (!s.cpu_path.empty() && cuda) throw Error("--cpu-path applies to --device cpu");
+    s.backend = s.cpu_path.empty() ? make_backend(dev) : cpu_backend_for(s.cpu_path);
     s.model = load_model(s.path, *s.backend);
     s.quantization = s.model->info().quantization;
     s.weight_bytes = s.model->info().weight_bytes;
@@ -186,6 +206,7 @@ void run(const Flags& f) {
     nlohmann::json j = {{"model", s.label},
                         {"path", fs::path(s.path).filename().string()},
                         {"quantization", s.quantization},
+                        {"cpu_path", s.cpu_path.empty() ? "default" : s.cpu_path},
                         {"file_bytes", s.file_bytes},
                         {"weight_bytes_per_token", s.weight_bytes},
                         {"prefill_tokens_per_s", prefill},
@@ -254,6 +275,8 @@ void setup(CLI::App& group) {
       ->required()
       ->check(CLI::ExistingDirectory);
   cmd->add_option("--label", f->labels, "A name per --model for the table (default: the directory's name)");
+  cmd->add_option("--cpu-path", f->cpu_paths, "CPU linear path per --model: exact, int8-act, int8-head, int8-act+head")
+      ->check(CLI::IsMember({"exact", "int8-act", "int8-head", "int8-act+head"}));
   cmd->add_option("--device", f->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--gpu", f->gpu, "CUDA device index")->check(CLI::NonNegativeNumber);
   cmd->add_option("--prompt-tokens", f->prompt_tokens, "Prompt length: prefilled in one step, then decoded after")
