@@ -13,6 +13,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <ctime>
 
 #include "kernels/cpu/aligned.h"
 #include "kernels/cpu/dispatch.h"
@@ -99,35 +100,46 @@ FS_AVX512 float int8_vnni(int64_t iters, float seed) {
   return static_cast<float>(_mm512_reduce_add_epi32(s));
 }
 
+double thread_cpu_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
+}
+
 // Best rate (1e9 multiply-adds/s) of `loop` over several ~20 ms runs on `threads` threads.
-double peak_rate(float (*loop)(int64_t, float), double macs_per_iter, int threads) {
-  const int64_t iters = 1 << 20;
+double peak_rate(float (*loop)(int64_t, float), double macs_per_iter, int threads, bool cpu_clock) {
+  const int64_t iters = 1 << 18;
   volatile float sink = 0;
   double best = 0;
   for (int run = 0; run < 8; ++run) {
     float total = 0;
+    double rate = 0;  // summed over threads (cpu_clock)
     const auto t0 = std::chrono::steady_clock::now();
-#pragma omp parallel num_threads(threads) reduction(+ : total)
-    total += loop(iters, static_cast<float>(omp_get_thread_num() + run));
+#pragma omp parallel num_threads(threads) reduction(+ : total, rate)
+    {
+      const double c0 = thread_cpu_seconds();
+      total += loop(iters, static_cast<float>(omp_get_thread_num() + run));
+      rate += macs_per_iter * static_cast<double>(iters) / (thread_cpu_seconds() - c0) / 1e9;
+    }
     const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     sink = sink + total;
-    best = std::max(best, macs_per_iter * static_cast<double>(iters) * threads / s / 1e9);
+    best = std::max(best, cpu_clock ? rate : macs_per_iter * static_cast<double>(iters) * threads / s / 1e9);
   }
   return best;
 }
 
 }  // namespace
 
-ComputePeak measure_compute_peak(int threads) {
+ComputePeak measure_compute_peak(int threads, bool cpu_clock) {
   if (threads <= 0) threads = omp_get_max_threads();
   ComputePeak p;
   if (cpu::isa_supported(cpu::Isa::Avx2)) {
-    p.fp32_fma_avx2 = peak_rate(fma_avx2, kAcc * 8.0, threads);
-    p.int8_avx2 = peak_rate(int8_avx2, kAcc * 32.0, threads);
+    p.fp32_fma_avx2 = peak_rate(fma_avx2, kAcc * 8.0, threads, cpu_clock);
+    p.int8_avx2 = peak_rate(int8_avx2, kAcc * 32.0, threads, cpu_clock);
   }
   if (cpu::isa_supported(cpu::Isa::Avx512Vnni)) {
-    p.fp32_fma_avx512 = peak_rate(fma_avx512, kAcc * 16.0, threads);
-    p.int8_vnni_avx512 = peak_rate(int8_vnni, kAcc * 64.0, threads);
+    p.fp32_fma_avx512 = peak_rate(fma_avx512, kAcc * 16.0, threads, cpu_clock);
+    p.int8_vnni_avx512 = peak_rate(int8_vnni, kAcc * 64.0, threads, cpu_clock);
   }
   return p;
 }
