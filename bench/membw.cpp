@@ -3,8 +3,10 @@
 // GCC 12's AVX-512 intrinsics headers start some wrappers (_mm512_broadcast_i32x4,
 // _mm512_cvtepi32_ps, ...) from a deliberately undefined vector, which -Wuninitialized and
 // -Wmaybe-uninitialized report inside the header once inlined at -O3 (GCC PR 105593).
+#if defined(__GNUC__) && !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #include <immintrin.h>
 #include <omp.h>
