@@ -3,7 +3,8 @@
 //
 // Weights are re-laid out once, at upload time, by pack_weight() (layout in gemm.cpp); the
 // checkpoint format stays as it is. Accumulation is fp32 and activations stay fp32 (weight-only
-// quantization: x is never quantized).
+// quantization: x is never quantized). This is the exact path, the CPU default; gemm_a8.h runs the
+// optional int8-activation path on the same packed layout.
 #pragma once
 
 #include <cstdint>
