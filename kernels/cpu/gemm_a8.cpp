@@ -94,13 +94,14 @@ FS_AVX2 int32_t quantize_block_avx2(const float* x, int8_t* q, float* scale) {
 }
 
 // fast: the AVX2 block quantizer for full blocks (the CPU must have AVX2).
-void quantize_acts(const float* x, int64_t m, int64_t k, int64_t blocks, bool q4_order, bool fast, QuantizedActs& q) {
+void quantize_acts(const float* x, int64_t m, int64_t k, int64_t blocks, bool q4_order, bool fast, int threads,
+                   QuantizedActs& q) {
   const int64_t kp = blocks * kBlockCols;
   q.codes.resize(static_cast<size_t>(m * kp));
   q.scale.resize(static_cast<size_t>(m * blocks));
   q.sum.resize(static_cast<size_t>(m * blocks));
   // Prefill quantizes thousands of rows: spread them over the threads.
-#pragma omp parallel for if (m >= 16) schedule(static)
+#pragma omp parallel for num_threads(threads) if (threads > 1 && m >= 16) schedule(static)
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t c0 = b * kBlockCols, n = std::min(kBlockCols, k - c0);
@@ -383,8 +384,9 @@ void linear_int8_act(const PackedWeight& p, const float* x, int64_t m, const voi
   if (m <= 0) return;
   const bool q4 = p.shape.bits == 4, avx512 = isa == Isa::Avx512Vnni;
   const int64_t K = p.shape.cols, N = p.shape.rows;
+  if (threads <= 0) threads = omp_get_max_threads();
   thread_local QuantizedActs q;
-  quantize_acts(x, m, K, p.blocks, q4, true, q);
+  quantize_acts(x, m, K, p.blocks, q4, true, threads, q);
 
   A8Args a;
   a.codes = p.codes.get();
@@ -411,7 +413,6 @@ void linear_int8_act(const PackedWeight& p, const float* x, int64_t m, const voi
   const TileKernel tail = rest == 0 ? nullptr
                                     : q4 ? (avx512 ? kernel_for<true, true>(rest) : kernel_for<true, false>(rest))
                                          : (avx512 ? kernel_for<false, true>(rest) : kernel_for<false, false>(rest));
-  if (threads <= 0) threads = omp_get_max_threads();
   const bool parallel = threads > 1 && m * N * K >= (int64_t{1} << 16);
   // As gemm.cpp: tiles in dynamic chunks, ~16 per thread, each chunk one sequential weight stream.
   // A tile's weights (4 rows) stay in L1 while every token passes over them.
@@ -434,7 +435,7 @@ void linear_int8_act(const WeightMatrix& w, const float* x, int64_t m, const voi
   FS_ASSERT(w.quantized(), "linear_int8_act needs int4 / int8 codes");
   const int64_t N = w.rows, K = w.cols, blocks = (K + kBlockCols - 1) / kBlockCols;
   QuantizedActs q;
-  quantize_acts(x, m, K, blocks, false, false, q);
+  quantize_acts(x, m, K, blocks, false, false, 1, q);
   std::vector<float> b(static_cast<size_t>(N), 0.0f);
   if (bias) to_f32(bias, bias_dtype, N, b.data());
   const int64_t blocks_per_group = w.group == K ? blocks : w.group / kBlockCols;
