@@ -415,16 +415,20 @@ void linear_int8_act(const PackedWeight& p, const float* x, int64_t m, const voi
                                          : (avx512 ? kernel_for<false, true>(rest) : kernel_for<false, false>(rest));
   const bool parallel = threads > 1 && m * N * K >= (int64_t{1} << 16);
   // As gemm.cpp: tiles in dynamic chunks, ~16 per thread, each chunk one sequential weight stream.
-  // A tile's weights (4 rows) stay in L1 while every token passes over them.
+  // Within a chunk the tokens go in register blocks on the outside: one block's quantized
+  // activations (mb x K bytes) stay in L1 while the chunk's tiles pass under them, and the chunk's
+  // weights (<= 1/16 of the matrix per thread) stay in L2 from one token block to the next. The
+  // other order streamed every token's activations from L2 once per 4-row tile.
   const int64_t chunk = std::max<int64_t>(1, p.tiles / (16 * threads));
   const int64_t chunks = (p.tiles + chunk - 1) / chunk;
   const int64_t m_full = m - rest;
 #pragma omp parallel for num_threads(threads) if (parallel) schedule(dynamic, 1)
   for (int64_t c = 0; c < chunks; ++c) {
-    for (int64_t t = c * chunk; t < std::min(p.tiles, (c + 1) * chunk); ++t) {
-      for (int64_t i0 = 0; i0 < m_full; i0 += mb) full(a, t, i0);
-      if (tail) tail(a, t, m_full);
-    }
+    const int64_t t0 = c * chunk, t1 = std::min(p.tiles, (c + 1) * chunk);
+    for (int64_t i0 = 0; i0 < m_full; i0 += mb)
+      for (int64_t t = t0; t < t1; ++t) full(a, t, i0);
+    if (tail)
+      for (int64_t t = t0; t < t1; ++t) tail(a, t, m_full);
   }
 }
 
