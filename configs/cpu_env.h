@@ -1,5 +1,5 @@
-// Environment overrides of the CPU backend's options (the one place that reads them; see
-// docs/performance or README's CPU section):
+// Environment overrides of the CPU backend's options (the one place that reads them; README,
+// "CPU kernel paths and the int8 options"):
 //   FINESERVE_CPU_ISA=reference|avx2|avx512   force a kernel path (default: the best the CPU runs)
 //   FINESERVE_CPU_INT8_ACT=1                  int8 activations in the quantized linear layers
 //   FINESERVE_CPU_INT8_HEAD=1                 dense linear weights (the LM head) as int8
