@@ -14,10 +14,12 @@ struct Engine::Sequence {
   Sampler sampler;
   StopChecker stop;
   std::optional<StreamDecoder> decoder;  // absent without a tokenizer
+  std::optional<grammar::GrammarConstraint> constraint;  // constrained decoding
 
   Sequence(uint64_t i, GenerationRequest&& r, const Tokenizer* tok)
       : id(i), tokens(std::move(r.prompt)), prompt_len(tokens.size()), sampler(r.sampling), stop(std::move(r.stop)) {
     if (tok) decoder.emplace(*tok);
+    if (r.grammar) constraint.emplace(r.grammar);
   }
   int64_t remaining() const { return static_cast<int64_t>(tokens.size()) - num_computed; }
 };
@@ -58,6 +60,8 @@ uint64_t Engine::add(GenerationRequest r) {
     throw Error("the request needs more KV-cache blocks than the cache has (" + std::to_string(blocks_.num_blocks()) +
                 " blocks of " + std::to_string(config_.block_size) + " tokens)");
   if (!r.ignore_eos && info.eos_token_id >= 0 && r.stop.eos_token_ids.empty()) r.stop.eos_token_ids.push_back(static_cast<int32_t>(info.eos_token_id));
+  if (r.grammar && grammar::GrammarConstraint(r.grammar).is_dead())
+    throw Error("the grammar allows no token of this model's vocabulary to start the output");
   const uint64_t id = next_id_++;
   waiting_.push_back(std::make_unique<Sequence>(id, std::move(r), tokenizer_));
   return id;
@@ -172,9 +176,13 @@ std::vector<TokenEvent> Engine::step() {
   std::vector<uint64_t> done;
   for (size_t r = 0; r < sampled.size(); ++r) {
     Sequence& s = *sampled[r];
+    if (s.constraint) s.constraint->mask_logits(logits_.data() + r * vocab, static_cast<int32_t>(vocab));
     const SampledToken tok = s.sampler.sample(logits_.data() + r * vocab, static_cast<int>(vocab), s.tokens);
     s.tokens.push_back(tok.token);
     StopUpdate u = s.stop.push(tok.token, s.decoder ? s.decoder->feed(tok.token) : std::string());
+    // Grammar: when no token may follow (the output is complete and EOS is not allowed), end here.
+    if (s.constraint && (!s.constraint->advance(tok.token) || s.constraint->is_dead()) && !u.finish)
+      u.text += s.stop.flush(), u.finish = FinishReason::GrammarEnd;
     TokenEvent e{s.id, tok.token, tok.logprob, std::move(u.text), u.finish};
     if (e.finish) done.push_back(s.id);
     events.push_back(std::move(e));

@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/grammar/grammar.h"
 #include "engine/kv_cache.h"
 #include "engine/sampler.h"
 #include "engine/stop.h"
@@ -40,6 +41,8 @@ struct GenerationRequest {
   SamplingParams sampling;
   StopConditions stop;     // the model's EOS is added to stop.eos_token_ids unless ignore_eos
   bool ignore_eos = false;
+  // Constrained decoding (engine/grammar): only tokens the grammar allows are sampled; null: none.
+  std::shared_ptr<const grammar::Grammar> grammar;
 };
 
 // One generated token, as the engine reports it after a step.

@@ -38,6 +38,7 @@ std::string_view finish_reason_name(FinishReason reason) {
     case FinishReason::Length: return "length";
     case FinishReason::EosToken: return "eos_token";
     case FinishReason::StopSequence: return "stop_sequence";
+    case FinishReason::GrammarEnd: return "grammar_end";
   }
   return "?";
 }

@@ -31,9 +31,10 @@ enum class FinishReason {
   Length,        // max_new_tokens generated
   EosToken,      // an end-of-sequence token was generated
   StopSequence,  // a stop string appeared in the output
+  GrammarEnd,    // constrained decoding: the grammar allows no further token
 };
 
-// TGI's names: "length", "eos_token", "stop_sequence".
+// TGI's names: "length", "eos_token", "stop_sequence"; and "grammar_end".
 std::string_view finish_reason_name(FinishReason reason);
 
 struct StopConditions {
