@@ -203,7 +203,7 @@ ApiRequest parse_tgi(Endpoint endpoint, const json& body, const ApiLimits& limit
   p.unsupported("watermark", false);
   p.unsupported("top_n_tokens", 0);
   p.unsupported("frequency_penalty", 0);
-  p.unsupported("grammar");
+  p.ignored("grammar");  // read_structured_output
   p.unsupported("adapter_id");
   p.reject_unknown();
   finish_validation(r);
@@ -298,6 +298,7 @@ ApiRequest parse_completions(const json& body, const ApiLimits& limits) {
   f.unsupported("logprobs");
   f.unsupported("best_of", 1);
   f.unsupported("suffix");
+  f.ignored("response_format");  // read_structured_output
   f.reject_unknown();
   finish_validation(r);
   return r;
@@ -333,7 +334,7 @@ ChatMessage read_message(const json& m, size_t index) {
   }
   f.ignored("name");
   f.ignored("tool_call_id");
-  if (const json* tc = f.get("tool_calls"); tc && !(tc->is_array() && tc->empty())) invalid("'" + where + ".tool_calls' is not supported");
+  f.ignored("tool_calls");  // rendered by read_structured_output
   f.reject_unknown();
   return msg;
 }
@@ -355,14 +356,7 @@ ApiRequest parse_chat(const json& body, const ApiLimits& limits) {
   if (!r.max_new_tokens_given) r.stop.max_new_tokens = 0;  // the rest of the context (vLLM's default)
   if (f.boolean("logprobs").value_or(false)) invalid("'logprobs' is not supported");
   f.unsupported("top_logprobs", 0);
-  if (const json* rf = f.get("response_format")) {
-    Fields fmt(*rf, "response_format");
-    auto type = fmt.string("type");
-    if (!type || *type != "text") invalid("'response_format.type' must be \"text\" (structured output is not supported)");
-    fmt.reject_unknown();
-  }
-  if (const json* tools = f.get("tools"); tools && !(tools->is_array() && tools->empty())) invalid("'tools' is not supported");
-  f.unsupported("tool_choice", "none");
+  for (const char* k : {"response_format", "tools", "tool_choice"}) f.ignored(k);  // read_structured_output
   f.ignored("parallel_tool_calls");
   f.reject_unknown();
   if (limits.chat && !limits.chat->builtin()) {
@@ -399,13 +393,11 @@ bool is_openai(Endpoint e) { return e == Endpoint::Completions || e == Endpoint:
 
 ApiRequest parse_request(Endpoint endpoint, std::string_view body, const ApiLimits& limits) {
   const json j = parse_body(body);
-  switch (endpoint) {
-    case Endpoint::Generate:
-    case Endpoint::GenerateStream: return parse_tgi(endpoint, j, limits);
-    case Endpoint::Completions: return parse_completions(j, limits);
-    case Endpoint::ChatCompletions: return parse_chat(j, limits);
-  }
-  FS_ASSERT(false, "unknown endpoint");
+  ApiRequest r = endpoint == Endpoint::Completions       ? parse_completions(j, limits)
+                 : endpoint == Endpoint::ChatCompletions ? parse_chat(j, limits)
+                                                         : parse_tgi(endpoint, j, limits);
+  read_structured_output(r, body, limits);  // response_format, grammar, tools (server/structured_output.h)
+  return r;
 }
 
 std::string render_chat_template(const std::vector<ChatMessage>& messages, bool add_generation_prompt) {

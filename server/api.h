@@ -22,6 +22,7 @@
 #include "engine/sampler.h"
 #include "engine/stop.h"
 #include "server/chat_template.h"
+#include "server/structured_output.h"
 
 namespace fineserve {
 
@@ -93,6 +94,7 @@ struct ApiRequest {
   bool echo = false;                  // OpenAI completions: prepend the prompt to the text
   bool include_usage = false;         // OpenAI streams: a final chunk with usage
   std::string model;                  // OpenAI: the model named by the request
+  StructuredOutput structured;        // response_format / grammar / tools (server/structured_output.h)
 };
 
 // Parses and validates one request body for `endpoint` (/generate and /generate_stream differ only

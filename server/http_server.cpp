@@ -55,6 +55,7 @@ struct HttpServer::Impl {
   const Tokenizer* tokenizer = nullptr;
   ModelCard card;
   ApiLimits limits;
+  std::unique_ptr<GrammarCompiler> grammars;  // structured output (server/structured_output.h)
 
   std::atomic<bool> draining{false};
   mutable std::mutex mu;
@@ -133,6 +134,7 @@ GenerationRequest HttpServer::Impl::make_generation(const ApiRequest& api, Respo
   g.sampling = api.sampling;
   if (!api.seed_given) g.sampling.seed = random_u64();
   g.ignore_eos = api.ignore_eos;
+  g.grammar = grammars->compile(api.structured);  // null when unconstrained
   ctx.prompt_tokens = static_cast<int>(n_prompt);
   ctx.seed = g.sampling.seed;
   return g;
@@ -391,6 +393,9 @@ void HttpServer::attach(EngineLoop& loop, const Tokenizer& tokenizer, const Mode
   m.limits.default_max_new_tokens = m.config.default_max_new_tokens;
   m.limits.max_stop_sequences = m.config.max_stop_sequences;
   m.limits.chat = card.chat;
+  std::vector<int32_t> eos = {static_cast<int32_t>(card.info.eos_token_id)};
+  if (tokenizer.eos_id()) eos.push_back(*tokenizer.eos_id());
+  m.grammars = std::make_unique<GrammarCompiler>(tokenizer, static_cast<int32_t>(card.info.vocab_size), eos);
   m.loop.store(&loop, std::memory_order_release);
 }
 

@@ -114,12 +114,19 @@ std::string ResponseWriter::on_event(const TokenEvent& e) {
         out += sse_event(dump(openai_chunk(std::move(choice))));
         role_sent_ = true;
       }
-      if (!e.text.empty()) {
-        json choice = {{"index", 0}, {"delta", {{"content", e.text}}}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
+      // Tool calls: text that may be a call is held back and sent as tool_calls deltas at the end.
+      if (r.structured.parses_tool_calls() && !tool_stream_) tool_stream_.emplace(r.structured.tool_format, "call_" + ctx_.id.substr(ctx_.id.find('-') + 1) + "_");
+      ToolCallStream::End calls;
+      std::string content = tool_stream_ ? tool_stream_->feed(e.text) : e.text;
+      if (e.finish && tool_stream_) calls = tool_stream_->finish(), content += calls.content;
+      if (!content.empty()) {
+        json choice = {{"index", 0}, {"delta", {{"content", content}}}, {"logprobs", nullptr}, {"finish_reason", nullptr}};
         out += sse_event(dump(openai_chunk(std::move(choice))));
       }
+      for (json& d : calls.deltas) out += sse_event(dump(openai_chunk({{"index", 0}, {"delta", std::move(d)}, {"logprobs", nullptr}, {"finish_reason", nullptr}})));
       if (e.finish) {
-        json choice = {{"index", 0}, {"delta", json::object()}, {"logprobs", nullptr}, {"finish_reason", openai_finish_reason(*e.finish)}};
+        json choice = {{"index", 0}, {"delta", json::object()}, {"logprobs", nullptr},
+                       {"finish_reason", calls.has_calls ? "tool_calls" : openai_finish_reason(*e.finish)}};
         out += sse_event(dump(openai_chunk(std::move(choice))));
       }
       break;
@@ -152,12 +159,16 @@ std::string ResponseWriter::final_body(FinishReason reason) const {
                                         {"logprobs", nullptr}, {"finish_reason", openai_finish_reason(reason)}}})},
               {"usage", usage()}};
       break;
-    case Endpoint::ChatCompletions:
+    case Endpoint::ChatCompletions: {
+      json message = {{"role", "assistant"}, {"content", text_}};
+      const bool calls = r.structured.parses_tool_calls() &&  // server/tool_calls.h
+                         apply_tool_calls(message, text_, r.structured.tool_format, "call_" + ctx_.id.substr(ctx_.id.find('-') + 1) + "_");
       body = {{"id", ctx_.id}, {"object", "chat.completion"}, {"created", ctx_.created}, {"model", ctx_.model_name},
-              {"choices", json::array({{{"index", 0}, {"message", {{"role", "assistant"}, {"content", text_}}},
-                                        {"logprobs", nullptr}, {"finish_reason", openai_finish_reason(reason)}}})},
+              {"choices", json::array({{{"index", 0}, {"message", message},
+                                        {"logprobs", nullptr}, {"finish_reason", calls ? "tool_calls" : openai_finish_reason(reason)}}})},
               {"usage", usage()}};
       break;
+    }
   }
   return dump(body);
 }

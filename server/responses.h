@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,7 @@
 
 #include "engine/engine.h"
 #include "server/api.h"
+#include "server/tool_calls.h"
 
 namespace fineserve {
 
@@ -62,6 +64,7 @@ class ResponseWriter {
   bool role_sent_ = false;          // chat streams: the first chunk carries the role
   bool echo_sent_ = false;          // completion streams with echo
   bool finished_ = false;
+  std::optional<ToolCallStream> tool_stream_;  // chat streams with tools (server/tool_calls.h)
 };
 
 // Error bodies: TGI routes {"error": message, "error_type": type}; OpenAI routes OpenAI's shape

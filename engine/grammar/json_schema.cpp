@@ -377,7 +377,7 @@ class Compiler {
       req.push_back(true);
     }
     NodePtr extra;
-    const bool open_by_default = props.empty() && required.empty();
+    const bool open_by_default = !s.contains("properties") && required.empty();
     if (s.contains("additionalProperties")) {
       const json& a = s["additionalProperties"];
       if (!(a.is_boolean() && !a.get<bool>()))

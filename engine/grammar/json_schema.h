@@ -7,8 +7,8 @@
 // the schema lists them (as OpenAI's strict mode and Outlines do).
 //
 // Supported keywords: type (one or a list), properties, required, additionalProperties (false,
-// true or a schema; when a schema lists properties and says nothing, extra members are not
-// generated, as in OpenAI strict mode), enum, const, items, prefixItems, minItems, maxItems,
+// true or a schema; when a schema has "properties" (even empty) and says nothing, extra members
+// are not generated, as in OpenAI strict mode), enum, const, items, prefixItems, minItems, maxItems,
 // minLength, maxLength, pattern, format (date, time, date-time, uuid, email, ipv4, hostname are
 // enforced; others are annotations and ignored, as the spec allows), anyOf, oneOf (generated
 // like anyOf), allOf with one subschema, $ref to "#", "#/$defs/..." or "#/definitions/..." (also
