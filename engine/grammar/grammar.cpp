@@ -192,8 +192,15 @@ bool GrammarConstraint::mask_logits(float* logits, int32_t width) const {
   const auto m = allowed();
   if (m->count == 0) return false;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-  for (int32_t id = 0; id < width; ++id)
-    if (!m->test(id)) logits[id] = kNegInf;
+  // Word by word: most words of a mask are all-zero (set 64 logits) or all-one (skip).
+  for (int32_t base = 0; base < width; base += 64) {
+    const size_t w = static_cast<size_t>(base) >> 6;
+    const uint64_t bits = w < m->words.size() ? m->words[w] : 0;
+    const int32_t n = std::min<int32_t>(64, width - base);
+    if (bits == ~uint64_t{0} && n == 64) continue;
+    for (int32_t i = 0; i < n; ++i)
+      if (!((bits >> i) & 1)) logits[base + i] = kNegInf;
+  }
   return true;
 }
 
