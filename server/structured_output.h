@@ -69,13 +69,14 @@ void read_structured_output(ApiRequest& request, std::string_view body, const Ap
 grammar::NodePtr structured_output_grammar(const StructuredOutput& so);
 
 // Compiles requests' grammars for one model's vocabulary. The vocabulary index is built on first
-// use; compiled grammars are kept in a small LRU cache keyed by the request's grammar, so
+// use; compiled grammars (each with at most 16 MiB of cached masks) are kept in a small LRU
+// cache keyed by the request's grammar, so
 // repeated schemas (the usual case: one schema per application) skip compilation and reuse the
 // token masks earlier requests computed. Thread-safe.
 class GrammarCompiler {
  public:
   GrammarCompiler(const Tokenizer& tokenizer, int32_t vocab_width, std::vector<int32_t> eos_ids,
-                  size_t cache_entries = 32);
+                  size_t cache_entries = 16);
 
   // nullptr when the request is unconstrained. Throws ApiError 422 when the grammar does not
   // compile (too large, or nothing matches).

@@ -169,7 +169,9 @@ std::shared_ptr<const Grammar> compile_grammar(const NodePtr& root, std::shared_
                                                const GrammarLimits& limits) {
   Dfa dfa = compile_dfa(*root, limits.automaton);
   if (dfa.start() < 0) throw Error("the grammar matches no output at all");
-  return std::make_shared<const Grammar>(std::move(dfa), std::move(vocab), limits.max_cached_masks);
+  const size_t mask_bytes = (static_cast<size_t>(vocab->size()) + 63) / 64 * 8 + sizeof(TokenMask);
+  const size_t max_cached = std::max<size_t>(limits.max_mask_cache_bytes / mask_bytes, 1);
+  return std::make_shared<const Grammar>(std::move(dfa), std::move(vocab), max_cached);
 }
 
 // ---- GrammarConstraint ------------------------------------------------------------------------

@@ -114,7 +114,9 @@ class Grammar {
 
 struct GrammarLimits {
   AutomatonLimits automaton;
-  size_t max_cached_masks = 4096;  // per grammar; beyond it masks are recomputed
+  // Memory for one grammar's cached masks (vocabulary / 8 bytes each); states beyond it have their
+  // mask recomputed on every visit.
+  size_t max_mask_cache_bytes = 16u << 20;
 };
 
 // Throws fineserve::Error when the grammar is too large or matches nothing.
