@@ -65,7 +65,7 @@ void throw_non_finite(const float* group_start, int64_t group, int64_t row, int6
 }
 
 RowSums quantize_row_f32(const float* w, int64_t cols, int bits, int64_t group, int64_t row_index, uint8_t* codes,
-                         uint16_t* scales, RowScratch& scratch) {
+                         uint16_t* scales, RowScratch& scratch, ScaleRule rule) {
   const int64_t n_groups = cols / group;
   scratch.absmax.resize(static_cast<size_t>(n_groups));
   scratch.scale.resize(static_cast<size_t>(n_groups));
@@ -79,10 +79,20 @@ RowSums quantize_row_f32(const float* w, int64_t cols, int bits, int64_t group, 
     throw Error(magnitude_error(std::bit_cast<float>(absmax_bits), bits) + " at row " + std::to_string(row_index) +
                 ", columns " + std::to_string(bad * group) + ".." + std::to_string((bad + 1) * group - 1));
   }
+  choose_scales(w, cols, group, qmax, rule, scales, scratch.scale.data());
   return quantize_groups(w, cols, group, scratch.scale.data(), static_cast<float>(qmax), codes);
 }
 
 }  // namespace detail
+
+const char* scale_rule_name(ScaleRule rule) {
+  switch (rule) {
+    case ScaleRule::Absmax: return "absmax";
+    case ScaleRule::SignedAbsmax: return "signed-absmax";
+    case ScaleRule::Search: return "search";
+  }
+  return "?";
+}
 
 bool is_supported_bits(int bits) { return bits == 8 || bits == 4 || bits == 3 || bits == 2; }
 
@@ -116,7 +126,7 @@ uint16_t scale_for_absmax(float absmax, int bits) {
   return scale;
 }
 
-QuantizedMatrix quantize(const MatrixView& w, int bits, int64_t group) {
+QuantizedMatrix quantize(const MatrixView& w, int bits, int64_t group, ScaleRule rule) {
   check_bits(bits);
   detail::check_matrix(w);
   check_group(w.cols, group);
@@ -129,6 +139,7 @@ QuantizedMatrix quantize(const MatrixView& w, int bits, int64_t group) {
   q.cols = w.cols;
   q.bits = bits;
   q.group = group;
+  q.rule = rule;
   const int64_t codes_per_row = bits == 4 ? w.cols / 2 : w.cols;
   const int64_t groups_per_row = w.cols / group;
   q.codes.resize(static_cast<size_t>(w.rows * codes_per_row));
@@ -145,7 +156,7 @@ QuantizedMatrix quantize(const MatrixView& w, int bits, int64_t group) {
       uint8_t* out = q.codes.data() + r * codes_per_row;
       const detail::RowSums row = detail::quantize_row_f32(chunk.data + i * w.cols, w.cols, bits, group, r,
                                                            bits == 4 ? codes.data() : out,
-                                                           q.scales.data() + r * groups_per_row, scratch);
+                                                           q.scales.data() + r * groups_per_row, scratch, rule);
       sums.err_sq += row.err_sq;
       sums.norm_sq += row.norm_sq;
       sums.max_err_over_scale = std::max(sums.max_err_over_scale, row.max_err_over_scale);
@@ -164,12 +175,13 @@ QuantizedMatrix quantize(const MatrixView& w, int bits, int64_t group) {
   return q;
 }
 
-void quantize_row(const float* w, int64_t cols, int bits, int64_t group, int8_t* codes, uint16_t* scales) {
+void quantize_row(const float* w, int64_t cols, int bits, int64_t group, int8_t* codes, uint16_t* scales,
+                  ScaleRule rule) {
   check_bits(bits);
   check_group(cols, group);
   detail::RowScratch scratch;
   std::vector<uint8_t> bytes(static_cast<size_t>(cols));
-  detail::quantize_row_f32(w, cols, bits, group, 0, bytes.data(), scales, scratch);
+  detail::quantize_row_f32(w, cols, bits, group, 0, bytes.data(), scales, scratch, rule);
   std::memcpy(codes, bytes.data(), bytes.size());  // two's-complement bytes -> int8
 }
 

@@ -1,14 +1,22 @@
 // FineQuant's quantizer: symmetric, zero-centred, uniform, weight-only.
 //
 // For a group of weights g (a run of `group` consecutive elements along the input dimension K of
-// one output row): qmax = 2^(bits-1) - 1, scale = absmax(g) / qmax stored as fp16 (rounded up when
-// fp16 rounding would make |w| / scale exceed qmax, so no weight clips), codes = clamp(round(w /
-// scale), -qmax, qmax). Dequantization: w ≈ code * scale, with |w - code * scale| <= scale / 2.
+// one output row): codes = clamp(round(w / scale), -(qmax + 1), qmax) with qmax = 2^(bits-1) - 1,
+// i.e. the full two's-complement range (int4 -8..7, int8 -128..127), and one fp16 scale per group,
+// which may be negative. Dequantization: w ≈ code * scale. How the scale is chosen (ScaleRule):
+//  - Absmax (quantizer version 1, `quantize --no-search`): scale = absmax(g) / qmax, rounded up in
+//    fp16 so no weight clips; codes stay in -qmax..qmax and |w - code * scale| <= scale / 2.
+//  - SignedAbsmax: scale = -extreme(g) / (qmax + 1), where extreme is the signed value of largest
+//    magnitude: it maps to code -(qmax + 1), so all 2^bits levels are used and zero stays exact
+//    (llama.cpp's Q4_0 rule). The opposite sign side may clip by at most one step.
+//  - Search (default, version 2): the scale, among clipping ratios of both rules above (kClipRatios),
+//    with the smallest squared error of the group; the absmax scale is one of the candidates, so a
+//    group's error is never above the Absmax rule's. Data-free.
 //
 // Storage (backend-neutral, see kernels/ops.h WeightMatrix):
 //  - 8 bits: int8 codes, one per byte, [rows, cols].
 //  - 4 bits: two codes per byte, [rows, cols / 2]; element 2j in the low nibble, 2j+1 in the high
-//    nibble, each stored as code + 8 (an unsigned 0..15; 0 is never produced since |code| <= 7).
+//    nibble, each stored as code + 8 (an unsigned 0..15; code -8 is nibble 0).
 //  - 3 and 2 bits (experiments only, not written to checkpoints): int8 codes, one per byte.
 //  - scales: fp16 bit patterns, [rows, cols / group].
 #pragma once
@@ -21,6 +29,7 @@
 namespace fineserve::quant {
 
 constexpr int qmax_for_bits(int bits) { return (1 << (bits - 1)) - 1; }
+constexpr int qmin_for_bits(int bits) { return -(1 << (bits - 1)); }  // the full range's low end
 bool is_supported_bits(int bits);  // 8, 4, 3, 2
 
 // Allowed group sizes for a reduction dimension k: k itself ("column-wise", one scale per output
@@ -30,6 +39,13 @@ bool is_allowed_group(int64_t k, int64_t group);
 
 // The fp16 scale for a group with this absmax (bit pattern); 0 for an all-zero group.
 uint16_t scale_for_absmax(float absmax, int bits);
+
+// How each group's scale is chosen (see the top of this file).
+enum class ScaleRule { Absmax, SignedAbsmax, Search };
+const char* scale_rule_name(ScaleRule rule);  // "absmax", "signed-absmax", "search"
+// Search: the clipping ratios tried for both the symmetric (absmax / qmax) and the sign-aware
+// (-extreme / (qmax + 1)) scale.
+inline constexpr float kClipRatios[] = {1.0f, 0.95f, 0.9f, 0.85f, 0.8f, 0.75f};
 
 // A matrix of source weights as the checkpoint holds it: [rows, cols] of F32, F16 or BF16,
 // row-major, possibly unaligned.
@@ -49,15 +65,17 @@ struct QuantizedMatrix {
   std::vector<uint8_t> codes;    // see "Storage" above
   std::vector<uint16_t> scales;  // [rows, cols / group]
   double rel_error = 0;          // ||W - Q(W)||_F / ||W||_F (0 for an all-zero W)
-  double max_err_over_scale = 0;  // max over elements of |w - q| / scale (<= 0.5 by construction)
+  double max_err_over_scale = 0;  // max over elements of |w - q| / |scale| (<= 0.5 for Absmax)
+  ScaleRule rule = ScaleRule::Search;
 };
 
 // Quantizes a whole matrix, multi-threaded over rows. Throws fineserve::Error when the group is
 // not allowed for cols or bits are unsupported.
-QuantizedMatrix quantize(const MatrixView& w, int bits, int64_t group);
+QuantizedMatrix quantize(const MatrixView& w, int bits, int64_t group, ScaleRule rule = ScaleRule::Search);
 
 // Reference single-row quantizer (fp32 in, one int8 code per element out) and its inverse.
-void quantize_row(const float* w, int64_t cols, int bits, int64_t group, int8_t* codes, uint16_t* scales);
+void quantize_row(const float* w, int64_t cols, int bits, int64_t group, int8_t* codes, uint16_t* scales,
+                  ScaleRule rule = ScaleRule::Search);
 void dequantize_row(const int8_t* codes, const uint16_t* scales, int64_t cols, int64_t group, float* w);
 
 // Dequantizes `rows` rows stored as above (codes [rows, cols] int8 or [rows, cols / 2] packed int4,

@@ -59,7 +59,7 @@ constexpr int64_t kFlushEvery = 1024;
 }
 
 // Two codes per byte, element 2j in the low nibble, each as code + 8 (see quant/quantizer.h).
-// Codes are two's-complement bytes; (byte + 8) mod 16 equals code + 8 for |code| <= 7.
+// Codes are two's-complement bytes; (byte + 8) mod 16 equals code + 8 for -8 <= code <= 7.
 [[gnu::always_inline]] inline void pack_int4_body(const uint8_t* __restrict codes, int64_t n,
                                                   uint8_t* __restrict packed) {
   for (int64_t j = 0; j < n / 2; ++j) {
@@ -122,12 +122,12 @@ struct ErrorAccumulator {
 // nearbyint rounds ties to even (the default rounding mode), as the AVX2 version does.
 inline uint8_t quantize_one(float x, float s, float qmax, ErrorAccumulator& acc) {
   const float t = x / s;
-  const float q = std::min(std::max(std::nearbyint(t), -qmax), qmax);
+  const float q = std::min(std::max(std::nearbyint(t), -qmax - 1.0f), qmax);
   acc.add(x, t, q, s);
   return static_cast<uint8_t>(static_cast<int>(q));  // modulo 256: the two's-complement byte
 }
 
-// codes = clamp(nearbyint(w / scale), -qmax, qmax) for every group of one row, plus the error sums.
+// codes = clamp(nearbyint(w / scale), -(qmax + 1), qmax) for every group of one row, plus the error sums.
 RowSums quantize_groups_ref(const float* w, int64_t cols, int64_t group, const float* scale, float qmax,
                             uint8_t* codes) {
   RowSums sums;
@@ -149,6 +149,37 @@ RowSums quantize_groups_ref(const float* w, int64_t cols, int64_t group, const f
   }
   acc.flush(sums);
   return sums;
+}
+
+
+// group_sq_error: 8 lanes (element j in lane j % 8), fused multiply-adds, and the lanes summed in
+// the order horizontal_sum below uses, so the reference and the AVX2 version agree bit for bit and
+// the search picks the same scale on every CPU.
+constexpr int kErrLanes = 8;
+inline float sum_lanes(const float* l) {
+  return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
+inline float error_one(float x, float inv, float s, float qmax) {
+  const float q = std::min(std::max(std::nearbyint(x * inv), -qmax - 1.0f), qmax);
+  return std::fma(-q, s, x);
+}
+
+float group_sq_error_ref(const float* x, int64_t n, float s, float qmax) {
+  const float inv = 1.0f / s;
+  float lane[kErrLanes] = {};
+  int64_t j = 0;
+  for (; j + kErrLanes <= n; j += kErrLanes) {
+    for (int l = 0; l < kErrLanes; ++l) {
+      const float d = error_one(x[j + l], inv, s, qmax);
+      lane[l] = std::fma(d, d, lane[l]);
+    }
+  }
+  float total = sum_lanes(lane);
+  for (; j < n; ++j) {
+    const float d = error_one(x[j], inv, s, qmax);
+    total = std::fma(d, d, total);
+  }
+  return total;
 }
 
 void group_absmax_ref(const float* w, int64_t cols, int64_t group, uint32_t* out) {
@@ -229,13 +260,13 @@ __attribute__((target("avx2"))) inline void flush_avx2(__m256& err, __m256& norm
 }
 
 // quantize_groups_ref, 32 elements per step: four 8-float vectors are quantized and their codes
-// narrowed to 32 bytes with saturating packs (exact: |code| <= 127). The error sums stay in
+// narrowed to 32 bytes with saturating packs (exact: -128 <= code <= 127). The error sums stay in
 // registers across groups and are flushed to doubles every kFlushEvery elements.
 __attribute__((target("avx2,f16c"))) RowSums quantize_groups_avx2(const float* w, int64_t cols, int64_t group,
                                                                   const float* scale, float qmax, uint8_t* codes) {
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(static_cast<int>(kAbsMask)));
   const __m256 hi = _mm256_set1_ps(qmax);
-  const __m256 lo = _mm256_set1_ps(-qmax);
+  const __m256 lo = _mm256_set1_ps(-qmax - 1.0f);  // the full two's-complement range
   // packs work within 128-bit halves; this puts the four vectors' dwords back in element order.
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
   __m256 err = _mm256_setzero_ps(), norm = _mm256_setzero_ps(), dev = _mm256_setzero_ps();
@@ -278,6 +309,30 @@ __attribute__((target("avx2,f16c"))) RowSums quantize_groups_avx2(const float* w
   return sums;
 }
 
+
+__attribute__((target("avx2,fma"))) float group_sq_error_avx2(const float* x, int64_t n, float s, float qmax) {
+  const float inv = 1.0f / s;
+  const __m256 vinv = _mm256_set1_ps(inv), vs = _mm256_set1_ps(s);
+  const __m256 hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax - 1.0f);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + kErrLanes <= n; j += kErrLanes) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    const __m256 q = _mm256_min_ps(
+        _mm256_max_ps(_mm256_round_ps(_mm256_mul_ps(v, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
+    const __m256 d = _mm256_fnmadd_ps(q, vs, v);
+    acc = _mm256_fmadd_ps(d, d, acc);
+  }
+  float lane[kErrLanes];
+  _mm256_storeu_ps(lane, acc);
+  float total = sum_lanes(lane);
+  for (; j < n; ++j) {
+    const float d = error_one(x[j], inv, s, qmax);
+    total = std::fma(d, d, total);
+  }
+  return total;
+}
+
 // ---- dispatch ---------------------------------------------------------------------------------
 
 bool cpu_has(Isa isa) {
@@ -318,6 +373,60 @@ RowSums quantize_groups(const float* w, int64_t cols, int64_t group, const float
                         uint8_t* codes) {
   if (active_isa() == Isa::Avx2) return quantize_groups_avx2(w, cols, group, scale, qmax, codes);
   return quantize_groups_ref(w, cols, group, scale, qmax, codes);
+}
+
+float group_sq_error(const float* w, int64_t n, float s, float qmax) {
+  if (active_isa() == Isa::Avx2) return group_sq_error_avx2(w, n, s, qmax);
+  return group_sq_error_ref(w, n, s, qmax);
+}
+
+namespace {
+// The nearest fp16 to v, never 0 for a non-zero v (the smallest subnormal of v's sign instead).
+uint16_t nonzero_half(float v) {
+  uint16_t h = float_to_half(v);
+  if ((h & 0x7fff) == 0) h = v < 0 ? uint16_t{0x8001} : uint16_t{1};
+  return h;
+}
+}  // namespace
+
+void choose_scales(const float* w, int64_t cols, int64_t group, int qmax, ScaleRule rule, uint16_t* scales,
+                   float* scale_f) {
+  if (rule == ScaleRule::Absmax) return;
+  const float q = static_cast<float>(qmax);
+  const float levels_below = q + 1.0f;  // the sign-aware scale maps the extreme to -(qmax + 1)
+  for (int64_t g = 0; g < cols / group; ++g) {
+    if (scales[g] == 0) continue;  // an all-zero group
+    const float* x = w + g * group;
+    float lo = x[0], hi = x[0];
+    for (int64_t j = 1; j < group; ++j) {
+      lo = x[j] < lo ? x[j] : lo;
+      hi = x[j] > hi ? x[j] : hi;
+    }
+    const float extreme = -lo >= hi ? lo : hi;  // the signed value of largest magnitude
+    const float absmax = std::fabs(extreme);
+    if (rule == ScaleRule::SignedAbsmax) {
+      scales[g] = nonzero_half(-extreme / levels_below);
+      scale_f[g] = half_to_float(scales[g]);
+      continue;
+    }
+    // Search: the Absmax scale is the first candidate and keeps ties.
+    uint16_t best = scales[g];
+    float best_err = group_sq_error(x, group, scale_f[g], q);
+    auto consider = [&](uint16_t h) {
+      if (h == best) return;
+      const float e = group_sq_error(x, group, half_to_float(h), q);
+      if (e < best_err) {
+        best_err = e;
+        best = h;
+      }
+    };
+    for (const float r : kClipRatios) {
+      consider(nonzero_half(-r * extreme / levels_below));
+      consider(nonzero_half(r * absmax / q));
+    }
+    scales[g] = best;
+    scale_f[g] = half_to_float(best);
+  }
 }
 
 void pack_int4_fast(const uint8_t* codes, int64_t n, uint8_t* packed) {

@@ -31,7 +31,15 @@ void group_absmax_bits(const float* w, int64_t cols, int64_t group, uint32_t* ou
 // fp16 scales (and their fp32 values) from group absmax bits; returns the first group that is NaN/Inf
 // or too large for an fp16 scale, -1 when all are fine.
 int64_t compute_scales(const uint32_t* absmax_bits, int64_t n_groups, int qmax, uint16_t* scales, float* scale_f);
-// Codes for every group of one row given the fp16 scales widened to fp32 (0 = all-zero group).
+// Replaces the Absmax scales compute_scales gave one row's groups (which also validated their
+// magnitudes) by those of `rule` (SignedAbsmax or Search; Absmax leaves them), in both arrays.
+void choose_scales(const float* w, int64_t cols, int64_t group, int qmax, ScaleRule rule, uint16_t* scales,
+                   float* scale_f);
+// The squared error sum (w - clamp(round(w / s), -(qmax + 1), qmax) * s)^2 over one group, with
+// w / s taken as w * (1 / s) (the search's fast estimate). Same result on every ISA.
+float group_sq_error(const float* w, int64_t n, float s, float qmax);
+// Codes for every group of one row given the fp16 scales widened to fp32 (0 = all-zero group):
+// clamp(round(w / scale), -(qmax + 1), qmax).
 // Codes here and below are int8 values stored as two's-complement bytes.
 RowSums quantize_groups(const float* w, int64_t cols, int64_t group, const float* scale, float qmax,
                         uint8_t* codes);
@@ -47,7 +55,7 @@ struct RowScratch {
 // fineserve::Error naming row_index and the column for NaN/Inf weights or magnitudes fp16 scales
 // cannot represent. bits and group must already be valid.
 RowSums quantize_row_f32(const float* w, int64_t cols, int bits, int64_t group, int64_t row_index, uint8_t* codes,
-                         uint16_t* scales, RowScratch& scratch);
+                         uint16_t* scales, RowScratch& scratch, ScaleRule rule = ScaleRule::Search);
 
 // "768, 256, 128, 64, 32": the allowed groups of K for error messages.
 std::string allowed_groups_text(int64_t k);

@@ -90,4 +90,47 @@ inline double check_bound(const std::vector<float>& w, const QuantizedMatrix& q)
   return norm > 0 ? std::sqrt(err / norm) : 0.0;
 }
 
+// The squared error of every (row, group), in double, from the stored codes and scales.
+inline std::vector<double> group_errors(const std::vector<float>& w, const QuantizedMatrix& q) {
+  const int64_t groups = q.cols / q.group;
+  std::vector<double> err(static_cast<size_t>(q.rows * groups), 0.0);
+  for (int64_t r = 0; r < q.rows; ++r) {
+    const std::vector<int8_t> codes = row_codes(q, r);
+    for (int64_t g = 0; g < groups; ++g) {
+      const double s = half_to_float(q.scales[static_cast<size_t>(r * groups + g)]);
+      for (int64_t j = g * q.group; j < (g + 1) * q.group; ++j) {
+        const double d = w[static_cast<size_t>(r * q.cols + j)] - codes[static_cast<size_t>(j)] * s;
+        err[static_cast<size_t>(r * groups + g)] += d * d;
+      }
+    }
+  }
+  return err;
+}
+
+// `searched` (any rule) against `absmax` (ScaleRule::Absmax) of the same weights: every code within
+// the full range -(qmax + 1)..qmax, and with `never_worse` no group's squared error above the absmax
+// one (up to the search's float estimate, ~1e-5 relative). Returns the relative Frobenius error of
+// `searched`.
+inline double check_search(const std::vector<float>& w, const QuantizedMatrix& absmax, const QuantizedMatrix& searched,
+                           bool never_worse = true) {
+  EXPECT_EQ(absmax.rule, ScaleRule::Absmax);
+  const int qmax = qmax_for_bits(searched.bits), qmin = qmin_for_bits(searched.bits);
+  int bad_codes = 0;
+  for (int64_t r = 0; r < searched.rows; ++r) {
+    for (int8_t c : row_codes(searched, r)) bad_codes += c < qmin || c > qmax;
+  }
+  EXPECT_EQ(bad_codes, 0) << "codes outside " << qmin << ".." << qmax;
+  const std::vector<double> a = group_errors(w, absmax), s = group_errors(w, searched);
+  int worse = 0;
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < a.size(); ++i) {
+    err += s[i];
+    if (never_worse && s[i] > a[i] * (1 + 1e-5) + 1e-30 && ++worse <= 5)
+      ADD_FAILURE() << "group " << i << ": searched error " << s[i] << " > absmax error " << a[i];
+  }
+  for (float x : w) norm += static_cast<double>(x) * x;
+  EXPECT_NEAR(searched.rel_error, norm > 0 ? std::sqrt(err / norm) : 0.0, 1e-4 * searched.rel_error + 1e-12);
+  return norm > 0 ? std::sqrt(err / norm) : 0.0;
+}
+
 }  // namespace fineserve::quant::testing

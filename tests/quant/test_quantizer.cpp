@@ -113,7 +113,7 @@ TEST(Quantize, ErrorBoundHoldsExactly) {
       if (bits == 4 && shape.cols % 2 != 0) continue;
       SCOPED_TRACE("K=" + std::to_string(shape.cols) + " group=" + std::to_string(shape.group) +
                    " bits=" + std::to_string(bits));
-      const QuantizedMatrix q = quantize(view(w, rows, shape.cols), bits, shape.group);
+      const QuantizedMatrix q = quantize(view(w, rows, shape.cols), bits, shape.group, ScaleRule::Absmax);
       ASSERT_EQ(q.rows, rows);
       ASSERT_EQ(q.cols, shape.cols);
       ASSERT_EQ(q.bits, bits);
@@ -131,8 +131,9 @@ TEST(Quantize, ErrorBoundHoldsExactly) {
 TEST(Quantize, OddColumnWiseKWithEightBits) {
   // K = 37: column-wise only, and not a multiple of any vector width.
   const std::vector<float> w = gaussian(5, 37, 99);
-  const QuantizedMatrix q = quantize(view(w, 5, 37), 8, 37);
+  const QuantizedMatrix q = quantize(view(w, 5, 37), 8, 37, ScaleRule::Absmax);
   check_bound(w, q);
+  testing::check_search(w, q, quantize(view(w, 5, 37), 8, 37));
   EXPECT_THROW(quantize(view(w, 5, 37), 4, 37), Error);  // 4-bit packing needs an even K
 }
 
@@ -140,7 +141,7 @@ TEST(Quantize, TiesRoundToEven) {
   // absmax 7 gives scale exactly 1 at 4 bits, so w = k + 1/2 is a tie.
   std::vector<float> w = {7.0f, 0.5f, 1.5f, 2.5f, -0.5f, -1.5f, -2.5f, 3.5f};
   w.resize(32, 0.0f);
-  const QuantizedMatrix q = quantize(view(w, 1, 32), 4, 32);
+  const QuantizedMatrix q = quantize(view(w, 1, 32), 4, 32, ScaleRule::Absmax);
   EXPECT_EQ(q.scales[0], float_to_half(1.0f));
   const std::vector<int8_t> codes = testing::row_codes(q, 0);
   EXPECT_EQ(std::vector<int8_t>(codes.begin(), codes.begin() + 8), (std::vector<int8_t>{7, 0, 2, 2, 0, -2, -2, 4}));
@@ -166,7 +167,10 @@ TEST(Quantize, TinyAndHugeMagnitudes) {
     for (int bits : {8, 4, 2}) {
       if (magnitude * 6 > 65504.0f * static_cast<float>(qmax_for_bits(bits))) continue;
       SCOPED_TRACE("magnitude " + std::to_string(magnitude) + " bits " + std::to_string(bits));
-      check_bound(w, quantize(view(w, rows, cols), bits, 64));
+      check_bound(w, quantize(view(w, rows, cols), bits, 64, ScaleRule::Absmax));
+      if (magnitude >= 1e-9f)  // below, the float error sums of rel_error underflow (as for absmax)
+        testing::check_search(w, quantize(view(w, rows, cols), bits, 64, ScaleRule::Absmax),
+                              quantize(view(w, rows, cols), bits, 64));
     }
   }
   // Too large for an fp16 scale at 4 bits (but not at 8): a clear error naming the place.
@@ -226,7 +230,7 @@ TEST(Quantize, SixteenBitAndUnalignedSources) {
       EXPECT_EQ(got.codes, want.codes);
       EXPECT_EQ(got.scales, want.scales);
       EXPECT_EQ(got.rel_error, want.rel_error);
-      check_bound(ref, got);
+      check_bound(ref, quantize(MatrixView{p, dtype, rows, cols}, 4, 128, ScaleRule::Absmax));
     }
   }
 }
@@ -252,24 +256,27 @@ TEST(Quantize, RejectsBadArguments) {
 
 TEST(PackInt4, RoundTripsEveryCodePair) {
   std::vector<int8_t> codes;
-  for (int lo = -7; lo <= 7; ++lo) {
-    for (int hi = -7; hi <= 7; ++hi) {
+  for (int lo = -8; lo <= 7; ++lo) {
+    for (int hi = -8; hi <= 7; ++hi) {
       codes.push_back(static_cast<int8_t>(lo));
       codes.push_back(static_cast<int8_t>(hi));
     }
   }
-  std::vector<uint8_t> packed(codes.size() / 2);
+  std::vector<uint8_t> packed(codes.size() / 2), fast(codes.size() / 2);
   pack_int4(codes.data(), static_cast<int64_t>(codes.size()), packed.data());
+  detail::pack_int4_fast(reinterpret_cast<const uint8_t*>(codes.data()), static_cast<int64_t>(codes.size()), fast.data());
+  EXPECT_EQ(fast, packed);
   for (size_t j = 0; j < packed.size(); ++j) {
     EXPECT_EQ(packed[j] & 0xf, codes[2 * j] + 8);  // element 2j: low nibble, code + 8
     EXPECT_EQ(packed[j] >> 4, codes[2 * j + 1] + 8);
-    EXPECT_NE(packed[j] & 0xf, 0);
-    EXPECT_NE(packed[j] >> 4, 0);
   }
   const int8_t pair[2] = {-7, 7};
   uint8_t one = 0;
   pack_int4(pair, 2, &one);
   EXPECT_EQ(one, 0xf1);
+  const int8_t lowest[2] = {-8, 7};  // code -8 is nibble 0
+  pack_int4(lowest, 2, &one);
+  EXPECT_EQ(one, 0xf0);
   std::vector<int8_t> back(codes.size());
   unpack_int4(packed.data(), static_cast<int64_t>(codes.size()), back.data());
   EXPECT_EQ(back, codes);
@@ -320,7 +327,7 @@ TEST(Quantize, RowScalesMatchScaleForAbsmax) {
   }
   std::vector<int8_t> codes(static_cast<size_t>(cols));
   std::vector<uint16_t> scales(static_cast<size_t>(cols / 32));
-  quantize_row(w.data(), cols, 8, 32, codes.data(), scales.data());
+  quantize_row(w.data(), cols, 8, 32, codes.data(), scales.data(), ScaleRule::Absmax);
   for (int64_t g = 0; g < cols / 32; ++g) {
     float absmax = 0;
     for (int64_t j = 0; j < 32; ++j) absmax = std::max(absmax, std::fabs(w[static_cast<size_t>(g * 32 + j)]));
@@ -339,17 +346,19 @@ TEST(Quantize, PortableAndVectorPathsAgree) {
     for (int64_t c = 0; c < std::min<int64_t>(shape.cols, 64); ++c) w[static_cast<size_t>(c)] = 0.0f;
     w[static_cast<size_t>(3 * shape.cols + 7)] = 2.0f;
     for (int bits : {8, 4, 3}) {
+     for (ScaleRule rule : {ScaleRule::Absmax, ScaleRule::SignedAbsmax, ScaleRule::Search}) {
       SCOPED_TRACE("K=" + std::to_string(shape.cols) + " group " + std::to_string(shape.group) + " bits " +
-                   std::to_string(bits));
+                   std::to_string(bits) + " " + scale_rule_name(rule));
       const detail::Isa saved = detail::set_isa(detail::Isa::Baseline);
-      const QuantizedMatrix portable = quantize(view(w, 5, shape.cols), bits, shape.group);
+      const QuantizedMatrix portable = quantize(view(w, 5, shape.cols), bits, shape.group, rule);
       detail::set_isa(detail::Isa::Avx2);
-      const QuantizedMatrix vector = quantize(view(w, 5, shape.cols), bits, shape.group);
+      const QuantizedMatrix vector = quantize(view(w, 5, shape.cols), bits, shape.group, rule);
       detail::set_isa(saved);
       EXPECT_EQ(portable.codes, vector.codes);
       EXPECT_EQ(portable.scales, vector.scales);
       EXPECT_NEAR(portable.rel_error, vector.rel_error, 2e-5 * vector.rel_error);  // float sums, other order
       EXPECT_NEAR(portable.max_err_over_scale, vector.max_err_over_scale, 1e-6);
+     }
     }
   }
 }
