@@ -140,6 +140,7 @@ void run(const Flags& f) {
   std::vector<std::string> header = {"matrix", "distribution", "bits", "R(K)/R(next)", "literal", "err K",
                                      "err 128", "err 32"};
   for (double a : alphas) header.push_back("a=" + fmt(a));
+  header.push_back("adaptive");  // the default rule (error vs Gaussian's), for comparison
   Table table(header);
   nlohmann::json matrices = nlohmann::json::array();
 
@@ -169,6 +170,7 @@ void run(const Flags& f) {
       std::vector<quant::GroupDecision> decisions;
       for (double a : alphas) {
         quant::GroupOptions o;
+        o.mode = quant::GroupMode::Alpha;
         o.alpha = a;
         decisions.push_back(quant::choose_group(view, o));
       }
@@ -215,6 +217,10 @@ void run(const Flags& f) {
             }
           }
         }
+        quant::GroupOptions gauss;
+        gauss.bits = bits;
+        const quant::GroupDecision dg = quant::choose_group(view, gauss);
+        row.push_back(group_name(dg.group, shape.cols) + " " + fmt(error_at(dg.group), 3));
         table.add_row(row);
 
         nlohmann::json lv = nlohmann::json::array();
@@ -234,7 +240,12 @@ void run(const Flags& f) {
                              {{"column_wise", {{"group", shape.cols}, {"rel_error", err_k}, {"bits_per_weight", bits_per_weight(bits, shape.cols)}}},
                               {"g128", {{"group", 128}, {"rel_error", err_128}, {"bits_per_weight", bits_per_weight(bits, 128)}}},
                               {"g32", {{"group", 32}, {"rel_error", err_32}, {"bits_per_weight", bits_per_weight(bits, 32)}}}}},
-                            {"adaptive", per_alpha}});
+                            {"adaptive", per_alpha},
+                            {"gaussian_rule",
+                             {{"group", dg.group},
+                              {"rel_error", error_at(dg.group)},
+                              {"bits_per_weight", bits_per_weight(bits, dg.group)},
+                              {"reason", dg.reason}}}});
       }
     }
   }

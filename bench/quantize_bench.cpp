@@ -1,7 +1,9 @@
 // `fineserve bench quantize`: quantize throughput against the plain read speed of the same files,
 // and the peak RSS of `fineserve quantize` against the largest tensor.
 //
-// Both speeds are measured in the same run, cold (the files' pages evicted from the page cache
+// Each scale rule (the default search, and plain absmax: `--no-search`) is timed, so the table
+// shows what the per-group scale search costs against the I/O floor. Both speeds are measured in
+// the same run, cold (the files' pages evicted from the page cache
 // with posix_fadvise DONTNEED first) and warm (already cached).
 #include <fcntl.h>
 #include <sys/resource.h>
@@ -61,17 +63,22 @@ struct ChildRun {
 };
 
 // Runs this binary's `quantize` in a child so its peak RSS is its own.
-ChildRun run_quantize(const fs::path& model, const fs::path& out, int bits) {
+ChildRun run_quantize(const fs::path& model, const fs::path& out, int bits, const std::vector<std::string>& extra) {
   fs::remove_all(out);
   const std::string exe = fs::read_symlink("/proc/self/exe").string();
   const std::string bits_s = std::to_string(bits);
+  std::vector<std::string> args = {exe, "quantize", "--model", model.string(), "--out", out.string(), "--bits", bits_s,
+                                   "--quiet"};
+  args.insert(args.end(), extra.begin(), extra.end());
+  std::vector<char*> argv;
+  for (std::string& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
   const auto t0 = std::chrono::steady_clock::now();
   pid_t pid = ::fork();
   if (pid == 0) {
     int devnull = ::open("/dev/null", O_WRONLY);
     ::dup2(devnull, STDOUT_FILENO);
-    ::execl(exe.c_str(), exe.c_str(), "quantize", "--model", model.c_str(), "--out", out.c_str(), "--bits",
-            bits_s.c_str(), "--quiet", static_cast<char*>(nullptr));
+    ::execv(exe.c_str(), argv.data());
     ::_exit(127);
   }
   int status = 0;
@@ -91,6 +98,7 @@ void setup(CLI::App& group) {
     std::string work;
     std::string out = "docs/results/quantize.json";
     int bits = 4;
+    std::string group;
     bool keep = false;
   };
   auto f = std::make_shared<Flags>();
@@ -99,6 +107,7 @@ void setup(CLI::App& group) {
   cmd->add_option("--model", f->model, "Use this checkpoint instead of writing a synthetic one");
   cmd->add_option("--work", f->work, "Scratch directory (default: a temporary directory)");
   cmd->add_option("--bits", f->bits)->check(CLI::IsMember({8, 4}));
+  cmd->add_option("--group", f->group, "Pass --group to quantize (default: its adaptive rule)");
   cmd->add_option("--out", f->out, "JSON result path");
   cmd->add_flag("--keep-files", f->keep, "Keep the scratch checkpoints");
   cmd->callback([f] {
@@ -125,27 +134,35 @@ void setup(CLI::App& group) {
     }
     const double gb = static_cast<double>(total) / 1e9;
 
-    Table table({"state", "read GB/s", "quantize GB/s", "quantize/read", "peak RSS GB", "largest tensor GB",
+    Table table({"state", "scales", "read GB/s", "quantize GB/s", "quantize/read", "peak RSS GB", "largest tensor GB",
                  "RSS/largest"});
     nlohmann::json results = nlohmann::json::array();
     for (const bool cold : {true, false}) {
-      if (cold) evict(files);
-      const double read_s = read_seconds(files);
-      if (cold) evict(files);
-      else read_seconds(files);  // make sure everything is cached
-      const ChildRun q = run_quantize(model, work / "out", f->bits);
-      const double read_gbs = gb / read_s, quant_gbs = gb / q.seconds;
-      const double largest_gb = static_cast<double>(largest) / 1e9;
-      table.add_row({cold ? "cold" : "warm", fmt(read_gbs), fmt(quant_gbs), fmt(quant_gbs / read_gbs),
-                     fmt(q.max_rss_gb), fmt(largest_gb), fmt(q.max_rss_gb / largest_gb)});
-      results.push_back({{"cache", cold ? "cold" : "warm"},
-                         {"input_gb", gb},
-                         {"bits", f->bits},
-                         {"read_gbs", read_gbs},
-                         {"quantize_gbs", quant_gbs},
-                         {"quantize_over_read", quant_gbs / read_gbs},
-                         {"peak_rss_gb", q.max_rss_gb},
-                         {"largest_tensor_gb", largest_gb}});
+      for (const bool search : {true, false}) {
+        std::vector<std::string> extra;
+        if (!f->group.empty()) extra = {"--group", f->group};
+        if (!search) extra.push_back("--no-search");
+        if (cold) evict(files);
+        const double read_s = read_seconds(files);
+        if (cold) evict(files);
+        else read_seconds(files);  // make sure everything is cached
+        const ChildRun q = run_quantize(model, work / "out", f->bits, extra);
+        const double read_gbs = gb / read_s, quant_gbs = gb / q.seconds;
+        const double largest_gb = static_cast<double>(largest) / 1e9;
+        const char* rule = search ? "search" : "absmax";
+        table.add_row({cold ? "cold" : "warm", rule, fmt(read_gbs), fmt(quant_gbs), fmt(quant_gbs / read_gbs),
+                       fmt(q.max_rss_gb), fmt(largest_gb), fmt(q.max_rss_gb / largest_gb)});
+        results.push_back({{"cache", cold ? "cold" : "warm"},
+                           {"scale_rule", rule},
+                           {"group", f->group.empty() ? "adaptive" : f->group},
+                           {"input_gb", gb},
+                           {"bits", f->bits},
+                           {"read_gbs", read_gbs},
+                           {"quantize_gbs", quant_gbs},
+                           {"quantize_over_read", quant_gbs / read_gbs},
+                           {"peak_rss_gb", q.max_rss_gb},
+                           {"largest_tensor_gb", largest_gb}});
+      }
     }
     std::printf("quantize int%d of %s: %.2f GB of weights, %u threads\n", f->bits, model.c_str(), gb,
                 std::thread::hardware_concurrency());

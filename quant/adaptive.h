@@ -1,5 +1,13 @@
-// Choosing the group size of one weight matrix: FineQuant's adaptive rule, a fixed group, or an
-// error target. See docs/quantization.md for the reading of the paper's rule and the choice of α.
+// Choosing the group size of one weight matrix: the adaptive rule (default), the paper's α rule,
+// a fixed group, or an error target. See docs/quantization.md.
+//
+// The adaptive rule ("gaussian"): at every allowed group size g, coarsest first, compare the matrix's
+// relative quantization error with the one i.i.d. Gaussian weights give at the same bits and group
+// (gaussian_rel_error); take the coarsest g where the matrix is within `tolerance` times the
+// Gaussian's, else the finest allowed group. A Gaussian matrix therefore stays column-wise at every K,
+// and a matrix whose outlier channels inflate its group scales refines until they no longer do.
+// The α rule compares consecutive mean group ranges, a ratio whose Gaussian value itself depends on
+// K (it is larger for smaller groups), so it can refine Gaussian matrices of small K.
 #pragma once
 
 #include <cstdint>
@@ -10,12 +18,14 @@
 
 namespace fineserve::quant {
 
-enum class GroupMode { Adaptive, Fixed, MaxRelError };
+enum class GroupMode { Adaptive, Alpha, Fixed, MaxRelError };
 
 struct GroupOptions {
   GroupMode mode = GroupMode::Adaptive;
   int bits = 4;
-  double alpha = 0;            // Adaptive: the threshold on the range ratio (0 = kDefaultAlpha)
+  ScaleRule scale = ScaleRule::Search;  // how the chosen group's scales are picked (MaxRelError judges with it)
+  double tolerance = 0;        // Adaptive: allowed error over the Gaussian's (0 = kDefaultTolerance)
+  double alpha = 0;            // Alpha: the threshold on the range ratio (0 = kDefaultAlpha)
   int64_t group = 0;           // Fixed: the group size for every matrix (K when it is -1)
   double max_rel_error = 0;    // MaxRelError: the target relative Frobenius error
 };
@@ -27,6 +37,7 @@ struct GroupLevel {
   double max_range = 0;    // max over all groups of the absmax (= the matrix absmax)
   double ratio = 0;        // mean_range of the previous (coarser) level / this level's (0 for the first)
   double rel_error = -1;   // relative Frobenius error at this group (-1 when not computed)
+  double gaussian_rel_error = -1;  // Adaptive: the same for i.i.d. Gaussian weights (-1 when not computed)
 };
 
 struct GroupDecision {
@@ -37,8 +48,20 @@ struct GroupDecision {
   std::string reason;              // one line for the report: why this group
 };
 
-// The default α. Chosen by the experiment in bench/alpha_sweep (docs/quantization.md).
+// The default α of the paper's rule. Chosen by the experiment in bench/alpha_sweep (docs/quantization.md).
 extern const double kDefaultAlpha;
+// The adaptive rule's default tolerance over the Gaussian error (docs/quantization.md).
+extern const double kDefaultTolerance;
+
+const char* group_mode_name(GroupMode mode);  // "adaptive", "alpha", "fixed", "max-rel-error"
+
+// The relative Frobenius error of i.i.d. standard Gaussian weights quantized at `bits` with groups
+// of `group` under `rule`: measured once per (bits, group, rule) on a fixed pseudo-random sample of
+// at least 2^17 weights (and 16 rows), then cached. Deterministic.
+double gaussian_rel_error(int bits, int64_t group, ScaleRule rule);
+
+// Range statistics and relative errors at every allowed group size, coarsest first (one pass).
+std::vector<GroupLevel> error_levels(const MatrixView& w, int bits, ScaleRule rule);
 
 // Range statistics at every allowed group size of the matrix, coarsest first (one pass).
 std::vector<GroupLevel> range_levels(const MatrixView& w);

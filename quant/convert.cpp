@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdio>
 #include <fstream>
+#include <map>
 #include <regex>
 #include <sstream>
 
@@ -15,6 +16,7 @@
 #include "models/checkpoint/atomic_dir.h"
 #include "models/checkpoint/config.h"
 #include "models/checkpoint/safetensors.h"
+#include "quant/bit_budget.h"
 
 namespace fineserve::quant {
 namespace fs = std::filesystem;
@@ -26,6 +28,8 @@ struct Plan {
   bool quantize = false;
   int bits = 0;          // when quantize
   std::string why_kept;  // when !quantize
+  int64_t group = 0;     // > 0: chosen by the bit budget (with bits)
+  std::string budget_reason;
 };
 
 std::string stem_of(const std::string& weight_name) {  // "x.fc1.weight" -> "x.fc1"
@@ -36,13 +40,42 @@ bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
 }
 
-std::string mode_name(GroupMode m) {
-  switch (m) {
-    case GroupMode::Adaptive: return "adaptive";
-    case GroupMode::Fixed: return "fixed";
-    case GroupMode::MaxRelError: return "max-rel-error";
+std::string mode_name(GroupMode m) { return group_mode_name(m); }
+
+// --target-bits: every planned matrix's bits and group from the bit budget (quant/bit_budget.h).
+void allocate_budget(std::vector<Plan>& plan, const ConvertOptions& o) {
+  std::vector<BudgetMatrix> matrices;
+  std::vector<Plan*> planned;
+  for (Plan& p : plan) {
+    if (!p.quantize) continue;
+    const ckpt::TensorView v = p.file->view(*p.info);
+    const MatrixView m{v.data, p.info->dtype, p.info->shape[0], p.info->shape[1]};
+    BudgetMatrix bm{p.info->name, m.rows * m.cols, 1.0, {}};
+    for (const int bits : {8, 4}) {
+      if (bits == 4 && m.cols % 2 != 0) continue;
+      for (const GroupLevel& l : error_levels(m, bits, o.group.scale))
+        bm.options.push_back({bits, l.group, bits + 16.0 / static_cast<double>(l.group), l.rel_error});
+    }
+    p.file->release(*p.info);
+    matrices.push_back(std::move(bm));
+    planned.push_back(&p);
   }
-  return "?";
+  const BudgetAllocation a = allocate_bits(matrices, o.target_bits);
+  if (!a.feasible) {
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "--target-bits %.3f is below the cheapest allocation (%.3f bits per weight)",
+                  o.target_bits, a.bits_per_weight);
+    throw Error(buf);
+  }
+  for (size_t i = 0; i < planned.size(); ++i) {
+    const BudgetOption& c = matrices[i].options[a.choice[i]];
+    planned[i]->bits = c.bits;
+    planned[i]->group = c.group;
+    char buf[200];
+    std::snprintf(buf, sizeof buf, "bit budget %.3f (model %.3f): int%d, rel error %.4f at %.3f bits/weight",
+                  o.target_bits, a.bits_per_weight, c.bits, c.rel_error, c.bits_per_weight);
+    planned[i]->budget_reason = buf;
+  }
 }
 
 // Asks the kernel to start reading a tensor's pages while the previous one is being quantized.
@@ -96,7 +129,7 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
   if (o.expert_bits != 0 && o.expert_bits != 8 && o.expert_bits != 4)
     throw Error("--expert-bits must be 8 or 4 (got " + std::to_string(o.expert_bits) + ")");
   const std::regex expert_re(kExpertPattern), router_re(kRouterPattern);
-  if (o.group.mode == GroupMode::Adaptive && o.group.alpha != 0 && !(o.group.alpha > 1.0))
+  if (o.group.mode == GroupMode::Alpha && o.group.alpha != 0 && !(o.group.alpha > 1.0))
     throw Error("--alpha must be > 1 (the ratio of mean group ranges before and after halving)");
   if (o.group.mode == GroupMode::MaxRelError && !(o.group.max_rel_error > 0 && o.group.max_rel_error < 1))
     throw Error("--max-rel-error must be in (0, 1)");
@@ -121,7 +154,7 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
   std::vector<Plan> plan;
   for (const auto& file : src.files()) {
     for (const ckpt::TensorInfo& t : file->tensors()) {
-      Plan p{&t, file.get(), false, bits, ""};
+      Plan p{&t, file.get(), false, bits, "", 0, ""};
       if (o.expert_bits && std::regex_search(t.name, expert_re)) p.bits = o.expert_bits;
       const bool matrix = t.shape.size() == 2 && is_float(t.dtype) && ends_with(t.name, ".weight");
       const bool kept = std::any_of(keep.begin(), keep.end(), [&](const std::regex& r) { return std::regex_search(t.name, r); });
@@ -148,11 +181,18 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
     }
   }
 
+  if (o.target_bits != 0) {
+    if (!(o.target_bits >= 4 && o.target_bits <= 8.5))
+      throw Error("--target-bits must be between 4 and 8.5 bits per weight (codes + scales)");
+    allocate_budget(plan, o);
+  }
+
   ConvertReport report;
   report.source = o.model.string();
   report.fingerprint = source_fingerprint(o.model);
   report.options = o.group;
   report.expert_bits = o.expert_bits;
+  report.target_bits = o.target_bits;
 
   // Output names, and a metadata template with the longest values, to size the headers.
   std::vector<std::string> names;
@@ -173,10 +213,12 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
   ckpt::Metadata meta{{"format", kFormatName},
                       {"quantizer_version", std::to_string(kQuantizerVersion)},
                       {"bits", std::to_string(bits)},
-                      {"group_mode", mode_name(o.group.mode)},
+                      {"group_mode", o.target_bits > 0 ? "target-bits" : mode_name(o.group.mode)},
+                      {"scale_rule", scale_rule_name(o.group.scale)},
                       {"alpha", std::to_string(o.group.alpha == 0 ? kDefaultAlpha : o.group.alpha)},
                       {"source_fingerprint", report.fingerprint},
                       {"groups", groups_template.dump()}};
+  if (o.target_bits > 0) meta["target_bits"] = std::to_string(o.target_bits);
   if (mixed_bits) {
     meta["expert_bits"] = std::to_string(o.expert_bits);
     meta["matrix_bits"] = matrix_bits.dump();
@@ -210,10 +252,16 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
       r.bits = p.bits;
       GroupOptions group_options = o.group;
       group_options.bits = p.bits;  // an error target is judged at the matrix's own bits
-      r.decision = choose_group(m, group_options);
+      if (p.group > 0) {  // --target-bits decided
+        r.decision.group = p.group;
+        r.decision.mode = GroupMode::Fixed;
+        r.decision.reason = p.budget_reason;
+      } else {
+        r.decision = choose_group(m, group_options);
+      }
       // The report shows range statistics in every mode; a fixed group does not compute them.
       if (r.decision.levels.empty()) r.decision.levels = range_levels(m);
-      const QuantizedMatrix q = quantize(m, p.bits, r.decision.group);
+      const QuantizedMatrix q = quantize(m, p.bits, r.decision.group, o.group.scale);
       const std::string stem = stem_of(t.name);
       const std::vector<int64_t> code_shape{m.rows, p.bits == 4 ? m.cols / 2 : m.cols};
       writer.add(stem + ".qweight", p.bits == 4 ? DType::U8 : DType::I8, code_shape, as_bytes_of(q.codes));
@@ -260,7 +308,8 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
                                    {"format", kFormatName},
                                    {"quantizer_version", kQuantizerVersion},
                                    {"bits", bits},
-                                   {"group_mode", mode_name(o.group.mode)},
+                                   {"group_mode", o.target_bits > 0 ? "target-bits" : mode_name(o.group.mode)},
+                                   {"scale_rule", scale_rule_name(o.group.scale)},
                                    {"groups", groups},
                                    {"source_fingerprint", report.fingerprint}};
   if (mixed_bits) {
@@ -282,6 +331,18 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
   return report;
 }
 
+namespace {
+double quantized_bits_per_weight(const ConvertReport& r) {
+  double n = 0, bits = 0;
+  for (const MatrixReport& m : r.matrices) {
+    const double w = static_cast<double>(m.rows) * static_cast<double>(m.cols);
+    n += w;
+    bits += w * m.bits_per_weight;
+  }
+  return n > 0 ? bits / n : 0.0;
+}
+}  // namespace
+
 nlohmann::json to_json(const ConvertReport& r) {
   nlohmann::json matrices = nlohmann::json::array();
   for (const MatrixReport& m : r.matrices) {
@@ -289,6 +350,7 @@ nlohmann::json to_json(const ConvertReport& r) {
     for (const GroupLevel& l : m.decision.levels) {
       nlohmann::json j = {{"group", l.group}, {"mean_range", l.mean_range}, {"max_range", l.max_range}, {"ratio", l.ratio}};
       if (l.rel_error >= 0) j["rel_error"] = l.rel_error;
+      if (l.gaussian_rel_error >= 0) j["gaussian_rel_error"] = l.gaussian_rel_error;
       levels.push_back(j);
     }
     matrices.push_back({{"name", m.name},
@@ -307,9 +369,14 @@ nlohmann::json to_json(const ConvertReport& r) {
   }
   nlohmann::json kept = nlohmann::json::array();
   for (const auto& k : r.kept) kept.push_back({{"name", k.name}, {"dtype", k.dtype}, {"shape", k.shape}, {"why", k.why}});
-  nlohmann::json opts = {{"bits", r.options.bits}, {"mode", mode_name(r.options.mode)}};
+  nlohmann::json opts = {{"bits", r.options.bits},
+                         {"mode", mode_name(r.options.mode)},
+                         {"scale_rule", scale_rule_name(r.options.scale)}};
   if (r.expert_bits) opts["expert_bits"] = r.expert_bits;
-  if (r.options.mode == GroupMode::Adaptive) opts["alpha"] = r.options.alpha == 0 ? kDefaultAlpha : r.options.alpha;
+  if (r.target_bits > 0) opts["target_bits"] = r.target_bits;
+  if (r.options.mode == GroupMode::Adaptive)
+    opts["tolerance"] = r.options.tolerance == 0 ? kDefaultTolerance : r.options.tolerance;
+  if (r.options.mode == GroupMode::Alpha) opts["alpha"] = r.options.alpha == 0 ? kDefaultAlpha : r.options.alpha;
   if (r.options.mode == GroupMode::Fixed) opts["group"] = r.options.group;
   if (r.options.mode == GroupMode::MaxRelError) opts["max_rel_error"] = r.options.max_rel_error;
   return {{"format", kFormatName},
@@ -323,6 +390,7 @@ nlohmann::json to_json(const ConvertReport& r) {
            {{"bytes_in", r.bytes_in},
             {"bytes_out", r.bytes_out},
             {"compression", r.bytes_out ? static_cast<double>(r.bytes_in) / static_cast<double>(r.bytes_out) : 0.0},
+            {"bits_per_weight", quantized_bits_per_weight(r)},
             {"seconds", r.seconds}}}};
 }
 
@@ -363,6 +431,25 @@ std::string format_report(const ConvertReport& r) {
                 r.bytes_out ? static_cast<double>(r.bytes_in) / static_cast<double>(r.bytes_out) : 0.0, r.seconds,
                 r.seconds > 0 ? static_cast<double>(r.bytes_in) / gb / r.seconds : 0.0);
   os << line;
+  // The mix of bits and groups, weighted by weights: the allocation --target-bits made.
+  double n = 0, bits_sum = 0;
+  std::map<std::string, double> mix;  // "int4 g32" -> weights
+  for (const MatrixReport& m : r.matrices) {
+    const double w = static_cast<double>(m.rows) * static_cast<double>(m.cols);
+    n += w;
+    bits_sum += w * m.bits_per_weight;
+    mix["int" + std::to_string(m.bits) + " " + (m.decision.group == m.cols ? std::string("K") : "g" + std::to_string(m.decision.group))] += w;
+  }
+  if (n > 0) {
+    std::snprintf(line, sizeof line, "%.3f bits/weight over the quantized matrices%s:", bits_sum / n,
+                  r.target_bits > 0 ? (" (target " + std::to_string(r.target_bits).substr(0, 5) + ")").c_str() : "");
+    os << line;
+    for (const auto& [k, w] : mix) {
+      std::snprintf(line, sizeof line, " %s %.1f%%", k.c_str(), 100.0 * w / n);
+      os << line;
+    }
+    os << "\n";
+  }
   return os.str();
 }
 

@@ -26,7 +26,9 @@
 namespace fineserve::quant {
 
 inline constexpr const char* kFormatName = "fineserve-finequant";
-inline constexpr int kQuantizerVersion = 1;
+// 1: absmax scales, codes -qmax..qmax. 2: full code range (int4 -8..7, int8 -128..127), signed
+// scales, the per-group scale search (metadata "scale_rule"), mixed bits from --target-bits.
+inline constexpr int kQuantizerVersion = 2;
 
 // MoE expert matrices (Mixtral's block_sparse_moe.experts.E.w1/w2/w3, Qwen-MoE's mlp.experts.E.*):
 // the ones ConvertOptions::expert_bits applies to.
@@ -38,7 +40,10 @@ inline constexpr const char* kRouterPattern = "(block_sparse_moe|mlp)\\.gate\\.w
 struct ConvertOptions {
   std::filesystem::path model;  // the source checkpoint (directory or .safetensors file)
   std::filesystem::path out;    // the FineQuant checkpoint directory to create
-  GroupOptions group;           // bits and the group-size rule
+  GroupOptions group;           // bits, the group-size rule and the scale rule
+  // > 0: `--target-bits`: every quantized matrix gets its bits (8/4) and group from the bit budget
+  // (quant/bit_budget.h), averaging at most this many bits per weight (codes + scales).
+  double target_bits = 0;
   // > 0: the bits (8 or 4) of MoE expert matrices (kExpertPattern), e.g. 8-bit attention with
   // 4-bit experts. The checkpoint's metadata then records each matrix's bits ("matrix_bits").
   int expert_bits = 0;
@@ -70,6 +75,7 @@ struct ConvertReport {
   std::string fingerprint;
   GroupOptions options;
   int expert_bits = 0;  // ConvertOptions::expert_bits
+  double target_bits = 0;  // ConvertOptions::target_bits
   std::vector<MatrixReport> matrices;
   struct Kept {
     std::string name;

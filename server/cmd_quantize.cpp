@@ -15,7 +15,9 @@ void add_quantize_command(CLI::App& app) {
     std::string model, out;
     int bits = 4;
     int expert_bits = 0;
-    double alpha = 0;
+    double alpha = 0, tolerance = 0, target_bits = 0;
+    std::string scale_rule = "search";
+    bool no_search = false;
     int64_t group = 0;
     double max_rel_error = 0;
     std::vector<std::string> keep;
@@ -33,14 +35,28 @@ void add_quantize_command(CLI::App& app) {
                   "Code width of MoE expert matrices (block_sparse_moe.experts.*): 8 or 4, e.g. --bits 8 "
                   "--expert-bits 4 (default: --bits). MoE routers always stay in 16 bits")
       ->check(CLI::IsMember({8, 4}));
+  auto* tolerance = cmd->add_option("--tolerance", f->tolerance,
+                                    "Adaptive group size (default): the coarsest group whose error is at most this "
+                                    "many times what i.i.d. Gaussian weights give at the same group (default 1.1)");
   auto* alpha = cmd->add_option("--alpha", f->alpha,
-                                "Adaptive group size (default): refine while the mean group range shrinks by more "
-                                "than this factor when the group is halved");
+                                "The paper's α rule instead: refine while the mean group range shrinks by more "
+                                "than this factor when the group is halved (1.1 is its default)");
   auto* group = cmd->add_option("--group", f->group, "Fixed group size for every matrix (-1 = K, column-wise)");
   auto* err = cmd->add_option("--max-rel-error", f->max_rel_error,
                               "Coarsest group whose relative Frobenius error is <= this target");
-  alpha->excludes(group)->excludes(err);
-  group->excludes(err);
+  auto* target = cmd->add_option("--target-bits", f->target_bits,
+                                 "Bit budget: choose each matrix's bits (8/4) and group to minimise the weighted "
+                                 "quantization error at this average of bits per weight, scales included (e.g. 4.5)");
+  alpha->excludes(group)->excludes(err)->excludes(tolerance)->excludes(target);
+  tolerance->excludes(group)->excludes(err)->excludes(target);
+  group->excludes(err)->excludes(target);
+  err->excludes(target);
+  auto* rule = cmd->add_option("--scale-rule", f->scale_rule,
+                               "How each group's scale is chosen: search (default: clipping ratios and the "
+                               "sign-aware scale, least squared error), signed-absmax (the extreme maps to -8 / "
+                               "-128), absmax (absmax / 7 or / 127, quantizer version 1)")
+                   ->check(CLI::IsMember({"search", "signed-absmax", "absmax"}));
+  cmd->add_flag("--no-search", f->no_search, "Plain absmax scales (= --scale-rule absmax)")->excludes(rule);
   cmd->add_option("--keep", f->keep,
                   "Regex of linear weights to keep in 16 bits (repeatable; replaces the default: embed, "
                   "lm_head, norm, MoE routers)");
@@ -49,7 +65,7 @@ void add_quantize_command(CLI::App& app) {
   cmd->add_option("--shard-gb", f->shard_gb, "Maximum shard size in GB")->check(CLI::PositiveNumber);
   cmd->add_flag("--force", f->force, "Replace an existing output directory");
   cmd->add_flag("-q,--quiet", f->quiet, "Do not print the per-matrix table");
-  cmd->callback([f, group, err] {
+  cmd->callback([f, group, err, alpha] {
     quant::ConvertOptions o;
     o.model = f->model;
     o.out = f->out;
@@ -62,10 +78,18 @@ void add_quantize_command(CLI::App& app) {
     } else if (*err) {
       o.group.mode = quant::GroupMode::MaxRelError;
       o.group.max_rel_error = f->max_rel_error;
+    } else if (*alpha) {
+      o.group.mode = quant::GroupMode::Alpha;
+      o.group.alpha = f->alpha;
     } else {
       o.group.mode = quant::GroupMode::Adaptive;
-      o.group.alpha = f->alpha;
+      o.group.tolerance = f->tolerance;
     }
+    o.target_bits = f->target_bits;
+    const std::string rule_name = f->no_search ? "absmax" : f->scale_rule;
+    o.group.scale = rule_name == "absmax"          ? quant::ScaleRule::Absmax
+                    : rule_name == "signed-absmax" ? quant::ScaleRule::SignedAbsmax
+                                                   : quant::ScaleRule::Search;
     o.keep = !f->keep.empty()           ? f->keep
              : f->quantize_embeddings ? quant::keep_patterns_quantizing_embeddings()
                                       : quant::default_keep_patterns();

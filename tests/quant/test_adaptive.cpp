@@ -79,36 +79,89 @@ TEST(RangeLevels, SameAtAnyThreadCountAndRejectsNaN) {
   }
 }
 
-TEST(Adaptive, GaussianStaysCoarse) {
+// The adaptive rule's decisions are scale-free in K: Gaussian weights stay column-wise at every K,
+// planted outlier channels refine, at small and large K alike.
+TEST(Adaptive, GaussianStaysColumnWiseAtEveryK) {
+  for (int64_t cols : {int64_t{256}, int64_t{768}, int64_t{4096}}) {
+    for (int bits : {4, 8}) {
+      const int64_t rows = cols >= 4096 ? 48 : 96;
+      const std::vector<float> w = gaussian(rows, cols, static_cast<uint32_t>(cols) + 1);
+      GroupOptions options;
+      options.bits = bits;
+      const GroupDecision d = choose_group(view(w, rows, cols), options);
+      EXPECT_EQ(d.mode, GroupMode::Adaptive);
+      EXPECT_EQ(d.group, cols) << "K=" << cols << " bits " << bits << ": " << d.reason;
+      ASSERT_FALSE(d.levels.empty());
+      for (const GroupLevel& l : d.levels) {
+        EXPECT_GT(l.gaussian_rel_error, 0);
+        EXPECT_NEAR(l.rel_error / l.gaussian_rel_error, 1.0, 0.1) << "K=" << cols << " group " << l.group;
+      }
+      EXPECT_NE(d.reason.find("Gaussian"), std::string::npos) << d.reason;
+    }
+  }
+}
+
+TEST(Adaptive, PlantedOutlierChannelsRefineAtEveryK) {
+  for (int64_t cols : {int64_t{256}, int64_t{768}, int64_t{4096}}) {
+    const int64_t rows = cols >= 4096 ? 48 : 96;
+    std::vector<float> w = gaussian(rows, cols, 77 + static_cast<uint32_t>(cols));
+    std::vector<int64_t> channels;  // ~1% of the channels (at least 2), spread over K
+    for (int64_t c = 0; c < std::max<int64_t>(2, cols / 100); ++c) channels.push_back((c * 997 + 13) % cols);
+    plant_outlier_channels(w, cols, channels, 10.0f);
+    const GroupDecision d = choose_group(view(w, rows, cols), GroupOptions{});
+    EXPECT_LT(d.group, cols) << "K=" << cols << ": " << d.reason;
+    const double err_column = quantize(view(w, rows, cols), 4, cols).rel_error;
+    const double err_chosen = quantize(view(w, rows, cols), 4, d.group).rel_error;
+    EXPECT_LT(err_chosen, 0.8 * err_column) << "K=" << cols << ": " << d.reason;
+  }
+}
+
+TEST(Adaptive, ToleranceControlsHowFarItRefines) {
+  const int64_t rows = 64, cols = 1024;
+  std::vector<float> w = gaussian(rows, cols, 8);
+  plant_outlier_channels(w, cols, {100, 900}, 6.0f);
+  GroupOptions options;
+  options.tolerance = 1e9;  // anything is close enough: column-wise
+  EXPECT_EQ(choose_group(view(w, rows, cols), options).group, cols);
+  // The decision is the coarsest level within the tolerance.
+  for (double t : {1.0, 1.1, 1.25, 1.5, 2.0}) {
+    options.tolerance = t;
+    const GroupDecision d = choose_group(view(w, rows, cols), options);
+    size_t i = 0;
+    while (i + 1 < d.levels.size() && d.levels[i].rel_error > t * d.levels[i].gaussian_rel_error) ++i;
+    EXPECT_EQ(d.group, d.levels[i].group) << "tolerance " << t << ": " << d.reason;
+  }
+  options.tolerance = 0.5;
+  EXPECT_THROW(choose_group(view(w, rows, cols), options), Error);
+}
+
+TEST(Adaptive, GaussianReferenceIsDeterministicAndGrowsWithTheGroup) {
+  const double e32 = gaussian_rel_error(4, 32, ScaleRule::Absmax);
+  EXPECT_EQ(e32, gaussian_rel_error(4, 32, ScaleRule::Absmax));  // cached, and the same sample
+  EXPECT_LT(e32, gaussian_rel_error(4, 256, ScaleRule::Absmax));
+  EXPECT_LT(gaussian_rel_error(4, 256, ScaleRule::Absmax), gaussian_rel_error(4, 4096, ScaleRule::Absmax));
+  EXPECT_LT(gaussian_rel_error(4, 32, ScaleRule::Search), e32);
+  EXPECT_LT(gaussian_rel_error(8, 32, ScaleRule::Absmax), e32 / 10);
+}
+
+// The paper's α rule stays selectable (GroupMode::Alpha).
+TEST(Alpha, GaussianStaysCoarseAtLargeK) {
   for (int64_t cols : {int64_t{2048}, int64_t{4096}, int64_t{5120}}) {
     const std::vector<float> w = gaussian(96, cols, static_cast<uint32_t>(cols) + 1);
-    const GroupDecision d = choose_group(view(w, 96, cols), GroupOptions{});
-    EXPECT_EQ(d.mode, GroupMode::Adaptive);
+    GroupOptions options;
+    options.mode = GroupMode::Alpha;
+    const GroupDecision d = choose_group(view(w, 96, cols), options);
+    EXPECT_EQ(d.mode, GroupMode::Alpha);
     EXPECT_GE(d.group, 1024) << "K=" << cols << ": " << d.reason;
-    EXPECT_FALSE(d.levels.empty());
     EXPECT_NE(d.reason.find("α"), std::string::npos) << d.reason;
   }
 }
 
-TEST(Adaptive, PlantedOutlierChannelsRefineAndCutTheError) {
-  const int64_t rows = 96, cols = 4096;
-  std::vector<float> w = gaussian(rows, cols, 77);
-  std::vector<int64_t> channels;
-  for (int64_t c = 0; c < 40; ++c) channels.push_back((c * 997 + 13) % cols);  // ~1% of the channels
-  plant_outlier_channels(w, cols, channels, 10.0f);
-
-  const GroupDecision d = choose_group(view(w, rows, cols), GroupOptions{});
-  EXPECT_LT(d.group, cols) << d.reason;
-  EXPECT_LE(d.group, 256) << d.reason;
-  const double err_column = quantize(view(w, rows, cols), 4, cols).rel_error;
-  const double err_chosen = quantize(view(w, rows, cols), 4, d.group).rel_error;
-  EXPECT_LT(err_chosen, 0.7 * err_column) << d.reason;
-}
-
-TEST(Adaptive, AlphaControlsHowFarItRefines) {
+TEST(Alpha, AlphaControlsHowFarItRefines) {
   const int64_t rows = 32, cols = 1024;
   const std::vector<float> w = gaussian(rows, cols, 5);
   GroupOptions options;
+  options.mode = GroupMode::Alpha;
   options.alpha = 1e9;  // nothing beats it: column-wise
   GroupDecision d = choose_group(view(w, rows, cols), options);
   EXPECT_EQ(d.group, cols);
@@ -140,6 +193,10 @@ TEST(Adaptive, OnlyColumnWiseAllowedAndZeroMatrices) {
 
   const std::vector<float> zeros(8 * 256, 0.0f);
   d = choose_group(view(zeros, 8, 256), GroupOptions{});
+  EXPECT_EQ(d.group, 256);
+  GroupOptions alpha;
+  alpha.mode = GroupMode::Alpha;
+  d = choose_group(view(zeros, 8, 256), alpha);
   EXPECT_EQ(d.group, 256);
   for (size_t i = 1; i < d.levels.size(); ++i) EXPECT_EQ(d.levels[i].ratio, 1.0);
 }
