@@ -7,8 +7,18 @@
 
 namespace fineserve {
 
-PerplexityResult perplexity(Model& model, const std::vector<int32_t>& ids, const PerplexityOptions& o,
-                            const std::function<void(int64_t, int64_t)>& progress) {
+namespace {
+
+// log_softmax(row)[k] = row[k] - lse, lse = logsumexp(row), in double.
+double logsumexp(const float* row, int64_t vocab) {
+  const double mx = *std::max_element(row, row + vocab);
+  double sum = 0;
+  for (int64_t k = 0; k < vocab; ++k) sum += std::exp(static_cast<double>(row[k]) - mx);
+  return mx + std::log(sum);
+}
+
+PerplexityResult run(Model& model, Model* reference, const std::vector<int32_t>& ids, const PerplexityOptions& o,
+                     const std::function<void(int64_t, int64_t)>& progress) {
   const auto n = static_cast<int64_t>(ids.size());
   const int64_t vocab = model.info().vocab_size;
   if (n < 2) throw Error("perplexity needs at least 2 tokens of text, got " + std::to_string(n));
@@ -24,8 +34,13 @@ PerplexityResult perplexity(Model& model, const std::vector<int32_t>& ids, const
     if (id < 0 || id >= vocab)
       throw Error("token id " + std::to_string(id) + " is outside the model's vocabulary of " + std::to_string(vocab));
 
+  if (reference && reference->info().vocab_size != vocab)
+    throw Error("the reference model's vocabulary (" + std::to_string(reference->info().vocab_size) +
+                ") differs from the model's (" + std::to_string(vocab) + ")");
+
   const int blocks = (o.ctx + o.block_size - 1) / o.block_size;
   model.allocate_kv_cache(blocks, o.block_size);
+  if (reference) reference->allocate_kv_cache(blocks, o.block_size);
   // Tokens to score: all but the first, less the first token of any window that starts past the
   // scored ones (it has no context inside its window): stride == ctx leaves one per window.
   int64_t total = 0;
@@ -37,7 +52,7 @@ PerplexityResult perplexity(Model& model, const std::vector<int32_t>& ids, const
   }
 
   PerplexityResult r;
-  std::vector<float> logits;
+  std::vector<float> logits, ref_logits;
   int64_t scored_end = 1;  // tokens [1, scored_end) are scored (token 0 has no context)
   for (int64_t begin = 0;; begin += o.stride) {
     const int64_t end = std::min(begin + o.ctx, n);
@@ -57,14 +72,30 @@ PerplexityResult perplexity(Model& model, const std::vector<int32_t>& ids, const
       for (int b = 0; b < blocks; ++b) s.block_table.push_back(b);
       logits.resize(s.logit_rows.size() * static_cast<size_t>(vocab));
       model.forward(s, logits.data());
+      if (reference) {
+        ref_logits.resize(logits.size());
+        reference->forward(s, ref_logits.data());
+      }
       for (size_t i = 0; i < s.logit_rows.size(); ++i) {
         const float* row = logits.data() + i * static_cast<size_t>(vocab);
         const int32_t target = ids[static_cast<size_t>(c0 + s.logit_rows[i] + 1)];
         // -log softmax(row)[target] = logsumexp(row) - row[target], in double.
-        const double mx = *std::max_element(row, row + vocab);
-        double sum = 0;
-        for (int64_t k = 0; k < vocab; ++k) sum += std::exp(static_cast<double>(row[k]) - mx);
-        r.nll_sum += mx + std::log(sum) - static_cast<double>(row[target]);
+        const double lse = logsumexp(row, vocab);
+        r.nll_sum += lse - static_cast<double>(row[target]);
+        if (!reference) continue;
+        const float* ref = ref_logits.data() + i * static_cast<size_t>(vocab);
+        const double ref_lse = logsumexp(ref, vocab);
+        r.ref_nll_sum += ref_lse - static_cast<double>(ref[target]);
+        // KL(P_ref || P) = sum_k p_ref(k) * ((ref[k] - ref_lse) - (row[k] - lse)).
+        double kl = 0;
+        for (int64_t k = 0; k < vocab; ++k) {
+          const double log_ref = static_cast<double>(ref[k]) - ref_lse;
+          kl += std::exp(log_ref) * (log_ref - (static_cast<double>(row[k]) - lse));
+        }
+        kl = std::max(kl, 0.0);  // rounding can leave a tiny negative sum for identical rows
+        r.kl_sum += kl;
+        r.kl_max = std::max(r.kl_max, kl);
+        r.same_top += std::max_element(row, row + vocab) - row == std::max_element(ref, ref + vocab) - ref;
       }
     }
     r.tokens += end - first_target;
@@ -74,6 +105,19 @@ PerplexityResult perplexity(Model& model, const std::vector<int32_t>& ids, const
     if (end == n) break;
   }
   return r;
+}
+
+}  // namespace
+
+PerplexityResult perplexity(Model& model, const std::vector<int32_t>& ids, const PerplexityOptions& o,
+                            const std::function<void(int64_t, int64_t)>& progress) {
+  return run(model, nullptr, ids, o, progress);
+}
+
+PerplexityResult perplexity_vs_reference(Model& model, Model& reference, const std::vector<int32_t>& ids,
+                                         const PerplexityOptions& o,
+                                         const std::function<void(int64_t, int64_t)>& progress) {
+  return run(model, &reference, ids, o, progress);
 }
 
 }  // namespace fineserve

@@ -18,7 +18,7 @@ namespace fineserve {
 
 void add_eval_command(CLI::App& app) {
   struct Flags {
-    std::string model, text, device = "cpu", dtype, json;
+    std::string model, text, device = "cpu", dtype, json, reference;
     int ctx = 1024, stride = 0, chunk = 256;
     int64_t max_tokens = 0;
   };
@@ -35,6 +35,9 @@ void add_eval_command(CLI::App& app) {
   ppl->add_option("--device", f->device, kDeviceHelp);
   ppl->add_option("--dtype", f->dtype, kDtypeHelp);
   ppl->add_option("--json", f->json, "Also write the result as JSON to this file");
+  ppl->add_option("--reference", f->reference,
+                  "A reference checkpoint (e.g. the unquantized model, same tokenizer): also report the mean KL "
+                  "divergence KL(reference || model) of the next-token distributions");
   ppl->callback([f] {
     std::ifstream in(f->text, std::ios::binary);
     if (!in) throw Error("cannot read " + f->text);
@@ -42,6 +45,12 @@ void add_eval_command(CLI::App& app) {
     auto tokenizer = load_tokenizer(f->model);
     auto backend = make_backend(f->device, f->dtype);
     auto model = load_model(f->model, *backend);
+    std::unique_ptr<Backend> ref_backend;
+    std::unique_ptr<Model> reference;
+    if (!f->reference.empty()) {
+      ref_backend = make_backend(f->device, f->dtype);
+      reference = load_model(f->reference, *ref_backend);
+    }
     std::vector<int32_t> ids = tokenizer->encode(text);
     if (f->max_tokens > 0 && static_cast<int64_t>(ids.size()) > f->max_tokens) ids.resize(static_cast<size_t>(f->max_tokens));
     PerplexityOptions o;
@@ -50,16 +59,22 @@ void add_eval_command(CLI::App& app) {
     o.chunk = f->chunk;
     ProgressBar bar("ppl");
     const auto t0 = std::chrono::steady_clock::now();
-    const PerplexityResult r = perplexity(*model, ids, o, [&](int64_t done, int64_t total) {
+    auto report = [&](int64_t done, int64_t total) {
       bar.update(static_cast<double>(done) / static_cast<double>(total), std::to_string(done) + "/" + std::to_string(total) + " tokens");
-    });
+    };
+    const PerplexityResult r =
+        reference ? perplexity_vs_reference(*model, *reference, ids, o, report) : perplexity(*model, ids, o, report);
     bar.done();
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     std::printf("perplexity %.4f (%.4f bits/token) over %lld tokens of %s: %d windows of %d, stride %d, %s, %.1f s\n",
                 r.ppl(), r.bits_per_token(), static_cast<long long>(r.tokens), f->text.c_str(), r.windows, o.ctx,
                 o.stride, model->info().quantization.c_str(), seconds);
+    if (reference) {
+      std::printf("vs reference %s (perplexity %.4f): mean KL %.6f, max KL %.4f, same top token %.2f%%\n",
+                  f->reference.c_str(), r.ref_ppl(), r.mean_kl(), r.kl_max, 100.0 * r.same_top_fraction());
+    }
     if (!f->json.empty()) {
-      const nlohmann::json j = {{"model", f->model},         {"text", f->text},
+      nlohmann::json j = {{"model", f->model},         {"text", f->text},
                                 {"quantization", model->info().quantization},
                                 {"ctx", o.ctx},               {"stride", o.stride},
                                 {"tokens", r.tokens},         {"windows", r.windows},
@@ -67,6 +82,13 @@ void add_eval_command(CLI::App& app) {
                                 {"bits_per_token", r.bits_per_token()},
                                 {"weight_bytes", model->info().weight_bytes},
                                 {"seconds", seconds}};
+      if (reference) {
+        j["reference"] = f->reference;
+        j["reference_perplexity"] = r.ref_ppl();
+        j["mean_kl"] = r.mean_kl();
+        j["max_kl"] = r.kl_max;
+        j["same_top_fraction"] = r.same_top_fraction();
+      }
       std::ofstream out(f->json);
       out << j.dump(2) << "\n";
       if (!out.flush()) throw Error("cannot write " + f->json);

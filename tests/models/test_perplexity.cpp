@@ -14,6 +14,7 @@
 #include "kernels/base.h"
 #include "models/checkpoint/safetensors.h"
 #include "models/model.h"
+#include "quant/convert.h"
 #include "tests/models/golden_util.h"
 
 namespace fineserve {
@@ -98,6 +99,63 @@ TEST(Perplexity, SlidingWindowsScoreEachTokenOnce) {
     EXPECT_EQ(r.windows, windows);
     EXPECT_NEAR(r.nll_sum, want, 1e-6 * want) << ctx << "/" << stride;
   }
+}
+
+// KL(P_ref || P) against a brute-force sum over one window's logits of both models, and zero for a
+// model against itself. The quantized model comes from `--target-bits 4.5` (mixed int8/int4), which
+// must load, meet its budget and stay closer to the reference than column-wise int4.
+TEST(Perplexity, KlDivergenceAgainstAReference) {
+  const auto meta = nlohmann::json::parse(std::ifstream(kGolden / "golden.json"));
+  const auto ids = meta["prompts"][2]["ids"].get<std::vector<int32_t>>();
+  testing::Scratch tmp;
+  quant::ConvertOptions budget = testing::convert_options(kGolden, tmp.path / "budget", 4);
+  budget.target_bits = 4.5;
+  const quant::ConvertReport report = quant::convert_checkpoint(budget);
+  double n = 0, bits = 0;
+  for (const quant::MatrixReport& m : report.matrices) {
+    n += static_cast<double>(m.rows * m.cols);
+    bits += static_cast<double>(m.rows * m.cols) * m.bits_per_weight;
+  }
+  EXPECT_LE(bits / n, 4.5);
+  EXPECT_GT(bits / n, 4.2);
+  quant::ConvertOptions colwise = testing::convert_options(kGolden, tmp.path / "colwise", 4);
+  colwise.group.mode = quant::GroupMode::Fixed;
+  colwise.group.group = -1;
+  quant::convert_checkpoint(colwise);
+
+  auto backend = make_cpu_backend();
+  auto reference = load_model(kGolden, *backend);
+  auto same = load_model(kGolden, *backend);
+  auto quantized = load_model(budget.out, *backend);
+  auto coarse = load_model(colwise.out, *backend);
+  const int64_t vocab = reference->info().vocab_size;
+  PerplexityOptions o;
+  o.ctx = 64;
+  o.stride = 64;
+
+  const PerplexityResult self = perplexity_vs_reference(*same, *reference, ids, o);
+  EXPECT_NEAR(self.mean_kl(), 0.0, 1e-9);
+  EXPECT_EQ(self.same_top, self.tokens);
+  EXPECT_NEAR(self.ref_nll_sum, self.nll_sum, 1e-9 * self.nll_sum);
+
+  const PerplexityResult r = perplexity_vs_reference(*quantized, *reference, ids, o);
+  const std::vector<float> lq = testing::prefill_logits(*quantized, ids), lr = testing::prefill_logits(*reference, ids);
+  double want = 0;
+  for (size_t t = 0; t + 1 < ids.size(); ++t) {
+    const float* q = lq.data() + t * vocab;
+    const float* p = lr.data() + t * vocab;
+    double mq = q[0], mp = p[0], sq = 0, sp = 0;
+    for (int64_t k = 0; k < vocab; ++k) mq = std::max(mq, double{q[k]}), mp = std::max(mp, double{p[k]});
+    for (int64_t k = 0; k < vocab; ++k) sq += std::exp(q[k] - mq), sp += std::exp(p[k] - mp);
+    for (int64_t k = 0; k < vocab; ++k) {
+      const double lp = p[k] - mp - std::log(sp), lqk = q[k] - mq - std::log(sq);
+      want += std::exp(lp) * (lp - lqk);
+    }
+  }
+  EXPECT_GT(r.mean_kl(), 0.0);
+  EXPECT_NEAR(r.kl_sum, want, 1e-3 * want + 1e-9);
+  EXPECT_NEAR(r.ref_ppl(), self.ppl(), 1e-9 * self.ppl());
+  EXPECT_LT(r.mean_kl(), perplexity_vs_reference(*coarse, *reference, ids, o).mean_kl());
 }
 
 TEST(Perplexity, BadOptionsAreErrors) {
