@@ -309,7 +309,6 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
                                    {"quantizer_version", kQuantizerVersion},
                                    {"bits", bits},
                                    {"group_mode", o.target_bits > 0 ? "target-bits" : mode_name(o.group.mode)},
-                                   {"scale_rule", scale_rule_name(o.group.scale)},
                                    {"groups", groups},
                                    {"source_fingerprint", report.fingerprint}};
   if (mixed_bits) {
