@@ -310,7 +310,10 @@ __attribute__((target("avx2,f16c"))) RowSums quantize_groups_avx2(const float* w
 }
 
 
-__attribute__((target("avx2,fma"))) float group_sq_error_avx2(const float* x, int64_t n, float s, float qmax) {
+// The body of group_sq_error_avx2, inlined into the per-row search below so the candidate loop
+// pays no call or dispatch per candidate (that overhead dominated at groups of 32).
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline float sq_error_avx2_body(const float* x, int64_t n,
+                                                                                       float s, float qmax) {
   const float inv = 1.0f / s;
   const __m256 vinv = _mm256_set1_ps(inv), vs = _mm256_set1_ps(s);
   const __m256 hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax - 1.0f);
@@ -333,6 +336,9 @@ __attribute__((target("avx2,fma"))) float group_sq_error_avx2(const float* x, in
   return total;
 }
 
+__attribute__((target("avx2,fma,f16c"))) float group_sq_error_avx2(const float* x, int64_t n, float s, float qmax) {
+  return sq_error_avx2_body(x, n, s, qmax);
+}
 // ---- dispatch ---------------------------------------------------------------------------------
 
 bool cpu_has(Isa isa) {
@@ -382,16 +388,18 @@ float group_sq_error(const float* w, int64_t n, float s, float qmax) {
 
 namespace {
 // The nearest fp16 to v, never 0 for a non-zero v (the smallest subnormal of v's sign instead).
-uint16_t nonzero_half(float v) {
+inline uint16_t nonzero_half(float v) {
   uint16_t h = float_to_half(v);
   if ((h & 0x7fff) == 0) h = v < 0 ? uint16_t{0x8001} : uint16_t{1};
   return h;
 }
-}  // namespace
 
-void choose_scales(const float* w, int64_t cols, int64_t group, int qmax, ScaleRule rule, uint16_t* scales,
-                   float* scale_f) {
-  if (rule == ScaleRule::Absmax) return;
+// The search over one row's groups (see quantizer.h): the Absmax scale first (it keeps ties), then
+// for every clipping ratio the sign-aware and the symmetric scale, each rounded to fp16. A template
+// over the error function so the AVX2 instance inlines its error loop; both give the same bits.
+template <float (*kError)(const float*, int64_t, float, float)>
+[[gnu::always_inline]] inline void choose_scales_body(const float* w, int64_t cols, int64_t group, int qmax,
+                                                      ScaleRule rule, uint16_t* scales, float* scale_f) {
   const float q = static_cast<float>(qmax);
   const float levels_below = q + 1.0f;  // the sign-aware scale maps the extreme to -(qmax + 1)
   for (int64_t g = 0; g < cols / group; ++g) {
@@ -409,24 +417,40 @@ void choose_scales(const float* w, int64_t cols, int64_t group, int qmax, ScaleR
       scale_f[g] = half_to_float(scales[g]);
       continue;
     }
-    // Search: the Absmax scale is the first candidate and keeps ties.
     uint16_t best = scales[g];
-    float best_err = group_sq_error(x, group, scale_f[g], q);
-    auto consider = [&](uint16_t h) {
-      if (h == best) return;
-      const float e = group_sq_error(x, group, half_to_float(h), q);
-      if (e < best_err) {
-        best_err = e;
-        best = h;
-      }
-    };
+    float best_err = kError(x, group, scale_f[g], q);
     for (const float r : kClipRatios) {
-      consider(nonzero_half(-r * extreme / levels_below));
-      consider(nonzero_half(r * absmax / q));
+      for (const uint16_t h : {nonzero_half(-r * extreme / levels_below), nonzero_half(r * absmax / q)}) {
+        if (h == best) continue;
+        const float e = kError(x, group, half_to_float(h), q);
+        if (e < best_err) {
+          best_err = e;
+          best = h;
+        }
+      }
     }
     scales[g] = best;
     scale_f[g] = half_to_float(best);
   }
+}
+
+void choose_scales_ref(const float* w, int64_t cols, int64_t group, int qmax, ScaleRule rule, uint16_t* scales,
+                       float* scale_f) {
+  choose_scales_body<group_sq_error_ref>(w, cols, group, qmax, rule, scales, scale_f);
+}
+
+__attribute__((target("avx2,fma,f16c"))) void choose_scales_avx2(const float* w, int64_t cols, int64_t group, int qmax,
+                                                                 ScaleRule rule, uint16_t* scales, float* scale_f) {
+  choose_scales_body<group_sq_error_avx2>(w, cols, group, qmax, rule, scales, scale_f);
+}
+
+}  // namespace
+
+void choose_scales(const float* w, int64_t cols, int64_t group, int qmax, ScaleRule rule, uint16_t* scales,
+                   float* scale_f) {
+  if (rule == ScaleRule::Absmax) return;
+  if (active_isa() == Isa::Avx2) return choose_scales_avx2(w, cols, group, qmax, rule, scales, scale_f);
+  choose_scales_ref(w, cols, group, qmax, rule, scales, scale_f);
 }
 
 void pack_int4_fast(const uint8_t* codes, int64_t n, uint8_t* packed) {
