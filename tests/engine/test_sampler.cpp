@@ -494,3 +494,93 @@ TEST(Sampler, VocabularyOfOne) {
 
 }  // namespace
 }  // namespace fineserve
+
+// ---- logits processors and logprobs -------------------------------------------------------------
+
+namespace fineserve {
+namespace {
+
+TEST(SamplerProcessors, PresenceAndFrequencyPenaltiesCountOnlyTheOutput) {
+  // Greedy over logits where the penalties decide: OpenAI's rule
+  // logit -= count * frequency + (count > 0) * presence, over generated tokens only.
+  const std::vector<float> l = {3.0f, 2.9f, 1.0f, 2.0f};
+  const std::vector<int32_t> prompt = {1, 1, 1};  // prompt tokens are not penalised
+  const std::vector<int32_t> output = {0, 0, 3};
+  SamplingParams p;
+  p.presence_penalty = 0.05f;
+  p.frequency_penalty = 0.1f;
+  Sampler s(p);
+  // token 0: 3.0 - 2 * 0.1 - 0.05 = 2.75 < token 1's 2.9
+  EXPECT_EQ(s.sample(l.data(), 4, SequenceTokens{prompt, output}).token, 1);
+  SamplingParams weak;
+  weak.frequency_penalty = 0.01f;
+  Sampler w(weak);
+  EXPECT_EQ(w.sample(l.data(), 4, SequenceTokens{prompt, output}).token, 0);  // 2.98 > 2.9
+  SamplingParams negative;  // a negative presence penalty encourages repeats
+  negative.presence_penalty = -1.5f;
+  Sampler n(negative);
+  EXPECT_EQ(n.sample(l.data(), 4, SequenceTokens{{}, std::vector<int32_t>{3}}).token, 3);  // 2.0 + 1.5
+  // The reported (processed) logprob is of the penalised logits.
+  const SampledToken t = s.sample(l.data(), 4, SequenceTokens{prompt, output});
+  const double a = 2.75, b = 2.9, c = 1.0, d = 2.0 - 0.1 - 0.05;
+  EXPECT_NEAR(t.logprob, b - std::log(std::exp(a) + std::exp(b) + std::exp(c) + std::exp(d)), 1e-5);
+}
+
+TEST(SamplerProcessors, LogitBiasAndMinTokens) {
+  const std::vector<float> l = {1.0f, 0.0f, 0.5f};
+  SamplingParams p;
+  p.logit_bias = {{1, 2.0f}};
+  EXPECT_EQ(Sampler(p).sample(l.data(), 3, SequenceTokens{}).token, 1);
+  p.logit_bias = {{0, -100.0f}};
+  EXPECT_EQ(Sampler(p).sample(l.data(), 3, SequenceTokens{}).token, 2);
+  // min_tokens forbids the stop ids (here 0) until that many tokens were generated.
+  SamplingParams m;
+  m.min_tokens = 2;
+  const std::vector<int32_t> stop_ids = {0};
+  Sampler s(m, stop_ids);
+  const std::vector<int32_t> one = {2}, two = {2, 2};
+  EXPECT_EQ(s.sample(l.data(), 3, SequenceTokens{{}, one}).token, 2);
+  EXPECT_EQ(s.sample(l.data(), 3, SequenceTokens{{}, two}).token, 0);
+  // Validation.
+  SamplingParams bad;
+  bad.presence_penalty = 2.5f;
+  EXPECT_THROW(bad.validate(), Error);
+  bad = {};
+  bad.logit_bias = {{0, 101.0f}};
+  EXPECT_THROW(bad.validate(), Error);
+  bad = {};
+  bad.min_tokens = -1;
+  EXPECT_THROW(bad.validate(), Error);
+}
+
+// An added processor (what a grammar's allowed-token mask will be) runs after the built-in ones.
+TEST(SamplerProcessors, AddedProcessorRunsBeforeTheDraw) {
+  struct OnlyEven final : LogitsProcessor {
+    void apply(std::span<float> logits, const SequenceTokens&) override {
+      for (size_t i = 1; i < logits.size(); i += 2) logits[i] = -std::numeric_limits<float>::infinity();
+    }
+  };
+  const std::vector<float> l = {0.0f, 5.0f, 1.0f, 7.0f};
+  Sampler s(SamplingParams{});
+  s.add_processor(std::make_unique<OnlyEven>());
+  EXPECT_EQ(s.sample(l.data(), 4, SequenceTokens{}).token, 2);
+}
+
+TEST(Logprobs, RawLogSoftmaxWithTopAlternatives) {
+  const std::vector<float> l = {1.0f, 3.0f, -2.0f, 3.0f, std::nanf("")};
+  double z = 0;
+  for (float x : {1.0f, 3.0f, -2.0f, 3.0f}) z += std::exp(static_cast<double>(x));
+  const PositionLogprobs p = logprobs_of(l.data(), 5, 0, 3);
+  EXPECT_EQ(p.token, 0);
+  EXPECT_NEAR(p.logprob, 1.0 - std::log(z), 1e-6);
+  ASSERT_EQ(p.top.size(), 3u);
+  EXPECT_EQ(p.top[0].token, 1);  // ties -> the lower id first
+  EXPECT_EQ(p.top[1].token, 3);
+  EXPECT_EQ(p.top[2].token, 0);
+  EXPECT_NEAR(p.top[0].logprob, 3.0 - std::log(z), 1e-6);
+  EXPECT_EQ(logprobs_of(l.data(), 5, 4, 0).logprob, -std::numeric_limits<float>::infinity()) << "NaN counts as -inf";
+  EXPECT_TRUE(logprobs_of(l.data(), 5, 2, 0).top.empty());
+}
+
+}  // namespace
+}  // namespace fineserve

@@ -453,6 +453,25 @@ TEST_F(HttpFields, NewFieldErrorsOverHttp) {
   EXPECT_EQ(status("/v1/chat/completions", {{"messages", chat_msgs}, {"max_tokens", 1}, {"metadata", {{"a", "b"}}}}), 200);
 }
 
+// Chunked prefill (4 tokens a step) scores the prompt across chunks, each position once.
+TEST(HttpFieldsChunked, PromptLogprobsAcrossPrefillChunks) {
+  TestServerOptions o;
+  o.engine.max_batch_tokens = 4;
+  TestServer s(o);
+  auto c = s.client();
+  Reply r = post(*c, "/v1/completions", json{{"prompt", kPrompt}, {"max_tokens", 2}, {"echo", true}, {"logprobs", 2}, {"n", 2},
+                                            {"temperature", 0}, {"ignore_eos", true}});
+  ASSERT_EQ(r.status, 200) << r.body;
+  const std::vector<int32_t> prompt = s.tokenizer->encode(kPrompt);
+  const auto logits = reference_logits(prompt);
+  const json j = r.json();
+  for (const json& choice : j["choices"]) {
+    const json& lp = choice["logprobs"]["token_logprobs"];
+    ASSERT_EQ(lp.size(), prompt.size() + 2);
+    for (size_t i = 1; i < prompt.size(); ++i) EXPECT_NEAR(lp[i].get<double>(), log_softmax(logits[i - 1], prompt[i]), 1e-4) << i;
+  }
+}
+
 TEST(HttpFieldsCancel, DisconnectFreesEveryChoice) {
   TestServerOptions o;
   o.forward_delay_ms = 10;
