@@ -94,7 +94,8 @@ struct HttpServer::Impl {
 
   void routes();
   // A generation route: prepare, admit, then stream the response (each below).
-  void generate(const httplib::Request& req, httplib::Response& res, Endpoint endpoint);
+  // tgi_root: TGI's POST / (its non-streaming body is an array of one response).
+  void generate(const httplib::Request& req, httplib::Response& res, Endpoint endpoint, bool tgi_root = false);
   struct Prepared {
     ResponseContext context;
     GenerationRequest generation;
@@ -239,12 +240,13 @@ void HttpServer::Impl::respond(httplib::Response& res, std::shared_ptr<RequestHa
       });
 }
 
-void HttpServer::Impl::generate(const httplib::Request& req, httplib::Response& res, Endpoint endpoint) {
+void HttpServer::Impl::generate(const httplib::Request& req, httplib::Response& res, Endpoint endpoint, bool tgi_root) {
   const Clock::time_point arrival = Clock::now();
   auto open_token = std::make_shared<OpenToken>(this);
   with_errors(req, res, endpoint, endpoint_name(endpoint), [&] {
     EngineLoop* lp = nullptr;
     Prepared p = prepare(req, endpoint, lp);
+    p.context.tgi_root = tgi_root;
     RequestHandle::Update first;
     std::shared_ptr<RequestHandle> handle = admit(*lp, std::move(p.generation), arrival, first);
     respond(res, std::move(handle), std::move(p.context), std::move(first), open_token);
@@ -302,7 +304,7 @@ void HttpServer::Impl::routes() {
   svr.Post("/", [this](const httplib::Request& q, httplib::Response& r) {
     const json body = json::parse(q.body, nullptr, /*allow_exceptions=*/false);
     const bool stream = body.is_object() && body.contains("stream") && body["stream"].is_boolean() && body["stream"].get<bool>();
-    generate(q, r, stream ? Endpoint::GenerateStream : Endpoint::Generate);
+    generate(q, r, stream ? Endpoint::GenerateStream : Endpoint::Generate, /*tgi_root=*/true);
   });
   svr.Post("/tokenize", [this](const httplib::Request& q, httplib::Response& r) { tokenize(q, r); });
   svr.Post("/detokenize", [this](const httplib::Request& q, httplib::Response& r) { detokenize(q, r); });

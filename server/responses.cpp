@@ -311,6 +311,7 @@ std::string ResponseWriter::final_body() const {
           body["details"]["best_of_sequences"] = std::move(others);
         }
       }
+      if (ctx_.tgi_root) body = json::array({std::move(body)});
       break;
     }
     case Endpoint::Completions: {

@@ -31,6 +31,7 @@ struct ResponseContext {
   int64_t created = 0;          // OpenAI: unix seconds
   const Tokenizer* tokenizer = nullptr;  // token strings of logprobs, TGI's "special" flag; may be null
   std::vector<int32_t> prompt_ids;       // the tokenized prompt (echo / prefill logprobs)
+  bool tgi_root = false;  // TGI's POST /: the non-streaming body is an array of one response, as TGI's
 };
 
 class ResponseWriter {
