@@ -133,17 +133,24 @@ def errors(kind, codes):
          "413": "the body is larger than max_body_bytes", "422": "a value out of range or not supported",
          "429": "too many requests are waiting", "499": "cancelled", "500": "internal error",
          "503": "loading, or shutting down", "504": "the request ran past the server's timeout"}
-    return {c: {"description": d[c], "content": {"application/json": {"schema": ref}}} for c in codes}
+    # 400 and 413 may come from the HTTP layer before the route is known (a malformed request
+    # line, a body over the limit): then the error has either shape.
+    either = {"anyOf": [{"$ref": "#/components/schemas/TgiError"}, {"$ref": "#/components/schemas/OpenAiError"}]}
+    return {c: {"description": d[c], "content": {"application/json": {"schema": either if c in ("400", "413") else ref}}}
+            for c in codes}
 gen_codes = ["400", "404", "413", "422", "429", "500", "503"]
+def sse_event(desc):
+    # One server-sent event as clients parse it: its data line(s) and event name.
+    return obj({"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}, ["data"], desc=desc)
 def post(summary, req_ref, ok, kind, codes=gen_codes, sse=None):
     content = {"application/json": {"schema": ok}}
-    if sse: content["text/event-stream"] = {"schema": {"type": "string", "description": sse}}
+    if sse: content["text/event-stream"] = {"schema": sse_event(sse)}
     return {"post": {"summary": summary, "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": req_ref}}}},
                      "responses": {"200": {"description": "the generation", "content": content}, **errors(kind, codes)}}}
 def get(summary, schema, codes=(), ctype="application/json", kind="TgiError"):
     return {"get": {"summary": summary, "responses": {"200": {"description": "ok", "content": {ctype: {"schema": schema}}}, **errors(kind, list(codes))}}}
 doc = {
- "openapi": "3.0.3",
+ "openapi": "3.1.0",
  "info": {"title": "FineServe HTTP API", "version": "0.1.0",
           "description": "TGI and OpenAI-compatible generation routes of `fineserve serve`. docs/api.md describes every field. Unknown request fields are ignored (logged once per name)."},
  "paths": {
@@ -153,7 +160,7 @@ doc = {
   "/generate": post("TGI: one JSON response", "#/components/schemas/TgiGenerateRequest", {"$ref": "#/components/schemas/TgiResponse"}, "TgiError"),
   "/generate_stream": {"post": {"summary": "TGI: server-sent events, one per token",
        "requestBody": {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/TgiStreamRequest"}}}},
-       "responses": {"200": {"description": "SSE events; each data line is a TgiStreamEvent", "content": {"text/event-stream": {"schema": {"type": "string"}}}}, **errors("TgiError", gen_codes)}}},
+       "responses": {"200": {"description": "SSE events; each data line is a TgiStreamEvent", "content": {"text/event-stream": {"schema": sse_event("a TgiStreamEvent as JSON")}}}, **errors("TgiError", gen_codes)}}},
   "/v1/completions": post("OpenAI completions", "#/components/schemas/CompletionRequest", {"$ref": "#/components/schemas/CompletionResponse"},
                           "OpenAiError", sse="text_completion chunks, then data: [DONE]"),
   "/v1/chat/completions": post("OpenAI chat completions", "#/components/schemas/ChatCompletionRequest", {"$ref": "#/components/schemas/ChatCompletionResponse"},
@@ -185,7 +192,7 @@ doc = {
   "CompletionResponse": completion_resp, "ChatCompletionResponse": chat_resp,
   "TokenizeRequest": obj({"model": {"type": "string"}, "prompt": {"type": "string"}, "messages": {"type": "array", "items": {"$ref": "#/components/schemas/ChatMessage"}, "minItems": 1},
                           "add_special_tokens": {"type": "boolean"}, "add_generation_prompt": {"type": "boolean"}},
-                         desc="exactly one of prompt and messages"),
+                         desc="exactly one of prompt and messages") | {"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]},
   "DetokenizeRequest": obj({"model": {"type": "string"}, "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}}, ["tokens"]),
   "TgiError": tgi_error, "OpenAiError": openai_error}}}
 print(json.dumps(doc, indent=2))
