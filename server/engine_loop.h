@@ -86,10 +86,8 @@ class RequestHandle {
   uint64_t engine_id_ = 0;
   bool scheduled_ = false;
   Clock::time_point scheduled_at_, first_token_at_, last_token_at_;
-  int generated_ = 0;
-  int sequences_running_ = 0;
-
-  int choices_left_ = 0;  // under mu_: sequences of the request not finished yet
+  int generated_ = 0;           // tokens of all its sequences
+  int sequences_running_ = 0;   // its sequences still in the engine
 
   // Shared state.
   mutable std::mutex mu_;
@@ -99,6 +97,7 @@ class RequestHandle {
   std::vector<TokenEvent> pending_;
   std::optional<FinishReason> finish_;
   std::optional<ApiError> failure_;
+  int choices_left_ = 0;  // sequences whose finishing event has not been pushed yet
 };
 
 class EngineLoop {
