@@ -7,7 +7,9 @@
 namespace fineserve {
 
 struct Engine::Sequence {
-  uint64_t id = 0;
+  uint64_t id = 0;  // the request's
+  int choice = 0;
+  SeqId key = 0;    // this sequence's, in the KV cache
   std::vector<int32_t> tokens;  // prompt + generated
   size_t prompt_len = 0;
   int64_t num_computed = 0;
@@ -15,13 +17,31 @@ struct Engine::Sequence {
   StopChecker stop;
   std::optional<StreamDecoder> decoder;  // absent without a tokenizer
   std::optional<grammar::GrammarConstraint> constraint;  // constrained decoding
+  int max_new_tokens = 0;
+  int top_logprobs = 0;
+  // Prompt logprobs: wanted, and how many prompt positions are scored (kept across preemption:
+  // a recomputed prefill does not score them again).
+  bool prompt_logprobs = false;
+  int64_t prompt_scored = 0;
+  std::vector<PositionLogprobs> prompt_lp;
 
-  Sequence(uint64_t i, GenerationRequest&& r, const Tokenizer* tok)
-      : id(i), tokens(std::move(r.prompt)), prompt_len(tokens.size()), sampler(r.sampling), stop(std::move(r.stop)) {
+  Sequence(uint64_t i, int c, SeqId k, const GenerationRequest& r, const Tokenizer* tok)
+      : id(i), choice(c), key(k), tokens(r.prompt), prompt_len(tokens.size()),
+        sampler(choice_params(r.sampling, c), r.stop.eos_token_ids), stop(r.stop), max_new_tokens(r.stop.max_new_tokens), top_logprobs(r.top_logprobs),
+        prompt_logprobs(r.prompt_logprobs && c == 0) {
     if (tok) decoder.emplace(*tok);
     if (r.grammar) constraint.emplace(r.grammar);
   }
   int64_t remaining() const { return static_cast<int64_t>(tokens.size()) - num_computed; }
+  SequenceTokens view() const {
+    const std::span<const int32_t> all(tokens);
+    return {all.first(prompt_len), all.subspan(prompt_len)};
+  }
+  // Choice c draws from its own random stream: seed + c (so choice 0 is what n = 1 gives).
+  static SamplingParams choice_params(SamplingParams p, int c) {
+    p.seed += static_cast<uint64_t>(c);
+    return p;
+  }
 };
 
 namespace {
@@ -47,47 +67,50 @@ Engine::Engine(Model& model, const Tokenizer* tokenizer, const EngineConfig& con
 Engine::~Engine() = default;
 
 uint64_t Engine::add(GenerationRequest r) {
-  if (r.prompt.empty()) throw Error("the prompt is empty");
   const ModelInfo& info = model_.info();
-  for (int32_t t : r.prompt)
-    if (t < 0 || t >= info.vocab_size) throw Error("token id " + std::to_string(t) + " is outside the vocabulary");
+  FS_ASSERT(!r.prompt.empty(), "empty prompt");
+  FS_ASSERT(r.n >= 1 && r.top_logprobs >= 0);
+  for (int32_t t : r.prompt) FS_ASSERT(t >= 0 && t < info.vocab_size, "prompt token id outside the vocabulary");
+  for (const auto& b : r.sampling.logit_bias) FS_ASSERT(b.first < info.vocab_size, "logit_bias id outside the vocabulary");
   const int64_t total = static_cast<int64_t>(r.prompt.size()) + r.stop.max_new_tokens;
-  if (static_cast<int64_t>(r.prompt.size()) >= info.max_context)
-    throw Error("the prompt has " + std::to_string(r.prompt.size()) + " tokens; the model's context is " +
-                std::to_string(info.max_context) + " tokens");
-  r.stop.max_new_tokens = static_cast<int>(std::min<int64_t>(r.stop.max_new_tokens, info.max_context - static_cast<int64_t>(r.prompt.size())));
-  if (blocks_.blocks_for_tokens(std::min(total, info.max_context)) > blocks_.num_blocks())
+  FS_ASSERT(r.stop.max_new_tokens >= 0 && total <= info.max_context, "the request does not fit the context");
+  // Each sequence must fit alone (a property of this engine's cache, which the API does not see).
+  if (blocks_.blocks_for_tokens(total) > blocks_.num_blocks())
     throw Error("the request needs more KV-cache blocks than the cache has (" + std::to_string(blocks_.num_blocks()) +
                 " blocks of " + std::to_string(config_.block_size) + " tokens)");
-  if (!r.ignore_eos && info.eos_token_id >= 0 && r.stop.eos_token_ids.empty()) r.stop.eos_token_ids.push_back(static_cast<int32_t>(info.eos_token_id));
+  auto& eos = r.stop.eos_token_ids;
+  if (!r.ignore_eos && info.eos_token_id >= 0 && std::find(eos.begin(), eos.end(), info.eos_token_id) == eos.end())
+    eos.push_back(static_cast<int32_t>(info.eos_token_id));
   if (r.grammar && grammar::GrammarConstraint(r.grammar).is_dead())
     throw Error("the grammar allows no token of this model's vocabulary to start the output");
   const uint64_t id = next_id_++;
-  waiting_.push_back(std::make_unique<Sequence>(id, std::move(r), tokenizer_));
+  for (int c = 0; c < r.n; ++c) waiting_.push_back(std::make_unique<Sequence>(id, c, next_key_++, r, tokenizer_));
   return id;
 }
 
-void Engine::cancel(uint64_t id) { finish(id); }
+void Engine::cancel(uint64_t id) {
+  std::vector<SeqId> keys;
+  for (const auto& s : running_)
+    if (s->id == id) keys.push_back(s->key);
+  for (const auto& s : waiting_)
+    if (s->id == id) keys.push_back(s->key);
+  for (SeqId k : keys) finish(k);
+}
 
-void Engine::finish(uint64_t id) {
-  auto match = [id](const std::unique_ptr<Sequence>& s) { return s->id == id; };
+void Engine::finish(SeqId key) {
+  auto match = [key](const std::unique_ptr<Sequence>& s) { return s->key == key; };
+  if (blocks_.contains(key)) blocks_.free(key);
   if (auto it = std::find_if(running_.begin(), running_.end(), match); it != running_.end()) {
-    if (blocks_.contains(id)) blocks_.free(static_cast<SeqId>(id));
     running_.erase(it);
     return;
   }
-  if (auto it = std::find_if(waiting_.begin(), waiting_.end(), match); it != waiting_.end()) {
-    if (blocks_.contains(static_cast<SeqId>(id))) blocks_.free(static_cast<SeqId>(id));
-    waiting_.erase(it);
-  }
+  if (auto it = std::find_if(waiting_.begin(), waiting_.end(), match); it != waiting_.end()) waiting_.erase(it);
 }
 
-bool Engine::try_grow(Sequence& seq, int64_t n_tokens) {
-  return blocks_.ensure_capacity(static_cast<SeqId>(seq.id), n_tokens);
-}
+bool Engine::try_grow(Sequence& seq, int64_t n_tokens) { return blocks_.ensure_capacity(seq.key, n_tokens); }
 
 void Engine::preempt(Sequence& seq) {
-  if (blocks_.contains(static_cast<SeqId>(seq.id))) blocks_.free(static_cast<SeqId>(seq.id));
+  if (blocks_.contains(seq.key)) blocks_.free(seq.key);
   seq.num_computed = 0;
   ++preemptions_;
 }
@@ -145,49 +168,88 @@ std::vector<TokenEvent> Engine::step() {
   for (const Scheduled& p : plan) last_step_.ids.push_back(p.seq->id);
   if (plan.empty()) return {};
 
-  // 3. The step's inputs.
+  // 3. The step's inputs. Logit rows: the last token of a sequence whose prefill completes (it
+  //    samples), and, for prompt logprobs, every prompt position not scored yet (position p's
+  //    logits predict prompt token p + 1).
   StepInput in;
-  std::vector<SeqId> ids;
-  std::vector<Sequence*> sampled;
+  std::vector<SeqId> keys;
+  struct Rows {
+    Sequence* seq;
+    size_t first_row;      // index into logit rows of its first prompt-scoring row
+    int64_t first_scored;  // the prompt position that row scores
+    int64_t n_scored;      // prompt positions scored in this step
+    bool samples;          // its last row samples
+  };
+  std::vector<Rows> rows;
   in.query_start.push_back(0);
   for (const Scheduled& p : plan) {
     Sequence& s = *p.seq;
-    for (int64_t t = s.num_computed; t < s.num_computed + p.take; ++t) {
+    const int64_t begin = s.num_computed, end = s.num_computed + p.take;
+    Rows r{&s, in.logit_rows.size(), 0, 0, end == static_cast<int64_t>(s.tokens.size())};
+    const auto row0 = static_cast<int64_t>(in.token_ids.size());
+    for (int64_t t = begin; t < end; ++t) {
       in.token_ids.push_back(s.tokens[static_cast<size_t>(t)]);
       in.positions.push_back(static_cast<int32_t>(t));
     }
-    in.query_start.push_back(static_cast<int32_t>(in.token_ids.size()));
-    in.context_len.push_back(static_cast<int32_t>(s.num_computed + p.take));
-    ids.push_back(static_cast<SeqId>(s.id));
-    if (s.num_computed + p.take == static_cast<int64_t>(s.tokens.size())) {
-      in.logit_rows.push_back(static_cast<int32_t>(in.token_ids.size()) - 1);
-      sampled.push_back(&s);
+    if (s.prompt_logprobs) {
+      const int64_t last_scorable = static_cast<int64_t>(s.prompt_len) - 1;  // exclusive
+      const int64_t from = std::max(begin, s.prompt_scored), to = std::min(end, last_scorable);
+      r.first_scored = from;
+      for (int64_t t = from; t < to; ++t) in.logit_rows.push_back(static_cast<int32_t>(row0 + t - begin));
+      r.n_scored = std::max<int64_t>(0, to - from);
     }
+    if (r.samples) in.logit_rows.push_back(static_cast<int32_t>(in.token_ids.size()) - 1);
+    in.query_start.push_back(static_cast<int32_t>(in.token_ids.size()));
+    in.context_len.push_back(static_cast<int32_t>(end));
+    keys.push_back(s.key);
+    if (r.samples || r.n_scored > 0) rows.push_back(r);
   }
-  in.max_blocks = std::max(1, blocks_.max_table_len(ids));
-  in.block_table = blocks_.dense_block_table(ids, in.max_blocks);
-  const auto vocab = static_cast<size_t>(model_.info().vocab_size);
-  logits_.resize(std::max<size_t>(in.logit_rows.size(), 1) * vocab);
+  in.max_blocks = std::max(1, blocks_.max_table_len(keys));
+  in.block_table = blocks_.dense_block_table(keys, in.max_blocks);
+  const int vocab = static_cast<int>(model_.info().vocab_size);
+  const auto row = [&](size_t i) { return logits_.data() + i * static_cast<size_t>(vocab); };
+  logits_.resize(std::max<size_t>(in.logit_rows.size(), 1) * static_cast<size_t>(vocab));
   model_.forward(in, logits_.data());
   for (const Scheduled& p : plan) p.seq->num_computed += p.take;
 
-  // 4. Sample, check stops, report.
+  // 4. Score the prompt, sample, check stops, report.
   std::vector<TokenEvent> events;
-  std::vector<uint64_t> done;
-  for (size_t r = 0; r < sampled.size(); ++r) {
-    Sequence& s = *sampled[r];
-    if (s.constraint) s.constraint->mask_logits(logits_.data() + r * vocab, static_cast<int32_t>(vocab));
-    const SampledToken tok = s.sampler.sample(logits_.data() + r * vocab, static_cast<int>(vocab), s.tokens);
-    s.tokens.push_back(tok.token);
-    StopUpdate u = s.stop.push(tok.token, s.decoder ? s.decoder->feed(tok.token) : std::string());
-    // Grammar: when no token may follow (the output is complete and EOS is not allowed), end here.
-    if (s.constraint && (!s.constraint->advance(tok.token) || s.constraint->is_dead()) && !u.finish)
-      u.text += s.stop.flush(), u.finish = FinishReason::GrammarEnd;
-    TokenEvent e{s.id, tok.token, tok.logprob, std::move(u.text), u.finish};
-    if (e.finish) done.push_back(s.id);
+  std::vector<SeqId> done;
+  for (const Rows& r : rows) {
+    Sequence& s = *r.seq;
+    for (int64_t i = 0; i < r.n_scored; ++i) {
+      const auto target = s.tokens[static_cast<size_t>(r.first_scored + i + 1)];
+      s.prompt_lp.push_back(logprobs_of(row(r.first_row + static_cast<size_t>(i)), vocab, target, s.top_logprobs));
+    }
+    s.prompt_scored = std::max(s.prompt_scored, r.first_scored + r.n_scored);
+    if (!r.samples) continue;
+    float* logits = row(r.first_row + static_cast<size_t>(r.n_scored));
+    TokenEvent e;
+    e.request_id = s.id;
+    e.choice = s.choice;
+    if (s.tokens.size() == s.prompt_len) e.prompt_logprobs = std::move(s.prompt_lp);
+    if (s.max_new_tokens == 0) {
+      e.finish = FinishReason::Length;  // prompt scoring only
+    } else {
+      // Grammar: only tokens the automaton allows (before logprobs, as vLLM applies its bitmask).
+      if (s.constraint) s.constraint->mask_logits(logits, vocab);
+      const SampledToken tok = s.sampler.sample(logits, vocab, s.view());
+      PositionLogprobs lp = logprobs_of(logits, vocab, tok.token, s.top_logprobs);
+      s.tokens.push_back(tok.token);
+      StopUpdate u = s.stop.push(tok.token, s.decoder ? s.decoder->feed(tok.token) : std::string());
+      // Grammar: when no token may follow (the output is complete and EOS is not allowed), end here.
+      if (s.constraint && (!s.constraint->advance(tok.token) || s.constraint->is_dead()) && !u.finish)
+        u.text += s.stop.flush(), u.finish = FinishReason::GrammarEnd;
+      e.token = tok.token;
+      e.logprob = lp.logprob;
+      e.top = std::move(lp.top);
+      e.text = std::move(u.text);
+      e.finish = u.finish;
+    }
+    if (e.finish) done.push_back(s.key);
     events.push_back(std::move(e));
   }
-  for (uint64_t id : done) finish(id);
+  for (SeqId k : done) finish(k);
   return events;
 }
 
@@ -201,6 +263,10 @@ std::vector<GenerationResult> Engine::generate(std::vector<GenerationRequest> re
   };
   while (!idle()) {
     for (const TokenEvent& e : step()) {
+      if (e.choice != 0 || e.token < 0) {
+        if (on_event) on_event(e);
+        continue;
+      }
       GenerationResult& res = results[index_of(e.request_id)];
       res.tokens.push_back(e.token);
       res.text += e.text;

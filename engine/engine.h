@@ -36,25 +36,40 @@ struct EngineConfig {
   int max_seqs = 32;             // sequences per step
 };
 
+// A fully resolved request: its caller (the HTTP API's resolve_request, `fineserve generate`)
+// has checked it against the model, and Engine::add only asserts these invariants:
+//   prompt non-empty, every id in [0, vocab); prompt.size() + stop.max_new_tokens <= max_context;
+//   sampling and stop valid; n >= 1; logit_bias ids in [0, vocab).
 struct GenerationRequest {
   std::vector<int32_t> prompt;  // token ids (BOS already applied by the tokenizer)
-  SamplingParams sampling;
-  StopConditions stop;     // the model's EOS is added to stop.eos_token_ids unless ignore_eos
+  SamplingParams sampling;      // choice i draws with seed sampling.seed + i
+  StopConditions stop;          // the model's EOS is added to stop.eos_token_ids unless ignore_eos
   bool ignore_eos = false;
+  int n = 1;                    // independent sequences (choices) generated from the prompt
+  int top_logprobs = 0;         // alternatives reported per generated token (TokenEvent::top)
+  bool prompt_logprobs = false; // report the prompt's logprobs (choice 0's first event)
   // Constrained decoding (engine/grammar): only tokens the grammar allows are sampled; null: none.
+  // Each choice runs its own automaton.
   std::shared_ptr<const grammar::Grammar> grammar;
 };
 
-// One generated token, as the engine reports it after a step.
+// One generated token of one choice, as the engine reports it after a step. Log-probabilities
+// are of the model's raw distribution (log_softmax of its logits, before penalties, bias and
+// temperature), as vLLM reports them; a grammar's mask, like vLLM's, applies before them.
 struct TokenEvent {
   uint64_t request_id = 0;
-  int32_t token = 0;
+  int choice = 0;            // which of the request's n sequences
+  int32_t token = -1;        // -1: no token (a max_new_tokens == 0 request ending after its prefill)
   float logprob = 0;
+  std::vector<TokenLogprob> top;  // GenerationRequest::top_logprobs best alternatives, best first
   std::string text;  // text that is safe to emit now (stop strings held back)
   std::optional<FinishReason> finish;
+  // With choice 0's first event when prompt_logprobs: one entry per prompt token after the first
+  // (the first has no context to be predicted from), with top_logprobs alternatives.
+  std::vector<PositionLogprobs> prompt_logprobs;
 };
 
-struct GenerationResult {
+struct GenerationResult {  // of choice 0
   std::vector<int32_t> tokens;
   std::string text;
   FinishReason finish = FinishReason::Length;
@@ -68,7 +83,7 @@ struct StepStats {
 };
 
 struct EngineStats {
-  int running = 0, waiting = 0;
+  int running = 0, waiting = 0;  // sequences (a request with n choices counts n)
   double kv_usage = 0;
   int free_blocks = 0, total_blocks = 0;
   uint64_t preemptions = 0;
@@ -83,10 +98,11 @@ class Engine {
   Engine(const Engine&) = delete;
   Engine& operator=(const Engine&) = delete;
 
-  // Queues a request; throws fineserve::Error for an empty prompt, one longer than the context,
-  // or one that can never fit in the KV cache.
+  // Queues a request (n sequences). Throws fineserve::Error when one of its sequences could never
+  // fit in the KV cache; a request breaking GenerationRequest's invariants is a bug (FS_ASSERT).
   uint64_t add(GenerationRequest request);
-  // Drops a request (finished or not) and frees its KV blocks; unknown ids are ignored.
+  // Drops a request (finished or not, all its sequences) and frees their KV blocks; unknown ids
+  // are ignored.
   void cancel(uint64_t request_id);
   // Schedules and runs one step; returns the tokens it generated. Empty when idle.
   std::vector<TokenEvent> step();
@@ -104,13 +120,14 @@ class Engine {
   struct Sequence;
   bool try_grow(Sequence& seq, int64_t n_tokens);
   void preempt(Sequence& seq);
-  void finish(uint64_t id);
+  void finish(SeqId key);
 
   Model& model_;
   const Tokenizer* tokenizer_;
   EngineConfig config_;
   BlockManager blocks_;
   uint64_t next_id_ = 1;
+  SeqId next_key_ = 1;  // KV-cache key of each sequence
   uint64_t preemptions_ = 0;
   std::vector<std::unique_ptr<Sequence>> running_;  // arrival order
   std::deque<std::unique_ptr<Sequence>> waiting_;   // FCFS

@@ -119,6 +119,131 @@ void SamplingParams::validate() const {
   if (!(repetition_penalty > 0.0f) || !std::isfinite(repetition_penalty))
     throw Error("sampling: repetition_penalty must be a finite number > 0, got " +
                 std::to_string(repetition_penalty));
+  if (!(presence_penalty >= -2.0f && presence_penalty <= 2.0f))
+    throw Error("sampling: presence_penalty must be in [-2, 2], got " + std::to_string(presence_penalty));
+  if (!(frequency_penalty >= -2.0f && frequency_penalty <= 2.0f))
+    throw Error("sampling: frequency_penalty must be in [-2, 2], got " + std::to_string(frequency_penalty));
+  for (const auto& [id, bias] : logit_bias) {
+    if (id < 0) throw Error("sampling: logit_bias has a negative token id " + std::to_string(id));
+    if (!(bias >= -100.0f && bias <= 100.0f))
+      throw Error("sampling: logit_bias values must be in [-100, 100], got " + std::to_string(bias));
+  }
+  if (min_tokens < 0) throw Error("sampling: min_tokens must be >= 0, got " + std::to_string(min_tokens));
+}
+
+// ---- logits processors --------------------------------------------------------------------------
+
+namespace {
+
+// CTRL's repetition penalty (HF RepetitionPenaltyLogitsProcessor) over prompt + output. Each
+// distinct id is penalised once, however often it occurs.
+class RepetitionPenalty final : public LogitsProcessor {
+ public:
+  explicit RepetitionPenalty(float penalty) : penalty_(penalty) {}
+  void apply(std::span<float> logits, const SequenceTokens& seq) override {
+    seen_.assign(logits.size(), 0);
+    for (std::span<const int32_t> part : {seq.prompt, seq.output})
+      for (int32_t t : part) {
+        FS_ASSERT(t >= 0 && static_cast<size_t>(t) < logits.size(), "token id outside the vocabulary");
+        if (seen_[static_cast<size_t>(t)]) continue;
+        seen_[static_cast<size_t>(t)] = 1;
+        float& x = logits[static_cast<size_t>(t)];
+        x = x > 0.0f ? x / penalty_ : x * penalty_;
+      }
+  }
+
+ private:
+  float penalty_;
+  std::vector<uint8_t> seen_;
+};
+
+// OpenAI's presence and frequency penalties over the generated tokens.
+class OccurrencePenalties final : public LogitsProcessor {
+ public:
+  OccurrencePenalties(float presence, float frequency) : presence_(presence), frequency_(frequency) {}
+  void apply(std::span<float> logits, const SequenceTokens& seq) override {
+    counts_.assign(logits.size(), 0);
+    for (int32_t t : seq.output) {
+      FS_ASSERT(t >= 0 && static_cast<size_t>(t) < logits.size(), "token id outside the vocabulary");
+      ++counts_[static_cast<size_t>(t)];
+    }
+    for (int32_t t : seq.output) {
+      uint32_t& c = counts_[static_cast<size_t>(t)];
+      if (c == 0) continue;  // done already
+      logits[static_cast<size_t>(t)] -= static_cast<float>(c) * frequency_ + presence_;
+      c = 0;
+    }
+  }
+
+ private:
+  float presence_, frequency_;
+  std::vector<uint32_t> counts_;
+};
+
+class LogitBias final : public LogitsProcessor {
+ public:
+  explicit LogitBias(std::vector<std::pair<int32_t, float>> bias) : bias_(std::move(bias)) {}
+  void apply(std::span<float> logits, const SequenceTokens&) override {
+    for (const auto& [id, b] : bias_) {
+      FS_ASSERT(static_cast<size_t>(id) < logits.size(), "logit_bias token id outside the vocabulary");
+      logits[static_cast<size_t>(id)] += b;
+    }
+  }
+
+ private:
+  std::vector<std::pair<int32_t, float>> bias_;
+};
+
+// Forbids the stop tokens until min_tokens were generated (vLLM's min_tokens).
+class MinTokens final : public LogitsProcessor {
+ public:
+  MinTokens(int min_tokens, std::span<const int32_t> stop_ids) : min_(min_tokens), ids_(stop_ids.begin(), stop_ids.end()) {}
+  void apply(std::span<float> logits, const SequenceTokens& seq) override {
+    if (seq.output.size() >= static_cast<size_t>(min_)) return;
+    for (int32_t id : ids_)
+      if (id >= 0 && static_cast<size_t>(id) < logits.size()) logits[static_cast<size_t>(id)] = -kInf;
+  }
+
+ private:
+  int min_;
+  std::vector<int32_t> ids_;
+};
+
+}  // namespace
+
+PositionLogprobs logprobs_of(const float* logits, int vocab, int32_t token, int top) {
+  FS_ASSERT(vocab >= 1 && token >= 0 && token < vocab && top >= 0);
+  const size_t n = static_cast<size_t>(vocab);
+  float max_logit = -kInf;
+  for (size_t i = 0; i < n; ++i) max_logit = std::max(max_logit, sanitize(logits[i]));
+  if (max_logit == -kInf) max_logit = 0.0f;
+  double z = 0.0;
+  for (size_t i = 0; i < n; ++i) z += static_cast<double>(detail::exp_nonpositive(sanitize(logits[i]) - max_logit));
+  const double log_z = std::log(z) + static_cast<double>(max_logit);
+  const auto lp = [&](size_t i) {
+    const float x = sanitize(logits[i]);
+    return x == -kInf ? -kInf : static_cast<float>(std::min(0.0, static_cast<double>(x) - log_z));
+  };
+  PositionLogprobs out;
+  out.token = token;
+  out.logprob = lp(static_cast<size_t>(token));
+  if (top > 0) {
+    // The `top` best (logit desc, then id asc), kept sorted: top is small (<= 20 from the API).
+    const size_t k = std::min(static_cast<size_t>(top), n);
+    std::vector<int32_t> best;
+    best.reserve(k + 1);
+    const auto better = [&](int32_t a, int32_t b) {
+      const float la = sanitize(logits[a]), lb = sanitize(logits[b]);
+      return la > lb || (la == lb && a < b);
+    };
+    for (int32_t i = 0; i < static_cast<int32_t>(n); ++i) {
+      if (best.size() == k && !better(i, best.back())) continue;
+      best.insert(std::upper_bound(best.begin(), best.end(), i, better), i);
+      if (best.size() > k) best.pop_back();
+    }
+    for (int32_t id : best) out.top.push_back({id, lp(static_cast<size_t>(id))});
+  }
+  return out;
 }
 
 uint64_t splitmix64_next(uint64_t& state) {
@@ -150,7 +275,22 @@ uint64_t Xoshiro256StarStar::next() {
   return result;
 }
 
-Sampler::Sampler(const SamplingParams& params) : params_(params), rng_(params.seed) { params_.validate(); }
+Sampler::Sampler(const SamplingParams& params, std::span<const int32_t> stop_token_ids)
+    : params_(params), rng_(params.seed) {
+  params_.validate();
+  if (params_.repetition_penalty != 1.0f) processors_.push_back(std::make_unique<RepetitionPenalty>(params_.repetition_penalty));
+  if (params_.presence_penalty != 0.0f || params_.frequency_penalty != 0.0f)
+    processors_.push_back(std::make_unique<OccurrencePenalties>(params_.presence_penalty, params_.frequency_penalty));
+  if (!params_.logit_bias.empty()) processors_.push_back(std::make_unique<LogitBias>(params_.logit_bias));
+  if (params_.min_tokens > 0 && !stop_token_ids.empty())
+    processors_.push_back(std::make_unique<MinTokens>(params_.min_tokens, stop_token_ids));
+}
+
+Sampler::~Sampler() = default;
+Sampler::Sampler(Sampler&&) noexcept = default;
+Sampler& Sampler::operator=(Sampler&&) noexcept = default;
+
+void Sampler::add_processor(std::unique_ptr<LogitsProcessor> processor) { processors_.push_back(std::move(processor)); }
 
 void Sampler::select_top(int m) {
   const size_t n = logits_.size();
@@ -186,25 +326,18 @@ void Sampler::select_top(int m) {
   }
 }
 
-SampledToken Sampler::sample(const float* logits, int vocab, std::span<const int32_t> previous_tokens) {
+SampledToken Sampler::sample(const float* logits, int vocab, const SequenceTokens& seq) {
   FS_ASSERT(logits != nullptr && vocab >= 1);
-  for (int32_t t : previous_tokens)  // checked even when the penalty is off: fail the same way always
-    if (t < 0 || t >= vocab)
-      throw Error("sampling: token id " + std::to_string(t) + " is outside the vocabulary [0, " +
-                  std::to_string(vocab) + ")");
   const size_t n = static_cast<size_t>(vocab);
   logits_.resize(n);
   float* l = logits_.data();
   for (size_t i = 0; i < n; ++i) l[i] = sanitize(logits[i]);
 
-  // 1. Repetition penalty (CTRL, as HF RepetitionPenaltyLogitsProcessor). Computed from the
-  //    original logit, so an id that appears several times is penalised exactly once.
-  const float penalty = params_.repetition_penalty;
-  if (penalty != 1.0f) {
-    for (int32_t t : previous_tokens) {
-      const float x = sanitize(logits[t]);
-      l[t] = x > 0.0f ? x / penalty : x * penalty;
-    }
+  // 1. The logits processors (penalties, bias, min_tokens, added ones), then sanitise again: a
+  //    penalty or bias may push a logit past the float range.
+  if (!processors_.empty()) {
+    for (auto& p : processors_) p->apply(std::span<float>(l, n), seq);
+    for (size_t i = 0; i < n; ++i) l[i] = sanitize(l[i]);
   }
 
   // The maximum (for a stable softmax) and the first id holding it (greedy ties -> lowest id).

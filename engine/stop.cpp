@@ -44,8 +44,8 @@ std::string_view finish_reason_name(FinishReason reason) {
 }
 
 void StopConditions::validate() const {
-  if (max_new_tokens < 1)
-    throw Error("stop conditions: max_new_tokens must be >= 1, got " + std::to_string(max_new_tokens));
+  if (max_new_tokens < 0)
+    throw Error("stop conditions: max_new_tokens must be >= 0, got " + std::to_string(max_new_tokens));
   for (size_t i = 0; i < stop.size(); ++i)
     if (stop[i].empty()) throw Error("stop conditions: stop string " + std::to_string(i) + " is empty");
 }

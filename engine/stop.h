@@ -38,11 +38,13 @@ enum class FinishReason {
 std::string_view finish_reason_name(FinishReason reason);
 
 struct StopConditions {
-  std::vector<int32_t> eos_token_ids;  // a set: generating any of them ends the request
-  int max_new_tokens = 100;            // >= 1; counts every generated token, EOS included
+  std::vector<int32_t> eos_token_ids;  // a set: generating any of them ends the request (the
+                                       // model's EOS and a request's stop_token_ids)
+  int max_new_tokens = 100;            // >= 0; counts every generated token, EOS included. 0: the
+                                       // request only scores its prompt (no token is generated)
   std::vector<std::string> stop;       // stop strings, each non-empty
 
-  // Throws fineserve::Error naming the field when max_new_tokens < 1 or a stop string is empty.
+  // Throws fineserve::Error naming the field when max_new_tokens < 0 or a stop string is empty.
   void validate() const;
 };
 

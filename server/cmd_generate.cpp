@@ -134,7 +134,11 @@ void add_generate_command(CLI::App& app) {
         r.sampling.top_p = f->top_p;
         r.sampling.repetition_penalty = f->repetition_penalty;
         r.sampling.seed = f->seed + static_cast<uint64_t>(requests.size());
-        r.stop.max_new_tokens = f->max_new_tokens;
+        // The engine takes resolved requests: the prompt and its new tokens must fit the context.
+        const int64_t room = model->info().max_context - static_cast<int64_t>(r.prompt.size());
+        if (room < 1) throw Error("the prompt has " + std::to_string(r.prompt.size()) + " tokens; the model's context is " +
+                                  std::to_string(model->info().max_context));
+        r.stop.max_new_tokens = static_cast<int>(std::min<int64_t>(f->max_new_tokens, room));
         r.stop.stop = f->stop;
         r.ignore_eos = f->ignore_eos;
         prompt_tokens += r.prompt.size();

@@ -11,7 +11,7 @@ namespace fineserve {
 
 RequestHandle::RequestHandle(EngineLoop* loop, GenerationRequest request, Clock::time_point arrival,
                              Clock::time_point deadline)
-    : loop_(loop), request_(std::move(request)), arrival_(arrival), deadline_(deadline) {}
+    : loop_(loop), request_(std::move(request)), arrival_(arrival), deadline_(deadline), choices_left_(request_.n) {}
 
 RequestHandle::Update RequestHandle::wait(std::chrono::milliseconds timeout) {
   std::unique_lock lk(mu_);
@@ -45,7 +45,7 @@ void RequestHandle::push(TokenEvent event) {
   if (ended_locked()) return;
   if (event.finish) {
     finish_ = event.finish;
-    phase_ = Phase::Finished;
+    if (--choices_left_ == 0) phase_ = Phase::Finished;
   }
   pending_.push_back(std::move(event));
   cv_.notify_all();
@@ -203,6 +203,7 @@ void EngineLoop::admit_all(std::vector<std::shared_ptr<RequestHandle>>& incoming
       continue;
     }
     if (metrics_) metrics_->count_prompt_tokens(h->prompt_tokens());
+    h->sequences_running_ = h->num_sequences();
     active_[h->engine_id_] = h;
     h->admit();
   }
@@ -275,22 +276,29 @@ void EngineLoop::step_once() {
       it->second->scheduled_at_ = now;
     }
   }
-  if (metrics_ && !events.empty()) metrics_->count_generated_tokens(static_cast<int>(events.size()));
+  if (metrics_) {
+    const auto generated = std::count_if(events.begin(), events.end(), [](const TokenEvent& e) { return e.token >= 0; });
+    if (generated > 0) metrics_->count_generated_tokens(static_cast<int>(generated));
+  }
   for (TokenEvent& e : events) {
     auto it = active_.find(e.request_id);
     if (it == active_.end()) continue;
     std::shared_ptr<RequestHandle> h = it->second;
-    if (h->generated_++ == 0) h->first_token_at_ = now;
+    if (e.token >= 0 && h->generated_++ == 0) h->first_token_at_ = now;
+    if (h->generated_ == 0) h->first_token_at_ = now;  // a prompt-only request: its one event
     h->last_token_at_ = now;
+    // The request ends with the last of its choices (the engine thread alone counts them here;
+    // the handle counts its own under its lock).
+    const bool last = e.finish && --h->sequences_running_ == 0;
     // Metrics first: once the client has its last token it may read /metrics at once.
-    if (e.finish && metrics_) {
-      metrics_->count_finished(*e.finish);
+    if (e.finish && metrics_) metrics_->count_finished(*e.finish);
+    if (last && metrics_) {
       const auto secs = [](Clock::duration d) { return std::chrono::duration<double>(d).count(); };
       const double tpot = h->generated_ > 1 ? secs(h->last_token_at_ - h->first_token_at_) / (h->generated_ - 1) : -1.0;
       metrics_->observe_request(secs(h->scheduled_at_ - h->arrival_), secs(h->first_token_at_ - h->arrival_),
                                 secs(now - h->arrival_), tpot, h->prompt_tokens(), h->generated_);
     }
-    if (e.finish) end(h->engine_id_);
+    if (last) end(h->engine_id_);
     h->push(std::move(e));
   }
 }

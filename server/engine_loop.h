@@ -46,7 +46,7 @@ class RequestHandle {
   enum class Phase {
     Queued,    // submitted, not yet handed to the engine
     Admitted,  // in the engine (waiting for a slot or generating)
-    Finished,  // generation ended normally: finish holds why
+    Finished,  // generation ended normally, every choice: finish holds why (of the last one)
     Failed,    // rejected by the engine (422), timed out, cancelled by shutdown, or an engine fault
   };
   struct Update {
@@ -64,6 +64,8 @@ class RequestHandle {
   void cancel(const std::string& reason = "disconnect");
 
   int prompt_tokens() const { return static_cast<int>(request_.prompt.size()); }
+  // Sequences generated for the request (its n choices); it finishes when all of them did.
+  int num_sequences() const { return request_.n; }
   const GenerationRequest& request() const { return request_; }
 
   RequestHandle(EngineLoop* loop, GenerationRequest request, Clock::time_point arrival, Clock::time_point deadline);
@@ -84,7 +86,8 @@ class RequestHandle {
   uint64_t engine_id_ = 0;
   bool scheduled_ = false;
   Clock::time_point scheduled_at_, first_token_at_, last_token_at_;
-  int generated_ = 0;
+  int generated_ = 0;           // tokens of all its sequences
+  int sequences_running_ = 0;   // its sequences still in the engine
 
   // Shared state.
   mutable std::mutex mu_;
@@ -94,6 +97,7 @@ class RequestHandle {
   std::vector<TokenEvent> pending_;
   std::optional<FinishReason> finish_;
   std::optional<ApiError> failure_;
+  int choices_left_ = 0;  // sequences whose finishing event has not been pushed yet
 };
 
 class EngineLoop {

@@ -16,6 +16,7 @@
 #include "kernels/base.h"
 #include "models/tokenizer/tokenizer.h"
 #include "server/metrics.h"
+#include "server/openapi.h"
 #include "server/responses.h"
 #include "server/sse.h"
 
@@ -93,155 +94,182 @@ struct HttpServer::Impl {
   }
 
   void routes();
-  void generate(const httplib::Request& req, httplib::Response& res, Endpoint endpoint);
-  GenerationRequest make_generation(const ApiRequest& api, ResponseContext& ctx);
+  // A generation route: prepare, admit, then stream the response (each below).
+  // tgi_root: TGI's POST / (its non-streaming body is an array of one response).
+  void generate(const httplib::Request& req, httplib::Response& res, Endpoint endpoint, bool tgi_root = false);
+  struct Prepared {
+    ResponseContext context;
+    GenerationRequest generation;
+  };
+  // Parses, tokenizes and resolves the request (ApiError 4xx, 503 while loading or draining).
+  Prepared prepare(const httplib::Request& req, Endpoint endpoint, EngineLoop*& loop);
+  // Submits the request and waits until the engine took it (at most one engine step), so that a
+  // refusal still gets a proper status. Throws ApiError; cancels the request if it throws later.
+  std::shared_ptr<RequestHandle> admit(EngineLoop& loop, GenerationRequest generation, Clock::time_point arrival,
+                                       RequestHandle::Update& first);
+  // From here the status is 200 and the body is produced as the tokens come.
+  void respond(httplib::Response& res, std::shared_ptr<RequestHandle> handle, ResponseContext context,
+               RequestHandle::Update first, std::shared_ptr<OpenToken> open_token);
+  // Runs `body`, turning its exceptions into the route's error responses and counting the status.
+  template <class Body>
+  void with_errors(const httplib::Request& req, httplib::Response& res, Endpoint shape, std::string_view metric, Body&& body);
+  void tokenize(const httplib::Request& req, httplib::Response& res);
+  void detokenize(const httplib::Request& req, httplib::Response& res);
   json info_json() const;
 };
 
 // ---- generation ---------------------------------------------------------------------------------
 
-GenerationRequest HttpServer::Impl::make_generation(const ApiRequest& api, ResponseContext& ctx) {
-  const ModelInfo& info = card.info;
-  GenerationRequest g;
-  if (api.prompt_ids.empty()) {
-    g.prompt = tokenizer->encode(api.prompt, api.add_special_tokens);
-    ctx.prompt_text = api.prompt;
-  } else {
-    for (int32_t id : api.prompt_ids)
-      if (id >= info.vocab_size)
-        throw ApiError(422, error_type::kValidation,
-                       "'prompt' has token id " + std::to_string(id) + "; the vocabulary has " + std::to_string(info.vocab_size));
-    g.prompt = api.prompt_ids;
-    if (api.echo) ctx.prompt_text = tokenizer->decode(g.prompt);
-  }
-  const auto n_prompt = static_cast<int64_t>(g.prompt.size());
-  if (n_prompt == 0) throw ApiError(422, error_type::kValidation, "the prompt is empty after tokenization");
-  if (n_prompt >= info.max_context)
-    throw ApiError(422, error_type::kValidation,
-                   "the prompt has " + std::to_string(n_prompt) + " tokens; the model's context is " +
-                       std::to_string(info.max_context) + " tokens, which leaves no room to generate");
-  const int64_t room = info.max_context - n_prompt;
-  g.stop = api.stop;
-  if (api.max_new_tokens_given) {
-    if (api.stop.max_new_tokens > room)
-      throw ApiError(422, error_type::kValidation,
-                     "the prompt has " + std::to_string(n_prompt) + " tokens and " + std::to_string(api.stop.max_new_tokens) +
-                         " new tokens were asked for; the model's context is " + std::to_string(info.max_context) + " tokens");
-  } else {
-    const int64_t wanted = api.stop.max_new_tokens > 0 ? api.stop.max_new_tokens : room;
-    g.stop.max_new_tokens = static_cast<int>(std::min(wanted, room));
-  }
-  g.sampling = api.sampling;
-  if (!api.seed_given) g.sampling.seed = random_u64();
-  g.ignore_eos = api.ignore_eos;
-  g.grammar = grammars->compile(api.structured);  // null when unconstrained
-  ctx.prompt_tokens = static_cast<int>(n_prompt);
-  ctx.seed = g.sampling.seed;
-  return g;
-}
-
-void HttpServer::Impl::generate(const httplib::Request& req, httplib::Response& res, Endpoint endpoint) {
-  const Clock::time_point arrival = Clock::now();
-  auto open_token = std::make_shared<OpenToken>(this);
+template <class Body>
+void HttpServer::Impl::with_errors(const httplib::Request& req, httplib::Response& res, Endpoint shape,
+                                   std::string_view metric, Body&& body) {
   try {
-    EngineLoop* lp = loop.load(std::memory_order_acquire);
-    if (draining) throw ApiError(503, error_type::kUnavailable, "the server is shutting down");
-    if (!lp) throw ApiError(503, error_type::kUnavailable, "the model is still loading");
-    ResponseContext ctx;
-    ctx.request = parse_request(endpoint, req.body, limits);
-    ctx.model_name = card.name;
-    ctx.tokenizer = tokenizer;
-    ctx.created = static_cast<int64_t>(std::time(nullptr));
-    ctx.id = random_id(endpoint == Endpoint::ChatCompletions ? "chatcmpl-" : "cmpl-");
-    GenerationRequest g = make_generation(ctx.request, ctx);
-    std::shared_ptr<RequestHandle> handle = lp->submit(std::move(g), arrival);
-    // Until the response owns the request, a throw must not leave it generating for nobody.
-    struct CancelUnlessReleased {
-      std::shared_ptr<RequestHandle> h;
-      ~CancelUnlessReleased() {
-        if (h) h->cancel("error");
-      }
-    } guard{handle};
-
-    // Wait until the engine took (or refused) the request, so that its refusal still gets a
-    // proper status; this takes at most one engine step.
-    // (No tokens arrive before the phase leaves Queued.)
-    RequestHandle::Update first;
-    do {
-      first = handle->wait(std::chrono::milliseconds(50));
-    } while (first.phase == RequestHandle::Phase::Queued);
-    if (first.phase == RequestHandle::Phase::Failed && first.tokens.empty()) throw *first.failure;
-
-    // From here the status is 200 and the body is produced as the tokens come. The provider runs
-    // on this connection's thread; between tokens it waits on the request's channel. To notice
-    // a client that went away while nothing is being written (queued, or a non-streaming body
-    // still being generated), it writes a heartbeat after heartbeat_s of silence: an SSE comment
-    // for streams, a space before the JSON body otherwise (JSON ignores leading whitespace). A
-    // failed write cancels the request, which frees its KV blocks.
-    struct Stream {
-      std::shared_ptr<RequestHandle> handle;
-      ResponseWriter writer;
-      RequestHandle::Update first;
-      bool has_first = true;
-      bool done = false;
-      Clock::time_point last_write = Clock::now();
-      std::shared_ptr<OpenToken> open;
-    };
-    auto s = std::make_shared<Stream>(Stream{handle, ResponseWriter(std::move(ctx)), std::move(first), true, false,
-                                             Clock::now(), open_token});
-    const auto heartbeat = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::duration<double>(config.heartbeat_s));
-    const std::string content_type = s->writer.content_type();
-    res.status = 200;
-    if (s->writer.streaming()) {
-      res.set_header("Cache-Control", "no-cache");
-      res.set_header("X-Accel-Buffering", "no");
-    }
-    res.set_chunked_content_provider(
-        content_type,
-        [s, heartbeat](size_t, httplib::DataSink& sink) {
-          RequestHandle::Update u;
-          if (s->has_first) {
-            u = std::move(s->first);
-            s->has_first = false;
-          } else {
-            u = s->handle->wait(heartbeat);
-          }
-          std::string out = s->writer.on_events(u.tokens);
-          if (!s->writer.finished() && u.phase == RequestHandle::Phase::Failed) out += s->writer.on_failure(*u.failure);
-          if (out.empty() && Clock::now() - s->last_write >= heartbeat)
-            out = s->writer.streaming() ? std::string(kSseHeartbeat) : std::string(" ");
-          if (!out.empty()) {
-            if (!sink.write(out.data(), out.size())) {
-              s->handle->cancel("disconnect");
-              s->done = true;
-              return false;
-            }
-            s->last_write = Clock::now();
-          }
-          if (s->writer.finished()) {
-            s->done = true;
-            sink.done();
-          }
-          return true;
-        },
-        [s](bool /*success*/) {
-          // The response ended (written, or the connection failed, or the server stopped).
-          if (!s->done) s->handle->cancel("disconnect");
-          s->open.reset();
-        });
-    guard.h.reset();
-    metrics.count_request(endpoint_name(endpoint), 200);
+    body();
+    metrics.count_request(metric, res.status);
   } catch (const ApiError& e) {
-    reply_error(res, endpoint, e);
-    metrics.count_request(endpoint_name(endpoint), e.status());
-  } catch (const Error& e) {  // bad input found below the API layer
-    reply_error(res, endpoint, ApiError(422, error_type::kValidation, e.what()));
-    metrics.count_request(endpoint_name(endpoint), 422);
+    reply_error(res, shape, e);
+    metrics.count_request(metric, e.status());
+  } catch (const Error& e) {  // bad input found below the API layer (a tokenizer, a chat template)
+    reply_error(res, shape, ApiError(422, error_type::kValidation, e.what()));
+    metrics.count_request(metric, 422);
   } catch (const std::exception& e) {
     spdlog::error("{} {}: {}", req.method, req.path, e.what());
-    reply_error(res, endpoint, ApiError(500, error_type::kInternal, std::string("internal error: ") + e.what()));
-    metrics.count_request(endpoint_name(endpoint), 500);
+    reply_error(res, shape, ApiError(500, error_type::kInternal, std::string("internal error: ") + e.what()));
+    metrics.count_request(metric, 500);
   }
+}
+
+HttpServer::Impl::Prepared HttpServer::Impl::prepare(const httplib::Request& req, Endpoint endpoint, EngineLoop*& lp) {
+  lp = loop.load(std::memory_order_acquire);
+  if (draining) throw ApiError(503, error_type::kUnavailable, "the server is shutting down");
+  if (!lp) throw ApiError(503, error_type::kUnavailable, "the model is still loading");
+  Prepared p;
+  ResponseContext& ctx = p.context;
+  ctx.request = parse_request(endpoint, req.body, limits);
+  ctx.model_name = card.name;
+  ctx.tokenizer = tokenizer;
+  ctx.created = static_cast<int64_t>(std::time(nullptr));
+  ctx.id = random_id(endpoint == Endpoint::ChatCompletions ? "chatcmpl-" : "cmpl-");
+  const ApiRequest& api = ctx.request;
+  std::vector<int32_t> prompt;
+  if (api.prompt_ids.empty()) prompt = tokenizer->encode(api.prompt, api.add_special_tokens);
+  p.generation = resolve_request(api, std::move(prompt), limits, random_u64());
+  p.generation.grammar = grammars->compile(api.structured);  // null when unconstrained
+  ctx.prompt_ids = p.generation.prompt;
+  ctx.prompt_text = api.prompt_ids.empty() ? api.prompt : tokenizer->decode(ctx.prompt_ids);
+  ctx.prompt_tokens = static_cast<int>(ctx.prompt_ids.size());
+  ctx.seed = p.generation.sampling.seed;
+  return p;
+}
+
+std::shared_ptr<RequestHandle> HttpServer::Impl::admit(EngineLoop& lp, GenerationRequest generation,
+                                                       Clock::time_point arrival, RequestHandle::Update& first) {
+  std::shared_ptr<RequestHandle> handle = lp.submit(std::move(generation), arrival);
+  // Until the response owns the request, a throw must not leave it generating for nobody.
+  struct CancelUnlessReleased {
+    std::shared_ptr<RequestHandle> h;
+    ~CancelUnlessReleased() {
+      if (h) h->cancel("error");
+    }
+  } guard{handle};
+  // (No tokens arrive before the phase leaves Queued.)
+  do {
+    first = handle->wait(std::chrono::milliseconds(50));
+  } while (first.phase == RequestHandle::Phase::Queued);
+  if (first.phase == RequestHandle::Phase::Failed && first.tokens.empty()) throw *first.failure;
+  guard.h.reset();
+  return handle;
+}
+
+void HttpServer::Impl::respond(httplib::Response& res, std::shared_ptr<RequestHandle> handle, ResponseContext context,
+                               RequestHandle::Update first, std::shared_ptr<OpenToken> open_token) {
+  // The provider runs on this connection's thread; between tokens it waits on the request's
+  // channel. To notice a client that went away while nothing is being written (queued, or a
+  // non-streaming body still being generated), it writes a heartbeat after heartbeat_s of
+  // silence: an SSE comment for streams, a space before the JSON body otherwise (JSON ignores
+  // leading whitespace). A failed write cancels the request, which frees the KV blocks of all its
+  // sequences.
+  struct Stream {
+    std::shared_ptr<RequestHandle> handle;
+    ResponseWriter writer;
+    RequestHandle::Update first;
+    bool has_first = true;
+    bool done = false;
+    Clock::time_point last_write = Clock::now();
+    std::shared_ptr<OpenToken> open;
+  };
+  auto s = std::make_shared<Stream>(Stream{std::move(handle), ResponseWriter(std::move(context)), std::move(first), true,
+                                           false, Clock::now(), std::move(open_token)});
+  const auto heartbeat = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::duration<double>(config.heartbeat_s));
+  const std::string content_type = s->writer.content_type();
+  res.status = 200;
+  if (s->writer.streaming()) {
+    res.set_header("Cache-Control", "no-cache");
+    res.set_header("X-Accel-Buffering", "no");
+  }
+  res.set_chunked_content_provider(
+      content_type,
+      [s, heartbeat](size_t, httplib::DataSink& sink) {
+        RequestHandle::Update u;
+        if (s->has_first) {
+          u = std::move(s->first);
+          s->has_first = false;
+        } else {
+          u = s->handle->wait(heartbeat);
+        }
+        std::string out = s->writer.on_events(u.tokens);
+        if (!s->writer.finished() && u.phase == RequestHandle::Phase::Failed) out += s->writer.on_failure(*u.failure);
+        if (out.empty() && Clock::now() - s->last_write >= heartbeat)
+          out = s->writer.streaming() ? std::string(kSseHeartbeat) : std::string(" ");
+        if (!out.empty()) {
+          if (!sink.write(out.data(), out.size())) {
+            s->handle->cancel("disconnect");
+            s->done = true;
+            return false;
+          }
+          s->last_write = Clock::now();
+        }
+        if (s->writer.finished()) {
+          s->done = true;
+          sink.done();
+        }
+        return true;
+      },
+      [s](bool /*success*/) {
+        // The response ended (written, or the connection failed, or the server stopped).
+        if (!s->done) s->handle->cancel("disconnect");
+        s->open.reset();
+      });
+}
+
+void HttpServer::Impl::generate(const httplib::Request& req, httplib::Response& res, Endpoint endpoint, bool tgi_root) {
+  const Clock::time_point arrival = Clock::now();
+  auto open_token = std::make_shared<OpenToken>(this);
+  with_errors(req, res, endpoint, endpoint_name(endpoint), [&] {
+    EngineLoop* lp = nullptr;
+    Prepared p = prepare(req, endpoint, lp);
+    p.context.tgi_root = tgi_root;
+    RequestHandle::Update first;
+    std::shared_ptr<RequestHandle> handle = admit(*lp, std::move(p.generation), arrival, first);
+    respond(res, std::move(handle), std::move(p.context), std::move(first), open_token);
+  });
+}
+
+void HttpServer::Impl::tokenize(const httplib::Request& req, httplib::Response& res) {
+  with_errors(req, res, Endpoint::Completions, "tokenize", [&] {
+    if (!loop.load(std::memory_order_acquire)) throw ApiError(503, error_type::kUnavailable, "the model is still loading");
+    const TokenizeRequest t = parse_tokenize(req.body, limits);
+    const std::vector<int32_t> ids = tokenizer->encode(t.prompt, t.add_special_tokens);
+    reply_json(res, 200, {{"count", ids.size()}, {"max_model_len", card.info.max_context}, {"tokens", ids}});
+  });
+}
+
+void HttpServer::Impl::detokenize(const httplib::Request& req, httplib::Response& res) {
+  with_errors(req, res, Endpoint::Completions, "detokenize", [&] {
+    if (!loop.load(std::memory_order_acquire)) throw ApiError(503, error_type::kUnavailable, "the model is still loading");
+    const std::vector<int32_t> ids = parse_detokenize(req.body, limits);
+    reply_json(res, 200, {{"prompt", tokenizer->decode(ids)}});
+  });
 }
 
 // ---- other routes -------------------------------------------------------------------------------
@@ -266,11 +294,25 @@ json HttpServer::Impl::info_json() const {
           {"max_body_bytes", config.max_body_bytes},
           {"max_stop_sequences", config.max_stop_sequences},
           {"default_max_new_tokens", config.default_max_new_tokens},
+          {"vocab_size", i.vocab_size},
+          {"max_best_of", limits.max_n},
+          {"max_top_n_tokens", limits.max_logprobs},
           {"chat_template", card.chat ? card.chat->origin : ChatFormat::chatml().origin},
           {"version", "0.1.0"}};
 }
 
 void HttpServer::Impl::routes() {
+  // TGI's root route: what the text-generation client posts to; "stream" picks the shape.
+  svr.Post("/", [this](const httplib::Request& q, httplib::Response& r) {
+    const json body = json::parse(q.body, nullptr, /*allow_exceptions=*/false);
+    const bool stream = body.is_object() && body.contains("stream") && body["stream"].is_boolean() && body["stream"].get<bool>();
+    generate(q, r, stream ? Endpoint::GenerateStream : Endpoint::Generate, /*tgi_root=*/true);
+  });
+  svr.Post("/tokenize", [this](const httplib::Request& q, httplib::Response& r) { tokenize(q, r); });
+  svr.Post("/detokenize", [this](const httplib::Request& q, httplib::Response& r) { detokenize(q, r); });
+  svr.Get("/openapi.json", [](const httplib::Request&, httplib::Response& r) {
+    r.set_content(std::string(openapi_document()), "application/json");
+  });
   svr.Post("/generate", [this](const httplib::Request& q, httplib::Response& r) { generate(q, r, Endpoint::Generate); });
   svr.Post("/generate_stream", [this](const httplib::Request& q, httplib::Response& r) { generate(q, r, Endpoint::GenerateStream); });
   svr.Post("/v1/completions", [this](const httplib::Request& q, httplib::Response& r) { generate(q, r, Endpoint::Completions); });
@@ -390,6 +432,7 @@ void HttpServer::attach(EngineLoop& loop, const Tokenizer& tokenizer, const Mode
   m.card = card;
   m.limits.model_name = card.name;
   m.limits.max_context = card.info.max_context;
+  m.limits.vocab_size = card.info.vocab_size;
   m.limits.default_max_new_tokens = m.config.default_max_new_tokens;
   m.limits.max_stop_sequences = m.config.max_stop_sequences;
   m.limits.chat = card.chat;

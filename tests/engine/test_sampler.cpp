@@ -213,15 +213,14 @@ TEST(SamplingParams, ValidateRejectsOutOfRange) {
   EXPECT_NO_THROW(edge.validate());
 }
 
-TEST(Sampler, PreviousTokenOutOfRangeThrows) {
+// Token ids are checked once, at the API boundary; the sampler asserts where it indexes by them.
+TEST(SamplerDeathTest, PreviousTokenOutOfRangeIsABug) {
   const std::vector<float> l = {0.1f, 0.2f, 0.3f};
-  for (float penalty : {1.0f, 1.3f}) {
-    SamplingParams p;
-    p.repetition_penalty = penalty;
-    Sampler s(p);
-    EXPECT_THROW(s.sample(l.data(), 3, std::vector<int32_t>{0, 3}), Error);
-    EXPECT_THROW(s.sample(l.data(), 3, std::vector<int32_t>{-1}), Error);
-  }
+  SamplingParams p;
+  p.repetition_penalty = 1.3f;
+  Sampler s(p);
+  EXPECT_DEATH(s.sample(l.data(), 3, std::vector<int32_t>{0, 3}), "outside the vocabulary");
+  EXPECT_DEATH(s.sample(l.data(), 3, std::vector<int32_t>{-1}), "outside the vocabulary");
 }
 
 // ---- greedy ---------------------------------------------------------------------------------
@@ -236,7 +235,7 @@ TEST(Sampler, GreedyIsArgmaxWithTiesToTheLowestId) {
       p.temperature = 0.0f;
     }
     Sampler s(p);
-    const SampledToken t = s.sample(l.data(), static_cast<int>(l.size()), {});
+    const SampledToken t = s.sample(l.data(), static_cast<int>(l.size()), SequenceTokens{});
     EXPECT_EQ(t.token, 3) << "mode " << mode;
   }
 }
@@ -246,7 +245,7 @@ TEST(Sampler, GreedyLogprobIsLogSoftmax) {
   for (int vocab : {1, 2, 7, 769, 50257}) {
     const std::vector<float> l = random_logits(rng, vocab);
     Sampler s(SamplingParams{});
-    const SampledToken t = s.sample(l.data(), vocab, {});
+    const SampledToken t = s.sample(l.data(), vocab, SequenceTokens{});
     EXPECT_EQ(t.token, argmax(l));
     double z = 0;
     for (float x : l) z += std::exp(static_cast<double>(x) - l[t.token]);
@@ -272,13 +271,13 @@ TEST(Sampler, TopK1AndTinyTopPEqualGreedy) {
   for (int step = 0; step < 40; ++step) {
     const int vocab = 5003;
     const std::vector<float> l = random_logits(rng, vocab);
-    const int32_t want = greedy.sample(l.data(), vocab, {}).token;
+    const int32_t want = greedy.sample(l.data(), vocab, SequenceTokens{}).token;
     EXPECT_EQ(want, argmax(l));
-    const SampledToken ta = a.sample(l.data(), vocab, {});
+    const SampledToken ta = a.sample(l.data(), vocab, SequenceTokens{});
     EXPECT_EQ(ta.token, want);
     EXPECT_FLOAT_EQ(ta.logprob, 0.0f);  // the only candidate
-    EXPECT_EQ(b.sample(l.data(), vocab, {}).token, want);
-    EXPECT_EQ(c.sample(l.data(), vocab, {}).token, want);
+    EXPECT_EQ(b.sample(l.data(), vocab, SequenceTokens{}).token, want);
+    EXPECT_EQ(c.sample(l.data(), vocab, SequenceTokens{}).token, want);
   }
 }
 
@@ -407,7 +406,7 @@ TEST(Sampler, NucleusOnRealisticLogitsStaysInsideTheReferenceSet) {
   for (int step = 0; step < 10; ++step) {
     const std::vector<float> l = random_logits(rng, vocab, 2.0f);
     const std::vector<double> probs = reference_probs(l, p, {});
-    const SampledToken t = s.sample(l.data(), vocab, {});
+    const SampledToken t = s.sample(l.data(), vocab, SequenceTokens{});
     ASSERT_GT(probs[static_cast<size_t>(t.token)], 0.0);
     EXPECT_NEAR(t.logprob, std::log(probs[static_cast<size_t>(t.token)]), 1e-4);
   }
@@ -421,11 +420,11 @@ TEST(Sampler, RepetitionPenaltyChangesTheArgmax) {
   Sampler s(p);
   // Positive logits are divided: 2.0 / 1.2 = 1.667 < 1.9.
   const std::vector<float> pos = {2.0f, 1.9f, -1.0f};
-  EXPECT_EQ(s.sample(pos.data(), 3, {}).token, 0);
+  EXPECT_EQ(s.sample(pos.data(), 3, SequenceTokens{}).token, 0);
   EXPECT_EQ(s.sample(pos.data(), 3, std::vector<int32_t>{0}).token, 1);
   // Negative logits are multiplied: -0.5 * 1.2 = -0.6 < -0.55.
   const std::vector<float> neg = {-0.5f, -0.55f, -3.0f};
-  EXPECT_EQ(s.sample(neg.data(), 3, {}).token, 0);
+  EXPECT_EQ(s.sample(neg.data(), 3, SequenceTokens{}).token, 0);
   EXPECT_EQ(s.sample(neg.data(), 3, std::vector<int32_t>{0}).token, 1);
   // A repeated id is penalised once: 2.0 / 1.2 = 1.667 > 1.5 (thrice would be 1.157).
   const std::vector<float> once = {2.0f, 1.5f, 0.0f};
@@ -453,14 +452,14 @@ TEST(Sampler, NonFiniteLogitsAreHandled) {
     Sampler s(p);
     const std::vector<float> with_nan = {kNaN, 0.5f, kNaN, 0.2f};
     for (int i = 0; i < 50; ++i) {
-      const SampledToken t = s.sample(with_nan.data(), 4, {});
+      const SampledToken t = s.sample(with_nan.data(), 4, SequenceTokens{});
       EXPECT_TRUE(t.token == 1 || t.token == 3);
       EXPECT_TRUE(std::isfinite(t.logprob));
     }
     const std::vector<float> with_inf = {0.0f, kInf, -kInf, 1.0f};
-    EXPECT_EQ(s.sample(with_inf.data(), 4, {}).token, 1);
+    EXPECT_EQ(s.sample(with_inf.data(), 4, SequenceTokens{}).token, 1);
     const std::vector<float> none = {-kInf, kNaN, -kInf};
-    const SampledToken t = s.sample(none.data(), 3, {});
+    const SampledToken t = s.sample(none.data(), 3, SequenceTokens{});
     EXPECT_GE(t.token, 0);
     EXPECT_LT(t.token, 3);
     EXPECT_NEAR(t.logprob, -std::log(3.0), 1e-5);
@@ -475,7 +474,7 @@ TEST(Sampler, TinyTemperatureBehavesLikeGreedy) {
   std::mt19937 rng(9);
   for (int i = 0; i < 20; ++i) {
     const std::vector<float> l = random_logits(rng, 257);
-    const SampledToken t = s.sample(l.data(), 257, {});
+    const SampledToken t = s.sample(l.data(), 257, SequenceTokens{});
     EXPECT_EQ(t.token, argmax(l));
     EXPECT_FLOAT_EQ(t.logprob, 0.0f);
   }
@@ -491,6 +490,96 @@ TEST(Sampler, VocabularyOfOne) {
   const SampledToken t = s.sample(&l, 1, std::vector<int32_t>{0});
   EXPECT_EQ(t.token, 0);
   EXPECT_FLOAT_EQ(t.logprob, 0.0f);
+}
+
+}  // namespace
+}  // namespace fineserve
+
+// ---- logits processors and logprobs -------------------------------------------------------------
+
+namespace fineserve {
+namespace {
+
+TEST(SamplerProcessors, PresenceAndFrequencyPenaltiesCountOnlyTheOutput) {
+  // Greedy over logits where the penalties decide: OpenAI's rule
+  // logit -= count * frequency + (count > 0) * presence, over generated tokens only.
+  const std::vector<float> l = {3.0f, 2.9f, 1.0f, 2.0f};
+  const std::vector<int32_t> prompt = {1, 1, 1};  // prompt tokens are not penalised
+  const std::vector<int32_t> output = {0, 0, 3};
+  SamplingParams p;
+  p.presence_penalty = 0.05f;
+  p.frequency_penalty = 0.1f;
+  Sampler s(p);
+  // token 0: 3.0 - 2 * 0.1 - 0.05 = 2.75 < token 1's 2.9
+  EXPECT_EQ(s.sample(l.data(), 4, SequenceTokens{prompt, output}).token, 1);
+  SamplingParams weak;
+  weak.frequency_penalty = 0.01f;
+  Sampler w(weak);
+  EXPECT_EQ(w.sample(l.data(), 4, SequenceTokens{prompt, output}).token, 0);  // 2.98 > 2.9
+  SamplingParams negative;  // a negative presence penalty encourages repeats
+  negative.presence_penalty = -1.5f;
+  Sampler n(negative);
+  EXPECT_EQ(n.sample(l.data(), 4, SequenceTokens{{}, std::vector<int32_t>{3}}).token, 3);  // 2.0 + 1.5
+  // The reported (processed) logprob is of the penalised logits.
+  const SampledToken t = s.sample(l.data(), 4, SequenceTokens{prompt, output});
+  const double a = 2.75, b = 2.9, c = 1.0, d = 2.0 - 0.1 - 0.05;
+  EXPECT_NEAR(t.logprob, b - std::log(std::exp(a) + std::exp(b) + std::exp(c) + std::exp(d)), 1e-5);
+}
+
+TEST(SamplerProcessors, LogitBiasAndMinTokens) {
+  const std::vector<float> l = {1.0f, 0.0f, 0.5f};
+  SamplingParams p;
+  p.logit_bias = {{1, 2.0f}};
+  EXPECT_EQ(Sampler(p).sample(l.data(), 3, SequenceTokens{}).token, 1);
+  p.logit_bias = {{0, -100.0f}};
+  EXPECT_EQ(Sampler(p).sample(l.data(), 3, SequenceTokens{}).token, 2);
+  // min_tokens forbids the stop ids (here 0) until that many tokens were generated.
+  SamplingParams m;
+  m.min_tokens = 2;
+  const std::vector<int32_t> stop_ids = {0};
+  Sampler s(m, stop_ids);
+  const std::vector<int32_t> one = {2}, two = {2, 2};
+  EXPECT_EQ(s.sample(l.data(), 3, SequenceTokens{{}, one}).token, 2);
+  EXPECT_EQ(s.sample(l.data(), 3, SequenceTokens{{}, two}).token, 0);
+  // Validation.
+  SamplingParams bad;
+  bad.presence_penalty = 2.5f;
+  EXPECT_THROW(bad.validate(), Error);
+  bad = {};
+  bad.logit_bias = {{0, 101.0f}};
+  EXPECT_THROW(bad.validate(), Error);
+  bad = {};
+  bad.min_tokens = -1;
+  EXPECT_THROW(bad.validate(), Error);
+}
+
+// An added processor (what a grammar's allowed-token mask will be) runs after the built-in ones.
+TEST(SamplerProcessors, AddedProcessorRunsBeforeTheDraw) {
+  struct OnlyEven final : LogitsProcessor {
+    void apply(std::span<float> logits, const SequenceTokens&) override {
+      for (size_t i = 1; i < logits.size(); i += 2) logits[i] = -std::numeric_limits<float>::infinity();
+    }
+  };
+  const std::vector<float> l = {0.0f, 5.0f, 1.0f, 7.0f};
+  Sampler s(SamplingParams{});
+  s.add_processor(std::make_unique<OnlyEven>());
+  EXPECT_EQ(s.sample(l.data(), 4, SequenceTokens{}).token, 2);
+}
+
+TEST(Logprobs, RawLogSoftmaxWithTopAlternatives) {
+  const std::vector<float> l = {1.0f, 3.0f, -2.0f, 3.0f, std::nanf("")};
+  double z = 0;
+  for (float x : {1.0f, 3.0f, -2.0f, 3.0f}) z += std::exp(static_cast<double>(x));
+  const PositionLogprobs p = logprobs_of(l.data(), 5, 0, 3);
+  EXPECT_EQ(p.token, 0);
+  EXPECT_NEAR(p.logprob, 1.0 - std::log(z), 1e-6);
+  ASSERT_EQ(p.top.size(), 3u);
+  EXPECT_EQ(p.top[0].token, 1);  // ties -> the lower id first
+  EXPECT_EQ(p.top[1].token, 3);
+  EXPECT_EQ(p.top[2].token, 0);
+  EXPECT_NEAR(p.top[0].logprob, 3.0 - std::log(z), 1e-6);
+  EXPECT_EQ(logprobs_of(l.data(), 5, 4, 0).logprob, -std::numeric_limits<float>::infinity()) << "NaN counts as -inf";
+  EXPECT_TRUE(logprobs_of(l.data(), 5, 2, 0).top.empty());
 }
 
 }  // namespace

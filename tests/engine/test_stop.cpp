@@ -44,7 +44,9 @@ TEST(Stop, FinishReasonNamesAreTgis) {
 TEST(Stop, ValidateRejectsBadConditions) {
   EXPECT_NO_THROW(StopConditions{}.validate());
   StopConditions c;
-  c.max_new_tokens = 0;
+  c.max_new_tokens = 0;  // a prompt-scoring request: allowed
+  EXPECT_NO_THROW(c.validate());
+  c.max_new_tokens = -1;
   EXPECT_THROW(c.validate(), Error);
   EXPECT_THROW(StopChecker{c}, Error);
   c = with_stops({"ok", ""});

@@ -51,23 +51,27 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   fineserve::ApiLimits limits;
   limits.model_name = "fuzz";
   limits.max_context = 64;
+  limits.vocab_size = 1000;
   fineserve::ApiRequest r;
+  fineserve::GenerationRequest g;
   try {
     r = fineserve::parse_request(endpoint, body, limits);
+    g = fineserve::resolve_request(r, std::vector<int32_t>(3, 1), limits, 0);
   } catch (const ApiError& e) {
     check(e.status() == 400 || e.status() == 404 || e.status() == 422, "unexpected status");
     return 0;
   }
-  r.sampling.validate();
-  fineserve::StopConditions stop = r.stop;
-  if (stop.max_new_tokens < 1) stop.max_new_tokens = 1;
-  stop.validate();
-  check(static_cast<int>(r.stop.stop.size()) <= limits.max_stop_sequences + (endpoint == Endpoint::ChatCompletions ? 1 : 0),
+  // The resolved request holds GenerationRequest's invariants (the engine asserts them).
+  g.sampling.validate();
+  g.stop.validate();
+  check(static_cast<int>(r.stop.size()) <= limits.max_stop_sequences + (endpoint == Endpoint::ChatCompletions ? 1 : 0),
         "too many stop strings");
-  check(!r.prompt.empty() || !r.prompt_ids.empty(), "empty prompt accepted");
-  check(r.stop.max_new_tokens >= 0, "negative max_new_tokens");
-  check(!r.max_new_tokens_given || (r.stop.max_new_tokens >= 1 && r.stop.max_new_tokens < limits.max_context),
+  check(!g.prompt.empty(), "empty prompt accepted");
+  for (int32_t t : g.prompt) check(t >= 0 && t < limits.vocab_size, "prompt token outside the vocabulary");
+  for (const auto& b : g.sampling.logit_bias) check(b.first >= 0 && b.first < limits.vocab_size, "logit_bias outside the vocabulary");
+  check(g.stop.max_new_tokens >= 0 && static_cast<int64_t>(g.prompt.size()) + g.stop.max_new_tokens <= limits.max_context,
         "max_new_tokens out of range");
+  check(g.n >= 1 && g.n <= limits.max_n && r.n <= g.n, "n out of range");
   if (endpoint == Endpoint::ChatCompletions) {
     const std::string tail = "<|im_start|>assistant\n";
     check(r.prompt.size() >= tail.size() && r.prompt.compare(r.prompt.size() - tail.size(), tail.size(), tail) == 0,
@@ -81,14 +85,19 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   ctx.prompt_tokens = 3;
   ctx.model_name = "fuzz";
   ctx.id = "cmpl-fuzz";
+  ctx.prompt_ids = g.prompt;
   fineserve::ResponseWriter writer(ctx);
-  std::vector<fineserve::TokenEvent> events(3);
-  for (size_t i = 0; i < events.size(); ++i) {
-    events[i].request_id = 1;
-    events[i].token = static_cast<int32_t>(i);
-    events[i].text = std::string(body.substr(i * body.size() / 3, body.size() / 3));
-  }
-  events.back().finish = static_cast<fineserve::FinishReason>(data[0] / 4 % 3);
+  std::vector<fineserve::TokenEvent> events;
+  for (int choice = 0; choice < g.n; ++choice)
+    for (size_t i = 0; i < 3; ++i) {
+      fineserve::TokenEvent e;
+      e.request_id = 1;
+      e.choice = choice;
+      e.token = static_cast<int32_t>(i);
+      e.text = std::string(body.substr(i * body.size() / 3, body.size() / 3));
+      if (i == 2) e.finish = static_cast<fineserve::FinishReason>(data[0] / 4 % 3);
+      events.push_back(std::move(e));
+    }
   const std::string out = writer.on_events(events);
   check(writer.finished(), "the finishing token did not finish the response");
   if (!writer.streaming()) {

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
-# Runs tests/python/test_openai_client.py (the `openai` client from PyPI) against a live server.
+# Runs tests/python/test_openai_client.py (the `openai` client from PyPI) and test_tgi_client.py
+# (the `text-generation` client from PyPI) against a live server.
 #   run.sh PYTHON FINESERVE_BINARY MODEL_DIR WORK_DIR
-# Creates a virtual environment in WORK_DIR (reused across runs) and pip-installs `openai` into it;
-# exits 77 (ctest: skipped) when that is impossible, e.g. without network access.
+# Creates a virtual environment in WORK_DIR (reused across runs) and pip-installs both clients
+# into it; exits 77 (ctest: skipped) only when pip cannot install them (e.g. without network
+# access); any other failure fails the test.
 set -uo pipefail
 python=$1 binary=$2 model=$3 work=$4
 here=$(cd "$(dirname "$0")" && pwd)
 mkdir -p "$work"
 venv=$work/venv
-if ! "$venv/bin/python" -c "import openai" 2>/dev/null; then
+if ! "$venv/bin/python" -c "import openai, text_generation" 2>/dev/null; then
   "$python" -m venv "$venv" || { echo "cannot create a virtual environment: skipping"; exit 77; }
-  "$venv/bin/pip" install --disable-pip-version-check --quiet --timeout 30 openai ||
-    { echo "pip cannot install openai: skipping"; exit 77; }
+  "$venv/bin/pip" install --disable-pip-version-check --quiet --timeout 30 openai text-generation ||
+    { echo "pip cannot install openai and text-generation: skipping"; exit 77; }
 fi
 
 log=$work/server.log
@@ -36,6 +38,7 @@ done
 
 FINESERVE_URL=http://127.0.0.1:$port FINESERVE_MODEL=tiny-opt "$venv/bin/python" "$here/test_openai_client.py"
 status=$?
+FINESERVE_URL=http://127.0.0.1:$port "$venv/bin/python" "$here/test_tgi_client.py" || status=1
 kill -TERM $server
 wait $server
 server_status=$?

@@ -20,12 +20,19 @@ ApiLimits limits() {
   l.model_name = "tiny";
   l.max_context = 128;
   l.default_max_new_tokens = 20;
+  l.vocab_size = 1000;
   return l;
+}
+
+// Parses and resolves with a prompt of `prompt_tokens` tokens (token-id prompts keep theirs).
+GenerationRequest resolved(Endpoint e, const std::string& body, int prompt_tokens = 3) {
+  const ApiRequest r = parse_request(e, body, limits());
+  return resolve_request(r, std::vector<int32_t>(static_cast<size_t>(prompt_tokens), 7), limits(), /*random_seed=*/99);
 }
 
 int status_of(Endpoint e, const std::string& body) {
   try {
-    parse_request(e, body, limits());
+    resolved(e, body);
   } catch (const ApiError& err) {
     return err.status();
   }
@@ -37,8 +44,9 @@ TEST(ApiParse, TgiDefaultsAndParameters) {
   EXPECT_EQ(r.prompt, "Hello");
   EXPECT_FALSE(r.stream);
   EXPECT_FALSE(r.sampling.do_sample);
-  EXPECT_FALSE(r.max_new_tokens_given);
-  EXPECT_EQ(r.stop.max_new_tokens, 20);
+  EXPECT_FALSE(r.max_new_tokens);
+  EXPECT_EQ(resolved(Endpoint::Generate, R"({"inputs": "Hello"})").stop.max_new_tokens, 20);
+  EXPECT_EQ(resolved(Endpoint::Generate, R"({"inputs": "Hello"})", 120).stop.max_new_tokens, 8) << "lowered to the room left";
 
   r = parse_request(Endpoint::GenerateStream,
                     R"({"inputs": "Hi", "parameters": {"max_new_tokens": 7, "temperature": 0.5, "top_k": 3,
@@ -46,16 +54,14 @@ TEST(ApiParse, TgiDefaultsAndParameters) {
                         "return_full_text": true, "ignore_eos": true}})",
                     limits());
   EXPECT_TRUE(r.stream);
-  EXPECT_TRUE(r.max_new_tokens_given);
-  EXPECT_EQ(r.stop.max_new_tokens, 7);
+  EXPECT_EQ(r.max_new_tokens, 7);
   EXPECT_TRUE(r.sampling.do_sample) << "TGI samples when a sampling parameter is set";
   EXPECT_FLOAT_EQ(r.sampling.temperature, 0.5f);
   EXPECT_EQ(r.sampling.top_k, 3);
   EXPECT_FLOAT_EQ(r.sampling.top_p, 0.9f);
   EXPECT_FLOAT_EQ(r.sampling.repetition_penalty, 1.2f);
-  EXPECT_TRUE(r.seed_given);
-  EXPECT_EQ(r.sampling.seed, 42u);
-  EXPECT_EQ(r.stop.stop, (std::vector<std::string>{"a", "bc"}));
+  EXPECT_EQ(r.seed, 42u);
+  EXPECT_EQ(r.stop, (std::vector<std::string>{"a", "bc"}));
   EXPECT_TRUE(r.details);
   EXPECT_TRUE(r.return_full_text);
   EXPECT_TRUE(r.ignore_eos);
@@ -79,11 +85,11 @@ TEST(ApiParse, ErrorStatuses) {
   EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"max_new_tokens": 1.5}})"), 400);
   EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"do_sample": 1}})"), 400);
   EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"stop": [1]}})"), 400);
-  // Missing, unknown, out of range: 422.
+  // Missing, out of range: 422. Unknown fields are ignored (logged once), as vLLM and TGI do.
   EXPECT_EQ(status_of(G, R"({})"), 422);
   EXPECT_EQ(status_of(G, R"({"inputs": ""})"), 422);
-  EXPECT_EQ(status_of(G, R"({"inputs": "x", "bogus": 1})"), 422);
-  EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"bogus": 1}})"), 422);
+  EXPECT_EQ(status_of(G, R"({"inputs": "x", "bogus": 1})"), 200);
+  EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"bogus": 1}})"), 200);
   EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"max_new_tokens": 0}})"), 422);
   EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"max_new_tokens": 128}})"), 422) << "no room for the prompt";
   EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"max_new_tokens": 4294967296}})"), 422);
@@ -96,18 +102,47 @@ TEST(ApiParse, ErrorStatuses) {
   EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"seed": -1}})"), 422);
   EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"stop": [""]}})"), 422);
   EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"stop": ["a","b","c","d","e"]}})"), 422);
-  EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"best_of": 2}})"), 422);
+  EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"best_of": 2}})"), 422) << "best_of needs sampling";
+  EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"best_of": 2, "do_sample": true}})"), 200);
+  EXPECT_EQ(status_of(Endpoint::GenerateStream, R"({"inputs": "x", "parameters": {"best_of": 2, "do_sample": true}})"), 422);
+  EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"best_of": 17, "do_sample": true}})"), 422);
+  EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"top_n_tokens": 21}})"), 422);
+  EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"top_n_tokens": 5, "frequency_penalty": 0.5}})"), 200);
   EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"typical_p": 0.5}})"), 422);
   EXPECT_EQ(status_of(G, R"({"inputs": "x", "stream": true})"), 422) << "/generate does not stream";
   EXPECT_EQ(status_of(G, R"({"inputs": "x", "parameters": {"temperature": 1e999}})"), 400) << "not JSON";
 
   const auto C = Endpoint::Completions;
   EXPECT_EQ(status_of(C, R"({"model": "other", "prompt": "x"})"), 404);
-  EXPECT_EQ(status_of(C, R"({"prompt": "x", "n": 2})"), 422);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "n": 2})"), 200);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "n": 0})"), 422);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "n": 17})"), 422);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "n": 3, "best_of": 2})"), 422) << "best_of < n";
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "n": 1, "best_of": 2, "stream": true})"), 422);
   EXPECT_EQ(status_of(C, R"({"prompt": "x", "temperature": 2.5})"), 422);
-  EXPECT_EQ(status_of(C, R"({"prompt": "x", "logprobs": 2})"), 422);
-  EXPECT_EQ(status_of(C, R"({"prompt": "x", "presence_penalty": 0.5})"), 422);
-  EXPECT_EQ(status_of(C, R"({"prompt": "x", "presence_penalty": 0})"), 200);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "logprobs": 2})"), 200);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "logprobs": 21})"), 422);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "logprobs": -1})"), 422);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "logprobs": true})"), 400);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "presence_penalty": 0.5})"), 200);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "presence_penalty": 2.5})"), 422);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "frequency_penalty": -2.01})"), 422);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "logit_bias": {"5": 100}})"), 200);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "logit_bias": {"5": 101}})"), 422);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "logit_bias": {"x": 1}})"), 422);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "logit_bias": {"1000": 1}})"), 422) << "outside the vocabulary";
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "logit_bias": {"5": "1"}})"), 400);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "logit_bias": [1]})"), 400);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "min_tokens": 3, "max_tokens": 4})"), 200);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "min_tokens": 5, "max_tokens": 4})"), 422);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "min_tokens": -1})"), 422);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "stop_token_ids": [1, 999]})"), 200);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "stop_token_ids": [1000]})"), 422);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "stop_token_ids": [-1]})"), 422);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "stop_token_ids": 5})"), 400);
+  EXPECT_EQ(status_of(C, R"({"prompt": "x", "echo": true, "max_tokens": 0})"), 200) << "prompt scoring";
+  EXPECT_EQ(status_of(C, R"({"prompt": [999]})"), 200);
+  EXPECT_EQ(status_of(C, R"({"prompt": [1000]})"), 422) << "outside the vocabulary";
   EXPECT_EQ(status_of(C, R"({"prompt": ["a", "b"]})"), 422);
   EXPECT_EQ(status_of(C, R"({"prompt": []})"), 422);
   EXPECT_EQ(status_of(C, R"({"prompt": [1, -2]})"), 422);
@@ -123,7 +158,11 @@ TEST(ApiParse, ErrorStatuses) {
   EXPECT_EQ(status_of(H, R"({"messages": [{"role": "user", "content": 3}]})"), 400);
   EXPECT_EQ(status_of(H, R"({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]})"), 422);
   EXPECT_EQ(status_of(H, R"({"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]})"), 422);
-  EXPECT_EQ(status_of(H, R"({"messages": [{"role": "user", "content": "x"}], "logprobs": true})"), 422);
+  EXPECT_EQ(status_of(H, R"({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 20})"), 200);
+  EXPECT_EQ(status_of(H, R"({"messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21})"), 422);
+  EXPECT_EQ(status_of(H, R"({"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2})"), 422) << "needs logprobs";
+  EXPECT_EQ(status_of(H, R"({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0})"), 422);
+  EXPECT_EQ(status_of(H, R"({"messages": [{"role": "user", "content": "x", "extra": 1}], "what": 2})"), 200);
 }
 
 TEST(ApiParse, OpenAiCompletionsAndChat) {
@@ -135,16 +174,17 @@ TEST(ApiParse, OpenAiCompletionsAndChat) {
   EXPECT_TRUE(r.stream);
   EXPECT_TRUE(r.include_usage);
   EXPECT_TRUE(r.echo);
-  EXPECT_EQ(r.stop.stop, std::vector<std::string>{"x"});
-  EXPECT_EQ(r.stop.max_new_tokens, 5);
+  EXPECT_EQ(r.stop, std::vector<std::string>{"x"});
+  EXPECT_EQ(r.max_new_tokens, 5);
 
   r = parse_request(Endpoint::Completions, R"({"prompt": [5, 6, 7]})", limits());
-  EXPECT_EQ(r.prompt_ids, (std::vector<int32_t>{5, 6, 7}));
+  EXPECT_EQ(r.prompt_ids, (std::vector<int64_t>{5, 6, 7}));
   EXPECT_TRUE(r.sampling.do_sample) << "OpenAI samples by default";
-  EXPECT_FALSE(r.max_new_tokens_given);
-  EXPECT_EQ(r.stop.max_new_tokens, 16);
+  EXPECT_FALSE(r.max_new_tokens);
+  EXPECT_EQ(resolved(Endpoint::Completions, R"({"prompt": [5, 6, 7]})").stop.max_new_tokens, 16);
+  EXPECT_EQ(resolved(Endpoint::Completions, R"({"prompt": [5, 6, 7]})").prompt, (std::vector<int32_t>{5, 6, 7}));
   r = parse_request(Endpoint::Completions, R"({"prompt": [[9]]})", limits());
-  EXPECT_EQ(r.prompt_ids, std::vector<int32_t>{9});
+  EXPECT_EQ(r.prompt_ids, std::vector<int64_t>{9});
 
   r = parse_request(Endpoint::ChatCompletions, R"({"model": "tiny", "messages": [
       {"role": "system", "content": "Be brief."},
@@ -155,11 +195,68 @@ TEST(ApiParse, OpenAiCompletionsAndChat) {
   EXPECT_EQ(r.prompt,
             "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
             "<|im_start|>assistant\n<|im_end|>\n<|im_start|>user\n?<|im_end|>\n<|im_start|>assistant\n");
-  EXPECT_EQ(r.stop.max_new_tokens, 9);
+  EXPECT_EQ(r.max_new_tokens, 9);
   EXPECT_EQ(r.sampling.top_k, 0);
-  EXPECT_EQ(r.stop.stop, std::vector<std::string>{kChatEndOfTurn});
-  r = parse_request(Endpoint::ChatCompletions, R"({"messages": [{"role": "user", "content": "x"}]})", limits());
-  EXPECT_EQ(r.stop.max_new_tokens, 0) << "chat defaults to the rest of the context";
+  EXPECT_EQ(r.stop, std::vector<std::string>{kChatEndOfTurn});
+  EXPECT_EQ(resolved(Endpoint::ChatCompletions, R"({"messages": [{"role": "user", "content": "x"}]})", 28).stop.max_new_tokens, 100)
+      << "chat defaults to the rest of the context";
+}
+
+// The one step that resolves limits: everything the engine asserts comes out of it.
+TEST(ApiResolve, ProducesAFullyResolvedRequest) {
+  GenerationRequest g = resolved(Endpoint::Completions, R"({"prompt": "x", "n": 3, "best_of": 4, "seed": 5, "logprobs": 2,
+      "echo": true, "presence_penalty": 0.5, "frequency_penalty": -0.25, "logit_bias": {"7": -100, "9": 2.5},
+      "min_tokens": 2, "max_tokens": 6, "stop_token_ids": [11], "ignore_eos": true})");
+  EXPECT_EQ(g.n, 4) << "best_of sequences are generated";
+  EXPECT_EQ(g.sampling.seed, 5u);
+  EXPECT_EQ(g.top_logprobs, 2);
+  EXPECT_TRUE(g.prompt_logprobs);
+  EXPECT_FLOAT_EQ(g.sampling.presence_penalty, 0.5f);
+  EXPECT_FLOAT_EQ(g.sampling.frequency_penalty, -0.25f);
+  EXPECT_EQ(g.sampling.logit_bias, (std::vector<std::pair<int32_t, float>>{{7, -100.0f}, {9, 2.5f}}));
+  EXPECT_EQ(g.sampling.min_tokens, 2);
+  EXPECT_EQ(g.stop.max_new_tokens, 6);
+  EXPECT_EQ(g.stop.eos_token_ids, std::vector<int32_t>{11});
+  EXPECT_TRUE(g.ignore_eos);
+  EXPECT_EQ(resolved(Endpoint::Completions, R"({"prompt": "x"})").sampling.seed, 99u) << "the server's random seed";
+  // The context: a given max_tokens must fit; a default is lowered to fit.
+  EXPECT_THROW(resolved(Endpoint::Completions, R"({"prompt": "x", "max_tokens": 126})", 3), ApiError);
+  EXPECT_EQ(resolved(Endpoint::Completions, R"({"prompt": "x", "max_tokens": 125})", 3).stop.max_new_tokens, 125);
+  EXPECT_EQ(resolved(Endpoint::Completions, R"({"prompt": "x"})", 120).stop.max_new_tokens, 8);
+  EXPECT_THROW(resolved(Endpoint::Completions, R"({"prompt": "x"})", 128), ApiError) << "no room to generate";
+  EXPECT_EQ(resolved(Endpoint::Completions, R"({"prompt": "x", "echo": true, "max_tokens": 0})", 128).stop.max_new_tokens, 0)
+      << "scoring a full-context prompt";
+  EXPECT_THROW(resolved(Endpoint::Completions, R"({"prompt": "x"})", 0), ApiError) << "empty after tokenization";
+  // TGI: decoder_input_details asks for the prompt's logprobs, top_n_tokens for alternatives.
+  g = resolved(Endpoint::Generate, R"({"inputs": "x", "parameters": {"decoder_input_details": true, "top_n_tokens": 3,
+      "best_of": 2, "do_sample": true}})");
+  EXPECT_TRUE(g.prompt_logprobs);
+  EXPECT_EQ(g.top_logprobs, 3);
+  EXPECT_EQ(g.n, 2);
+}
+
+TEST(ApiParse, TokenizeAndDetokenize) {
+  TokenizeRequest t = parse_tokenize(R"({"prompt": "hi", "add_special_tokens": false})", limits());
+  EXPECT_EQ(t.prompt, "hi");
+  EXPECT_FALSE(t.add_special_tokens);
+  t = parse_tokenize(R"({"model": "tiny", "messages": [{"role": "user", "content": "x"}]})", limits());
+  EXPECT_EQ(t.prompt, "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n");
+  const auto status = [](auto fn) {
+    try {
+      fn();
+    } catch (const ApiError& e) {
+      return e.status();
+    }
+    return 200;
+  };
+  EXPECT_EQ(status([] { parse_tokenize(R"({})", limits()); }), 422);
+  EXPECT_EQ(status([] { parse_tokenize(R"({"prompt": "a", "messages": []})", limits()); }), 422);
+  EXPECT_EQ(status([] { parse_tokenize(R"({"prompt": 3})", limits()); }), 400);
+  EXPECT_EQ(status([] { parse_tokenize(R"({"prompt": "a", "model": "other"})", limits()); }), 404);
+  EXPECT_EQ(parse_detokenize(R"({"tokens": [1, 2, 999]})", limits()), (std::vector<int32_t>{1, 2, 999}));
+  EXPECT_EQ(status([] { parse_detokenize(R"({"tokens": [1000]})", limits()); }), 422);
+  EXPECT_EQ(status([] { parse_detokenize(R"({"tokens": "1"})", limits()); }), 400);
+  EXPECT_EQ(status([] { parse_detokenize(R"({})", limits()); }), 422);
 }
 
 TEST(ApiParse, RandomBytesNeverCrash) {

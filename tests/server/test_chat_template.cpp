@@ -246,7 +246,7 @@ TEST(ChatFormat, ApiRendersWithTheModelsTemplate) {
   ApiRequest r = parse_request(Endpoint::ChatCompletions, body, limits);
   EXPECT_EQ(r.prompt, "<s>[INST] <<SYS>>\nS\n<</SYS>>\n\nU [/INST]");
   EXPECT_FALSE(r.add_special_tokens);  // the template wrote the BOS itself
-  EXPECT_TRUE(r.stop.stop.empty());    // Llama 2 ends its turns with EOS only
+  EXPECT_TRUE(r.stop.empty());    // Llama 2 ends its turns with EOS only
 
   // The template refuses two user turns in a row: 422 with its message.
   try {

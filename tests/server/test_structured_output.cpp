@@ -19,6 +19,16 @@
 namespace fineserve {
 namespace {
 
+// A generated token event of choice 0 carrying `text`.
+TokenEvent text_event(std::string text, std::optional<FinishReason> finish) {
+  TokenEvent e;
+  e.request_id = 1;
+  e.token = 5;
+  e.text = std::move(text);
+  e.finish = finish;
+  return e;
+}
+
 using json = nlohmann::json;
 
 ApiLimits limits() {
@@ -301,7 +311,7 @@ TEST(StructuredOutputResponses, ToolCallsWholeAndStreamed) {
   ctx.id = "chatcmpl-abc";
   ctx.model_name = "m";
   ResponseWriter whole(ctx);
-  const json j = json::parse(whole.on_events({TokenEvent{1, 5, 0.0f, reply, FinishReason::EosToken}}));
+  const json j = json::parse(whole.on_events({text_event(reply, FinishReason::EosToken)}));
   const json choice = j["choices"][0];
   EXPECT_EQ(choice["finish_reason"], "tool_calls");
   EXPECT_TRUE(choice["message"]["content"].is_null());
@@ -314,7 +324,7 @@ TEST(StructuredOutputResponses, ToolCallsWholeAndStreamed) {
   ResponseWriter stream(ctx);
   std::string sse;
   for (size_t i = 0; i < reply.size(); i += 5) {
-    TokenEvent e{1, 5, 0.0f, reply.substr(i, 5), std::nullopt};
+    TokenEvent e = text_event(reply.substr(i, 5), std::nullopt);
     if (i + 5 >= reply.size()) e.finish = FinishReason::EosToken;
     sse += stream.on_events({e});
   }
@@ -340,7 +350,7 @@ TEST(StructuredOutputResponses, ToolCallsWholeAndStreamed) {
   body["tool_choice"] = "none";
   ctx.request = parse(Endpoint::ChatCompletions, body);
   ResponseWriter plain(ctx);
-  const json p = json::parse(plain.on_events({TokenEvent{1, 5, 0.0f, reply, FinishReason::EosToken}}));
+  const json p = json::parse(plain.on_events({text_event(reply, FinishReason::EosToken)}));
   EXPECT_EQ(p["choices"][0]["message"]["content"], reply);
   EXPECT_EQ(p["choices"][0]["finish_reason"], "stop");
 }
