@@ -12,7 +12,7 @@
 #include "bench/report.h"
 #include "engine/engine.h"
 #include "kernels/base.h"
-#include "models/checkpoint/config.h"
+#include "models/registry.h"
 #include "quant/convert.h"
 
 #ifdef FINESERVE_HAVE_CUDA
@@ -191,19 +191,10 @@ std::unique_ptr<Model> load_spec(const ModelSpec& spec, const WeightSource& sour
 uint64_t estimate_device_bytes(const ModelSpec& spec, int64_t kv_tokens) {
   uint64_t bytes = synthetic_checkpoint_bytes(spec.config, spec.weights);
   const std::string label = "synthetic:" + spec.label;
-  const std::string type = ckpt::model_type(spec.config, label);
-  constexpr uint64_t kv_elem = 2;  // 16-bit KV cache
-  uint64_t kv_per_token = 0;
-  if (type == "opt") {
-    const ckpt::OptConfig c = ckpt::parse_opt_config(spec.config, label);
-    kv_per_token = 2 * kv_elem * static_cast<uint64_t>(c.num_hidden_layers * c.hidden_size);
-    // The LM head is tied to the embedding; a backend may hold a second, GEMM-ready copy.
-    bytes += static_cast<uint64_t>(c.vocab_size * c.word_embed_proj_dim) * 2;
-  } else {
-    const ckpt::LlamaConfig c = ckpt::parse_llama_config(spec.config, label);
-    kv_per_token = 2 * kv_elem * static_cast<uint64_t>(c.num_hidden_layers * c.num_key_value_heads * c.head_dim);
-    if (c.tie_word_embeddings) bytes += static_cast<uint64_t>(c.vocab_size * c.hidden_size) * 2;
-  }
+  const ArchitectureShape shape = find_architecture(spec.config, label).shape(spec.config, label);
+  const uint64_t kv_per_token = shape.kv_bytes_per_token(2);  // 16-bit KV cache
+  // A tied LM head: a backend may hold a second, GEMM-ready fp16 copy of the embedding.
+  bytes += static_cast<uint64_t>(shape.tied_head_elements) * 2;
   constexpr uint64_t kMargin = 1536ull << 20;  // activations, logits, cuBLAS workspace
   return bytes + kv_per_token * static_cast<uint64_t>(kv_tokens) + kMargin;
 }

@@ -29,7 +29,7 @@
 #include "models/synthetic.h"
 #include "quant/convert.h"
 #include "server/engine_loop.h"
-#include "server/http_client.h"
+#include "bench/http_client.h"
 #include "server/serve.h"
 
 namespace fineserve::bench {

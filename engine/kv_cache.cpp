@@ -5,6 +5,7 @@
 #include <string>
 
 #include "kernels/base.h"
+#include "models/model.h"  // kv_bytes_per_token
 
 namespace fineserve {
 
@@ -97,7 +98,7 @@ int64_t kv_block_bytes(int n_layers, int n_kv_heads, int head_dim, int block_siz
                  {"head_dim", head_dim},
                  {"block_size", block_size},
                  {"dtype_bytes", dtype_bytes}};
-  int64_t bytes = 2;  // K and V
+  int64_t bytes = 2;  // K and V: checked here for range and overflow, computed by the models' formula
   for (const auto& f : factors) {
     if (f.value < 1)
       throw Error(std::string("KV cache size: ") + f.name + " must be >= 1, got " + std::to_string(f.value));
@@ -105,7 +106,8 @@ int64_t kv_block_bytes(int n_layers, int n_kv_heads, int head_dim, int block_siz
       throw Error("KV cache size: bytes per block overflow int64");
     bytes *= f.value;
   }
-  return bytes;
+  return block_size * static_cast<int64_t>(kv_bytes_per_token(n_layers, static_cast<int64_t>(n_kv_heads) * head_dim,
+                                                              static_cast<uint64_t>(dtype_bytes)));
 }
 
 int blocks_for_budget(int64_t bytes, int n_layers, int n_kv_heads, int head_dim, int block_size,

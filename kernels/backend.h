@@ -36,6 +36,26 @@ class Backend {
   virtual const void* upload(const void* host, size_t bytes) = 0;
 
   // ---- ops ----------------------------------------------------------------------------------
+  // Models call the named forms below (linear(w, x, m, y), linear(w, x, m, bias, y),
+  // layer_norm(x, m, n, gamma, beta, eps, y), rms_norm(x, m, n, gamma, eps, y)); the positional
+  // virtual methods they forward to are what a backend implements.
+
+  // y[m, w.rows] = x[m, w.cols] · wᵀ.
+  void linear(const WeightMatrix& w, const void* x, int64_t m, void* y) { linear(w, x, m, nullptr, DType::F16, y); }
+  // y[m, w.rows] = x[m, w.cols] · wᵀ + bias[w.rows] (when bias is present).
+  void linear(const WeightMatrix& w, const void* x, int64_t m, DenseParam bias, void* y) {
+    linear(w, x, m, bias.data, bias.dtype, y);
+  }
+  // y = (x - mean) / sqrt(var + eps) * gamma + beta over rows of length n; an absent gamma/beta
+  // (OPT's elementwise_affine = false) is 1/0. Present ones share one dtype (the virtual takes one).
+  void layer_norm(const void* x, int64_t m, int64_t n, DenseParam gamma, DenseParam beta, float eps, void* y) {
+    layer_norm(x, m, n, gamma.data, beta.data, gamma.present() ? gamma.dtype : beta.dtype, eps, y);
+  }
+  // y = x / sqrt(mean(x²) + eps) * gamma.
+  void rms_norm(const void* x, int64_t m, int64_t n, DenseParam gamma, float eps, void* y) {
+    rms_norm(x, m, n, gamma.data, gamma.dtype, eps, y);
+  }
+
   // y[m, w.rows] = x[m, w.cols] · wᵀ (+ bias[w.rows], dense of bias_dtype, when not null).
   virtual void linear(const WeightMatrix& w, const void* x, int64_t m, const void* bias, DType bias_dtype,
                       void* y) = 0;

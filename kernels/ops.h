@@ -32,6 +32,15 @@ struct WeightMatrix {
   }
 };
 
+// A dense parameter vector in device memory that an op may add or multiply by: a linear layer's
+// bias, a norm's gamma or beta. `data` null means "none" (no bias; gamma 1, beta 0).
+struct DenseParam {
+  const void* data = nullptr;  // [n] of dtype
+  DType dtype = DType::F16;
+
+  bool present() const { return data != nullptr; }
+};
+
 enum class Activation { ReLU, GELU, GELUTanh, SiLU };
 
 // Attention over a paged KV cache for a batch of sequences whose new tokens are packed

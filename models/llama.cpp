@@ -2,47 +2,15 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <numbers>
 
 #include "kernels/base.h"
-#include "kernels/half.h"
+#include "kernels/cpu/convert.h"
+#include "models/llama_layout.h"
 #include "models/mixtral.h"
-#include "quant/quantizer.h"
+#include "models/registry.h"
 
 namespace fineserve {
-namespace {
-
-float load_float(const std::byte* p, DType t, size_t i) {
-  switch (t) {
-    case DType::F32: {
-      float v;
-      std::memcpy(&v, p + 4 * i, 4);
-      return v;
-    }
-    case DType::F16:
-    case DType::BF16: {
-      uint16_t v;
-      std::memcpy(&v, p + 2 * i, 2);
-      return t == DType::F16 ? half_to_float(v) : bf16_to_float(v);
-    }
-    default: FS_ASSERT(false, "not a float dtype");
-  }
-  return 0;
-}
-
-void append_f32(std::vector<float>& out, const void* data, DType t, size_t n) {
-  const auto* p = static_cast<const std::byte*>(data);
-  for (size_t i = 0; i < n; ++i) out.push_back(load_float(p, t, i));
-}
-
-std::string shape_text(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
-
-}  // namespace
 
 std::vector<float> llama_inv_freq(const ckpt::LlamaConfig& c) {
   const int64_t d = c.head_dim;
@@ -165,10 +133,7 @@ LlamaModel::LlamaModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt:
   kv_ = std::make_unique<PagedKvCache>(be_, c_.num_hidden_layers, static_cast<int64_t>(kv_heads_) * hd);
 
   info_.architecture = c_.model_type;
-  info_.quantization = ld.bits() ? "finequant-int" + std::to_string(ld.bits()) : "none";
-  if (const auto eb = checkpoint_->metadata().find("expert_bits");
-      ld.bits() && eb != checkpoint_->metadata().end() && eb->second != std::to_string(ld.bits()))
-    info_.quantization += ",experts-int" + eb->second;  // quantize --expert-bits
+  info_.quantization = ld.quantization_name();
   info_.vocab_size = vocab;
   info_.max_context = c_.max_position_embeddings;
   info_.n_layers = static_cast<int>(c_.num_hidden_layers);
@@ -183,131 +148,7 @@ LlamaModel::LlamaModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt:
   info_.weight_bytes = bytes;
 }
 
-// The halves are checked as WeightLoader::linear checks a matrix. Two quantized halves with the
-// same bits but different group sizes are both stored at the finer group: a coarse scale repeated
-// over its sub-groups dequantizes identically. A quantized half next to a dense one (a --keep
-// pattern matching only one) or next to one of other bits is dequantized: the pair runs in fp32.
-WeightMatrix load_stacked_linear(const LlamaLoadContext& ctx, const std::string& stem_a, const std::string& stem_b,
-                                 int64_t rows, int64_t cols) {
-  const int64_t f = rows, h = cols;
-  const ckpt::Checkpoint& ck = ctx.checkpoint;
-  const std::string where = "checkpoint " + ck.dir().string() + ": ";
-  const std::string stems[2] = {ctx.prefix + stem_a, ctx.prefix + stem_b};
-
-  struct Half {
-    ckpt::TensorView w;       // .weight or .qweight
-    ckpt::TensorView scales;  // quantized only
-    int64_t group = 0;
-    int bits = 0;
-  };
-  Half half[2];
-  bool quantized[2];
-  for (int i = 0; i < 2; ++i) {
-    quantized[i] = ck.has(stems[i] + ".qweight");
-    if (!quantized[i]) {
-      half[i].w = ck.get(stems[i] + ".weight");
-      if (half[i].w.shape() != std::vector<int64_t>{f, h} || !is_float(half[i].w.dtype()))
-        throw Error(where + "tensor " + stems[i] + ".weight must be a float [" + std::to_string(f) + ", " +
-                    std::to_string(h) + "] matrix as config.json implies, got " +
-                    std::string(dtype_name(half[i].w.dtype())) + " " + shape_text(half[i].w.shape()));
-      continue;
-    }
-    if (ctx.loader.bits() == 0) throw Error(where + stems[i] + ".qweight without FineQuant metadata");
-    const int bits = ctx.loader.bits_of(i == 0 ? stem_a : stem_b);
-    half[i].bits = bits;
-    half[i].w = ck.get(stems[i] + ".qweight");
-    half[i].scales = ck.get(stems[i] + ".scales");
-    const auto& ss = half[i].scales.shape();
-    if (ss.size() != 2 || ss[0] != f || ss[1] <= 0 || h % ss[1] != 0 || half[i].scales.dtype() != DType::F16)
-      throw Error(where + stems[i] + ".scales must be fp16 [" + std::to_string(f) + ", K / group]");
-    half[i].group = h / ss[1];
-    if (!quant::is_allowed_group(h, half[i].group))
-      throw Error(where + stems[i] + " has group " + std::to_string(half[i].group) +
-                  ", not an allowed group size for K = " + std::to_string(h));
-    const std::vector<int64_t> want = {f, bits == 4 ? h / 2 : h};
-    if (half[i].w.shape() != want || half[i].w.dtype() != (bits == 4 ? DType::U8 : DType::I8))
-      throw Error(where + stems[i] + ".qweight must be " + (bits == 4 ? "U8 [" : "I8 [") + std::to_string(want[0]) +
-                  ", " + std::to_string(want[1]) + "]");
-  }
-
-  // This rank's rows of each half (column-parallel): [r0, r0 + n).
-  const ShardSpec shard = ctx.loader.shard();
-  if (f % shard.world != 0)
-    throw Error("tensor parallelism: cannot split " + stems[0] + " and " + stems[1] + " across " +
-                std::to_string(shard.world) + " ranks: their output dimension " + std::to_string(f) +
-                " is not divisible by " + std::to_string(shard.world));
-  const int64_t n = f / shard.world, r0 = shard.rank * n;
-  struct Rows {
-    const std::byte* codes;   // [n, row_bytes] codes or dense values
-    size_t bytes;
-    const std::byte* scales;  // [n, K / group] fp16 (quantized only)
-  };
-  Rows part[2];
-  for (int i = 0; i < 2; ++i) {
-    const Half& hf = half[i];
-    const int64_t row_bytes = static_cast<int64_t>(hf.w.nbytes()) / f;
-    part[i].codes = hf.w.data + r0 * row_bytes;
-    part[i].bytes = static_cast<size_t>(n * row_bytes);
-    part[i].scales = quantized[i] ? hf.scales.data + r0 * (h / hf.group) * 2 : nullptr;
-  }
-
-  WeightMatrix fused;
-  fused.rows = 2 * n;
-  fused.cols = h;
-  std::vector<std::byte> data;
-  std::vector<uint16_t> scales;
-  if (quantized[0] && quantized[1] && half[0].bits == half[1].bits) {
-    fused.bits = half[0].bits;
-    fused.dtype = fused.bits == 4 ? DType::U8 : DType::I8;
-    fused.group = std::min(half[0].group, half[1].group);
-    const int64_t groups = h / fused.group;
-    for (int i = 0; i < 2; ++i) {
-      data.insert(data.end(), part[i].codes, part[i].codes + part[i].bytes);
-      const int64_t repeat = half[i].group / fused.group, stored = h / half[i].group;
-      for (int64_t r = 0; r < n; ++r)
-        for (int64_t g = 0; g < groups; ++g) {
-          uint16_t s;
-          std::memcpy(&s, part[i].scales + 2 * (r * stored + g / repeat), 2);
-          scales.push_back(s);
-        }
-    }
-    fused.scales = scales.data();
-  } else if (!quantized[0] && !quantized[1] && half[0].w.dtype() == half[1].w.dtype()) {
-    fused.dtype = half[0].w.dtype();
-    for (const Rows& pr : part) data.insert(data.end(), pr.codes, pr.codes + pr.bytes);
-  } else {
-    std::vector<float> rows_f32;
-    rows_f32.reserve(static_cast<size_t>(2 * n * h));
-    for (int i = 0; i < 2; ++i) {
-      if (!quantized[i]) {
-        append_f32(rows_f32, part[i].codes, half[i].w.dtype(), static_cast<size_t>(n * h));
-        continue;
-      }
-      quant::QuantizedMatrix q;
-      q.rows = n;
-      q.cols = h;
-      q.bits = half[i].bits;
-      q.group = half[i].group;
-      q.codes.resize(part[i].bytes);
-      std::memcpy(q.codes.data(), part[i].codes, part[i].bytes);
-      q.scales.resize(static_cast<size_t>(n * (h / q.group)));
-      std::memcpy(q.scales.data(), part[i].scales, q.scales.size() * 2);
-      const std::vector<float> dense = quant::dequantize(q);
-      rows_f32.insert(rows_f32.end(), dense.begin(), dense.end());
-    }
-    fused.dtype = DType::F32;
-    data.resize(rows_f32.size() * 4);
-    std::memcpy(data.data(), rows_f32.data(), data.size());
-  }
-  fused.data = data.data();
-  return ctx.backend.upload_weight(fused);  // copies: `data` and `scales` may go
-}
-
 namespace {
-
-Activation llama_activation(const std::string& hidden_act) {
-  return hidden_act == "silu" ? Activation::SiLU : hidden_act == "gelu" ? Activation::GELU : Activation::GELUTanh;
-}
 
 // Llama's MLP (SwiGLU): down_proj(act(gate_proj(x)) * up_proj(x)), gate and up as one GEMM.
 // Under tensor parallelism a rank holds ffn / world columns of gate and up and the same rows of
@@ -317,23 +158,23 @@ class DenseMlp final : public LlamaFfn {
   DenseMlp(const LlamaLoadContext& ctx, const std::string& layer)
       : be_(ctx.backend), hidden_(ctx.config.hidden_size),
         ffn_(ctx.config.intermediate_size / ctx.loader.shard().world),
-        act_(llama_activation(ctx.config.hidden_act)) {
+        act_(ckpt::activation_from_hf_name(ctx.config.hidden_act)) {
     const ckpt::LlamaConfig& c = ctx.config;
     const ShardSpec shard = ctx.loader.shard();
     const std::string p = layer + "mlp.";
-    gate_up_ = load_stacked_linear(ctx, p + "gate_proj", p + "up_proj", c.intermediate_size, hidden_);
+    gate_up_ = ctx.loader.stacked_linear(p + "gate_proj", p + "up_proj", c.intermediate_size, hidden_);
     if (c.mlp_bias) {
       // [gate bias | up bias] in fp32, this rank's slice of each.
-      std::vector<float> both;
-      for (const char* part : {"gate_proj", "up_proj"}) {
-        const std::string name = ctx.prefix + p + part + ".bias";
+      std::vector<float> both(static_cast<size_t>(2 * ffn_));
+      for (int half = 0; half < 2; ++half) {
+        const std::string name = ctx.prefix + p + (half == 0 ? "gate_proj" : "up_proj") + ".bias";
         const ckpt::TensorView t = ctx.checkpoint.get(name);
         if (t.shape() != std::vector<int64_t>{c.intermediate_size} || !is_float(t.dtype()))
           throw Error("checkpoint " + ctx.checkpoint.dir().string() + ": tensor " + name + " must be a float [" +
                       std::to_string(c.intermediate_size) + "] vector, got " + std::string(dtype_name(t.dtype())) +
-                      " " + shape_text(t.shape()));
+                      " " + ckpt::format_shape(t.shape()));
         const size_t first = static_cast<size_t>(shard.rank * ffn_) * dtype_size(t.dtype());
-        append_f32(both, t.data + first, t.dtype(), static_cast<size_t>(ffn_));
+        cpu::to_f32(t.data + first, t.dtype(), ffn_, both.data() + half * ffn_);
       }
       gate_up_bias_ = {be_.upload(both.data(), both.size() * 4), DType::F32, {2 * ffn_}};
       // Row-parallel: added once, by rank 0, before the all-reduce sums the ranks.
@@ -351,9 +192,9 @@ class DenseMlp final : public LlamaFfn {
   void forward(const void* x, int64_t n_tokens, void* out, const FfnWorkspace& ws) override {
     ScratchCarver sc{static_cast<char*>(ws.scratch)};
     const auto [gate_up, act] = carve(sc, n_tokens);
-    be_.linear(gate_up_, x, n_tokens, gate_up_bias_.data, gate_up_bias_.dtype, gate_up);
+    be_.linear(gate_up_, x, n_tokens, gate_up_bias_, gate_up);
     be_.gated_activation(act_, gate_up, n_tokens, ffn_, act);
-    be_.linear(down_, act, n_tokens, down_bias_.data, down_bias_.dtype, out);
+    be_.linear(down_, act, n_tokens, down_bias_, out);
   }
 
   uint64_t weight_bytes() const override { return static_cast<uint64_t>(gate_up_.bytes() + down_.bytes()); }
@@ -398,9 +239,6 @@ void LlamaModel::forward(const StepInput& s, float* logits) {
   pa.sliding_window = static_cast<int>(std::min<int64_t>(c_.sliding_window, INT32_MAX));
 
   const float eps = static_cast<float>(c_.rms_norm_eps);
-  auto linear = [&](const WeightMatrix& w, const void* x, const DeviceTensor& bias, void* y) {
-    be_.linear(w, x, T, bias.data, bias.dtype, y);
-  };
   // Row-parallel layers leave a partial sum on each rank; the all-reduce completes it.
   auto all_reduce = [&](void* x) {
     if (shard_.world > 1) comm_->all_reduce_sum(x, T * h, be_.act_dtype());
@@ -411,19 +249,19 @@ void LlamaModel::forward(const StepInput& s, float* logits) {
   for (size_t li = 0; li < w_.layers.size(); ++li) {
     const LlamaLayer& Ly = w_.layers[li];
     // Attention block: x = RMSNorm(h); h += o_proj(attention(rotary(q), rotary(k), v)).
-    be_.rms_norm(b.h, T, h, Ly.input_norm.data, Ly.input_norm.dtype, eps, b.x);
-    linear(Ly.q_proj, b.x, Ly.q_bias, b.q);
-    linear(Ly.k_proj, b.x, Ly.k_bias, b.k);
-    linear(Ly.v_proj, b.x, Ly.v_bias, b.v);
+    be_.rms_norm(b.h, T, h, Ly.input_norm, eps, b.x);
+    be_.linear(Ly.q_proj, b.x, T, Ly.q_bias, b.q);
+    be_.linear(Ly.k_proj, b.x, T, Ly.k_bias, b.k);
+    be_.linear(Ly.v_proj, b.x, T, Ly.v_bias, b.v);
     be_.rotary(b.q, b.k, index_.positions(), T, pa.n_heads, pa.n_kv_heads, pa.head_dim, pa.head_dim, w_.inv_freq);
     be_.write_kv(pa, b.k, b.v, kv_->k(li), kv_->v(li));
     be_.attention(pa, b.q, kv_->k(li), kv_->v(li), b.attn);
-    linear(Ly.o_proj, b.attn, Ly.o_bias, b.x);
+    be_.linear(Ly.o_proj, b.attn, T, Ly.o_bias, b.x);
     all_reduce(b.x);
     be_.add(b.h, b.x, T * h);
 
     // Feed-forward block: h += ffn(RMSNorm(h)), a SwiGLU MLP or a sparse mixture of them.
-    be_.rms_norm(b.h, T, h, Ly.post_attn_norm.data, Ly.post_attn_norm.dtype, eps, b.x);
+    be_.rms_norm(b.h, T, h, Ly.post_attn_norm, eps, b.x);
     Ly.ffn->forward(b.x, T, b.x, ws);
     all_reduce(b.x);
     be_.add(b.h, b.x, T * h);
@@ -433,8 +271,27 @@ void LlamaModel::forward(const StepInput& s, float* logits) {
 
   // Only the rows whose next token is wanted go through the final norm and the LM head.
   gather_logit_rows(be_, s, b.h, h, b.last);
-  be_.rms_norm(b.last, L, h, w_.final_norm.data, w_.final_norm.dtype, eps, b.last);
+  be_.rms_norm(b.last, L, h, w_.final_norm, eps, b.last);
   head_->forward(b.last, L, logits);
 }
+
+const Architecture kLlamaArchitecture = {
+    .shape = [](const nlohmann::json& config, const std::string& source) {
+      const ckpt::LlamaConfig c = ckpt::parse_llama_config(config, source);
+      return ArchitectureShape{.hidden_size = c.hidden_size,
+                               .n_layers = c.num_hidden_layers,
+                               .n_kv_heads = c.num_key_value_heads,
+                               .head_dim = c.head_dim,
+                               .tied_head_elements = c.tie_word_embeddings ? c.vocab_size * c.hidden_size : 0};
+    },
+    .tensor_specs = [](const nlohmann::json& config, const std::string& source) {
+      return llama_tensor_specs(ckpt::parse_llama_config(config, source));
+    },
+    .load = [](std::unique_ptr<ckpt::Checkpoint> checkpoint, const nlohmann::json& config, const std::string& source,
+               Backend& backend, ShardSpec shard, Communicator* comm) -> std::unique_ptr<Model> {
+      return std::make_unique<LlamaModel>(std::move(checkpoint), ckpt::parse_llama_config(config, source), backend,
+                                          shard, comm);
+    },
+};
 
 }  // namespace fineserve

@@ -12,7 +12,8 @@
 // column-parallel (whole heads / a slice of the FFN per rank, biases split with them); o_proj and
 // down (each expert's w2) are row-parallel, and each block ends in one all-reduce of the
 // [T, hidden] partial sums; their biases live on rank 0 only, so the sum adds them once. The
-// embeddings, norms, MoE router and LM head are replicated (every rank routes alike). Rotary and
+// embeddings, norms and MoE router are replicated (every rank routes alike); the LM head is
+// vocab-parallel when the vocabulary divides by the world size (models/lm_head.h). Rotary and
 // the sliding window act per head and are unchanged; a rank's KV cache holds its KV heads only.
 #pragma once
 
@@ -59,14 +60,6 @@ struct LlamaLoadContext {
   const ckpt::LlamaConfig& config;
   std::string prefix = "model.";
 };
-
-// Two linear weights of the same input stacked into one [2 * rows, cols] matrix (`stem_a`'s rows,
-// then `stem_b`'s), so that one GEMM computes both: SwiGLU's [gate | up]. Both are column-parallel:
-// under tensor parallelism the result is [2 * rows / world, cols], this rank's rows of `stem_a`
-// then its rows of `stem_b` (so act(gate) * up pairs the same columns on every rank). Checked as
-// WeightLoader::linear checks a matrix; see the definition for mixed groups and precisions.
-WeightMatrix load_stacked_linear(const LlamaLoadContext& ctx, const std::string& stem_a, const std::string& stem_b,
-                                 int64_t rows, int64_t cols);
 
 // Llama's SwiGLU MLP of the layer whose tensors start with `layer` ("layers.3."): gate_proj,
 // up_proj, down_proj (and their biases when mlp_bias); gate/up column-parallel, down row-parallel.

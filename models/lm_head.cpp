@@ -19,7 +19,7 @@ LmHead::LmHead(const ckpt::Checkpoint& checkpoint, Backend& backend, const std::
 void LmHead::forward(const void* x, int64_t rows, float* logits) {
   const DType a = be_.act_dtype();
   void* out = out_.reserve(static_cast<size_t>(rows * local_) * dtype_size(a));
-  be_.linear(w_, x, rows, nullptr, DType::F16, out);
+  be_.linear(w_, x, rows, out);
   if (!parallel_) {
     if (logits) be_.to_host_f32(out, rows * vocab_, logits);
     return;

@@ -1,12 +1,11 @@
-// load_model: picks the architecture from config.json's model_type, whole or one rank's shard.
+// load_model: the registry's architecture for config.json's model_type, whole or one rank's shard.
 #include <memory>
 
 #include "kernels/base.h"
 #include "kernels/communicator.h"
 #include "models/checkpoint/config.h"
-#include "models/llama.h"
 #include "models/model.h"
-#include "models/opt.h"
+#include "models/registry.h"
 
 namespace fineserve {
 
@@ -18,16 +17,8 @@ std::unique_ptr<Model> load_model(const std::filesystem::path& path, Backend& ba
   auto checkpoint = std::make_unique<ckpt::Checkpoint>(ckpt::Checkpoint::open(path));
   const std::filesystem::path config_path = checkpoint->dir() / "config.json";
   const nlohmann::json config = ckpt::read_json_file(config_path);
-  const std::string type = ckpt::model_type(config, config_path.string());
-  if (type == "opt") {
-    const ckpt::OptConfig c = ckpt::parse_opt_config(config, config_path.string());
-    return std::make_unique<OptModel>(std::move(checkpoint), c, backend, shard, comm);
-  }
-  if (type == "llama" || type == "mistral" || type == "mixtral") {
-    const ckpt::LlamaConfig c = ckpt::parse_llama_config(config, config_path.string());
-    return std::make_unique<LlamaModel>(std::move(checkpoint), c, backend, shard, comm);
-  }
-  throw Error(config_path.string() + ": model_type '" + type + "' is not supported (supported: opt, llama, mistral, mixtral)");
+  const Architecture& arch = find_architecture(config, config_path.string());
+  return arch.load(std::move(checkpoint), config, config_path.string(), backend, shard, comm);
 }
 
 }  // namespace fineserve

@@ -22,15 +22,14 @@ class SparseMoe final : public LlamaFfn {
         n_experts_(static_cast<int>(ctx.config.num_local_experts)),
         top_k_(static_cast<int>(ctx.config.num_experts_per_tok)) {
     FS_ASSERT(ctx.config.is_moe() && top_k_ >= 1 && top_k_ <= n_experts_);
-    const std::string& act = ctx.config.hidden_act;
-    act_ = act == "silu" ? Activation::SiLU : act == "gelu" ? Activation::GELU : Activation::GELUTanh;
+    act_ = ckpt::activation_from_hf_name(ctx.config.hidden_act);
     const std::string p = layer + "block_sparse_moe.";
     const int64_t ffn = ctx.config.intermediate_size;  // the model's; a rank holds ffn_ of it
     router_ = ctx.loader.linear(p + "gate", n_experts_, hidden_);  // replicated
     for (int e = 0; e < n_experts_; ++e) {
       const std::string x = p + "experts." + std::to_string(e) + ".";
       Expert ex;
-      ex.gate_up = load_stacked_linear(ctx, x + "w1", x + "w3", ffn, hidden_);
+      ex.gate_up = ctx.loader.stacked_linear(x + "w1", x + "w3", ffn, hidden_);
       ex.down = ctx.loader.linear(x + "w2", hidden_, ffn, Parallel::Row);
       experts_.push_back(ex);
     }
@@ -49,7 +48,7 @@ class SparseMoe final : public LlamaFfn {
     const size_t a = dtype_size(be_.act_dtype());
 
     // Route: router logits [T, n_experts] -> top_k experts and weights per token.
-    be_.linear(router_, x, T, nullptr, DType::F16, s.logits);
+    be_.linear(router_, x, T, s.logits);
     be_.moe_route(s.logits, T, n_experts_, top_k_, s.expert_ids, s.weights);
     ids_.resize(static_cast<size_t>(n));
     weights_.resize(static_cast<size_t>(n));
@@ -88,9 +87,9 @@ class SparseMoe final : public LlamaFfn {
       if (m == 0) continue;
       const Expert& ex = experts_[static_cast<size_t>(e)];
       be_.linear(ex.gate_up, static_cast<const char*>(s.gathered) + static_cast<size_t>(begin * hidden_) * a, m,
-                 nullptr, DType::F16, s.gate_up);
+                 s.gate_up);
       be_.gated_activation(act_, s.gate_up, m, ffn_, s.act);
-      be_.linear(ex.down, s.act, m, nullptr, DType::F16, s.expert_out);
+      be_.linear(ex.down, s.act, m, s.expert_out);
       be_.scatter_add_rows(s.expert_out, s.rows + begin, s.row_weights + begin, m, hidden_, out, T);
     }
   }

@@ -48,6 +48,13 @@ struct ShardSpec {
   int world = 1;
 };
 
+// Bytes a paged KV cache holds per token: K and V, n_layers x kv_dim elements each (kv_dim = KV
+// heads x head_dim), of dtype_bytes bytes. The one formula behind every KV sizing (the models'
+// caches, the engine's budget arithmetic, the benchmarks' memory estimates).
+inline uint64_t kv_bytes_per_token(int64_t n_layers, int64_t kv_dim, uint64_t dtype_bytes) {
+  return 2ull * static_cast<uint64_t>(n_layers) * static_cast<uint64_t>(kv_dim) * dtype_bytes;
+}
+
 class Communicator;  // kernels/communicator.h
 
 class Model {
@@ -67,9 +74,9 @@ class Model {
   virtual void forward(const StepInput& step, float* logits) = 0;
 };
 
-// Loads the checkpoint at `path` (config.json's model_type picks the architecture: opt, llama,
-// mistral, mixtral; dense fp16/bf16/fp32 or FineQuant weights) onto `backend`, which must outlive
-// the model.
+// Loads the checkpoint at `path` onto `backend`, which must outlive the model: config.json's
+// model_type picks the architecture in the registry (models/registry.h: opt, llama, mistral,
+// mixtral); dense fp16/bf16/fp32 or FineQuant weights.
 //
 // With shard.world > 1 the model is rank shard.rank's shard of a tensor-parallel group, cut at load
 // time (attention heads, FFN and expert columns; see the architectures' headers), and it runs its

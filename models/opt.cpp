@@ -4,6 +4,8 @@
 #include <cstring>
 
 #include "kernels/base.h"
+#include "models/opt_layout.h"
+#include "models/registry.h"
 
 namespace fineserve {
 
@@ -115,7 +117,7 @@ OptModel::OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::Opt
   head_ = std::make_unique<LmHead>(*checkpoint_, be_, untied ? "lm_head" : prefix + "embed_tokens", vocab, e, shard_, comm_);
 
   info_.architecture = "opt";
-  info_.quantization = ld.bits() ? "finequant-int" + std::to_string(ld.bits()) : "none";
+  info_.quantization = ld.quantization_name();
   info_.vocab_size = vocab;
   info_.max_context = c_.max_position_embeddings;
   info_.n_layers = static_cast<int>(c_.num_hidden_layers);
@@ -128,10 +130,6 @@ OptModel::OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::Opt
 }
 
 OptModel::~OptModel() = default;
-
-void OptModel::linear(const WeightMatrix& w, const void* x, int64_t m, const DeviceTensor& bias, void* y) {
-  be_.linear(w, x, m, bias.data, bias.dtype, y);
-}
 
 void OptModel::forward(const StepInput& s, float* logits) {
   const int T = s.n_tokens(), L = static_cast<int>(s.logit_rows.size());
@@ -148,19 +146,17 @@ void OptModel::forward(const StepInput& s, float* logits) {
   // Embeddings: tokens (projected in when the dims differ) plus learned positions.
   if (e != h) {
     be_.embedding(w_.embed_tokens.data, w_.embed_tokens.dtype, e, index_.token_ids(), T, false, b.emb);
-    be_.linear(w_.project_in, b.emb, T, nullptr, DType::F16, b.h);
+    be_.linear(w_.project_in, b.emb, T, b.h);
   } else {
     be_.embedding(w_.embed_tokens.data, w_.embed_tokens.dtype, e, index_.token_ids(), T, false, b.h);
   }
   be_.embedding(w_.embed_positions.data, w_.embed_positions.dtype, h, index_.positions(), T, true, b.h);
 
   const float eps = 1e-5f;
-  const Activation act = c_.activation_function == "relu" ? Activation::ReLU : Activation::GELU;
+  const Activation act = ckpt::activation_from_hf_name(c_.activation_function);
+  // Without elementwise_affine the norm weights are empty: the backend's gamma 1, beta 0.
   auto layer_norm = [&](const DeviceTensor& g, const DeviceTensor& beta, const void* in, void* out) {
-    if (g.data)
-      be_.layer_norm(in, T, h, g.data, beta.data, g.dtype, eps, out);
-    else
-      be_.layer_norm(in, T, h, nullptr, nullptr, DType::F16, eps, out);
+    be_.layer_norm(in, T, h, g, beta, eps, out);
   };
   // Row-parallel layers leave a partial sum on each rank; the all-reduce completes it.
   auto all_reduce = [&](void* x) {
@@ -174,12 +170,12 @@ void OptModel::forward(const StepInput& s, float* logits) {
       layer_norm(Ly.attn_ln_w, Ly.attn_ln_b, b.h, b.x);
       attn_in = b.x;
     }
-    linear(Ly.q_proj, attn_in, T, Ly.q_bias, b.q);
-    linear(Ly.k_proj, attn_in, T, Ly.k_bias, b.k);
-    linear(Ly.v_proj, attn_in, T, Ly.v_bias, b.v);
+    be_.linear(Ly.q_proj, attn_in, T, Ly.q_bias, b.q);
+    be_.linear(Ly.k_proj, attn_in, T, Ly.k_bias, b.k);
+    be_.linear(Ly.v_proj, attn_in, T, Ly.v_bias, b.v);
     be_.write_kv(pa, b.k, b.v, kv_->k(li), kv_->v(li));
     be_.attention(pa, b.q, kv_->k(li), kv_->v(li), b.attn);
-    linear(Ly.out_proj, b.attn, T, Ly.out_bias, b.x);
+    be_.linear(Ly.out_proj, b.attn, T, Ly.out_bias, b.x);
     all_reduce(b.x);
     be_.add(b.h, b.x, T * h);
     if (!c_.do_layer_norm_before) layer_norm(Ly.attn_ln_w, Ly.attn_ln_b, b.h, b.h);
@@ -190,9 +186,9 @@ void OptModel::forward(const StepInput& s, float* logits) {
       layer_norm(Ly.ffn_ln_w, Ly.ffn_ln_b, b.h, b.x);
       mlp_in = b.x;
     }
-    linear(Ly.fc1, mlp_in, T, Ly.fc1_bias, b.ffn);
+    be_.linear(Ly.fc1, mlp_in, T, Ly.fc1_bias, b.ffn);
     be_.activation(act, b.ffn, T * ffn_);
-    linear(Ly.fc2, b.ffn, T, Ly.fc2_bias, b.x);
+    be_.linear(Ly.fc2, b.ffn, T, Ly.fc2_bias, b.x);
     all_reduce(b.x);
     be_.add(b.h, b.x, T * h);
     if (!c_.do_layer_norm_before) layer_norm(Ly.ffn_ln_w, Ly.ffn_ln_b, b.h, b.h);
@@ -202,18 +198,34 @@ void OptModel::forward(const StepInput& s, float* logits) {
 
   // Only the rows whose next token is wanted go through the final norm and the LM head.
   gather_logit_rows(be_, s, b.h, h, b.last);
-  if (w_.final_ln_w.data || c_.has_final_layer_norm()) {
-    if (w_.final_ln_w.data)
-      be_.layer_norm(b.last, L, h, w_.final_ln_w.data, w_.final_ln_b.data, w_.final_ln_w.dtype, eps, b.last);
-    else
-      be_.layer_norm(b.last, L, h, nullptr, nullptr, DType::F16, eps, b.last);
-  }
+  if (w_.final_ln_w.data || c_.has_final_layer_norm())
+    be_.layer_norm(b.last, L, h, w_.final_ln_w, w_.final_ln_b, eps, b.last);
   const void* head_in = b.last;
   if (e != h) {
-    be_.linear(w_.project_out, b.last, L, nullptr, DType::F16, b.x);
+    be_.linear(w_.project_out, b.last, L, b.x);
     head_in = b.x;
   }
   head_->forward(head_in, L, logits);
 }
+
+const Architecture kOptArchitecture = {
+    .shape = [](const nlohmann::json& config, const std::string& source) {
+      const ckpt::OptConfig c = ckpt::parse_opt_config(config, source);
+      // The LM head is tied to the embedding.
+      return ArchitectureShape{.hidden_size = c.hidden_size,
+                               .n_layers = c.num_hidden_layers,
+                               .n_kv_heads = c.num_attention_heads,
+                               .head_dim = c.head_dim(),
+                               .tied_head_elements = c.vocab_size * c.word_embed_proj_dim};
+    },
+    .tensor_specs = [](const nlohmann::json& config, const std::string& source) {
+      return opt_tensor_specs(ckpt::parse_opt_config(config, source));
+    },
+    .load = [](std::unique_ptr<ckpt::Checkpoint> checkpoint, const nlohmann::json& config, const std::string& source,
+               Backend& backend, ShardSpec shard, Communicator* comm) -> std::unique_ptr<Model> {
+      return std::make_unique<OptModel>(std::move(checkpoint), ckpt::parse_opt_config(config, source), backend, shard,
+                                        comm);
+    },
+};
 
 }  // namespace fineserve

@@ -6,10 +6,10 @@
 // only its rank's heads and FFN columns: q/k/v and fc1 are column-parallel (whole heads / a slice
 // of ffn_dim per rank, biases split with them), out_proj and fc2 are row-parallel (a slice of K)
 // and each is followed by one all-reduce of the [T, hidden] partial sums; their biases live on
-// rank 0 only, so the sum adds them once. Embeddings, positions, layer norms, project_in/out and
-// the LM head are replicated (they are a small part of the weights of the models FineServe
-// targets, and a replicated head needs no all-gather of logits). The KV cache of a rank holds
-// its heads only.
+// rank 0 only, so the sum adds them once. Embeddings, positions, layer norms and project_in/out
+// are replicated (a small part of the weights of the models FineServe targets). The LM head is
+// vocab-parallel when the vocabulary divides by the world size, replicated otherwise
+// (models/lm_head.h). The KV cache of a rank holds its heads only.
 #pragma once
 
 #include <memory>
@@ -65,7 +65,6 @@ class OptModel : public Model {
  private:
   struct Activations;
   Activations activations(int n_tokens, int n_logits);
-  void linear(const WeightMatrix& w, const void* x, int64_t m, const DeviceTensor& bias, void* y);
 
   std::unique_ptr<ckpt::Checkpoint> checkpoint_;  // the mapped weights the backend may point into
   ckpt::OptConfig c_;

@@ -100,8 +100,7 @@ void PagedKvCache::release() {
 }
 
 uint64_t PagedKvCache::block_bytes(int block_size) const {
-  return 2ull * static_cast<uint64_t>(n_layers_) * static_cast<uint64_t>(block_size) * static_cast<uint64_t>(kv_dim_) *
-         dtype_size(be_.act_dtype());
+  return static_cast<uint64_t>(block_size) * kv_bytes_per_token(n_layers_, kv_dim_, dtype_size(be_.act_dtype()));
 }
 
 void PagedKvCache::allocate(int num_blocks, int block_size) {

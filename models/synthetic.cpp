@@ -12,12 +12,10 @@
 #include "kernels/cpu/convert.h"
 #include "models/checkpoint/atomic_dir.h"
 #include "models/checkpoint/config.h"
-#include "models/llama.h"
-#include "models/llama_layout.h"
-#include "models/opt.h"
-#include "models/opt_layout.h"
+#include "models/registry.h"
 #include "quant/adaptive.h"
 #include "quant/convert.h"
+#include "quant/format.h"
 #include "quant/quantizer.h"
 
 namespace fineserve {
@@ -151,18 +149,9 @@ void fill_scales(std::byte* dst, int bits, int64_t group, double stddev, int64_t
 
 // The tensors of the architecture `config` names, in the order HF writes them.
 std::vector<TensorSpec> tensor_specs(const nlohmann::json& config, const std::string& label, int64_t* hidden) {
-  const std::string type = ckpt::model_type(config, label);
-  if (type == "opt") {
-    const ckpt::OptConfig c = ckpt::parse_opt_config(config, label);
-    if (hidden) *hidden = c.hidden_size;
-    return opt_tensor_specs(c);
-  }
-  if (type == "llama" || type == "mistral" || type == "mixtral") {
-    const ckpt::LlamaConfig c = ckpt::parse_llama_config(config, label);
-    if (hidden) *hidden = c.hidden_size;
-    return llama_tensor_specs(c);
-  }
-  throw Error(label + ": model_type '" + type + "' has no synthetic layout (opt, llama, mistral, mixtral)");
+  const Architecture& arch = find_architecture(config, label);
+  if (hidden) *hidden = arch.shape(config, label).hidden_size;
+  return arch.tensor_specs(config, label);
 }
 
 const char* torch_dtype_name(DType d) {
@@ -190,9 +179,9 @@ std::string stem_of(const std::string& weight_name) {  // "x.fc1.weight" -> "x.f
 }
 
 Plan plan_synthetic(const nlohmann::json& config_in, const SyntheticWeights& w, const std::string& label) {
-  if (w.bits != 0 && w.bits != 8 && w.bits != 4)
+  if (w.bits != 0 && !quant::is_valid_bits(w.bits))
     throw Error("synthetic weights: bits must be 0 (dense), 8 or 4, got " + std::to_string(w.bits));
-  if (w.expert_bits != 0 && w.expert_bits != 8 && w.expert_bits != 4)
+  if (w.expert_bits != 0 && !quant::is_valid_bits(w.expert_bits))
     throw Error("synthetic weights: expert bits must be 0, 8 or 4, got " + std::to_string(w.expert_bits));
   if (!is_float(w.dtype)) throw Error("synthetic weights: dense tensors must be F32, F16 or BF16");
   if (!(w.stddev > 0) || !std::isfinite(w.stddev)) throw Error("synthetic weights: stddev must be positive");
@@ -216,8 +205,13 @@ Plan plan_synthetic(const nlohmann::json& config_in, const SyntheticWeights& w, 
   const std::vector<TensorSpec> specs = tensor_specs(plan.config, label, nullptr);
   const int meta_bits = w.bits ? w.bits : w.expert_bits;  // what "bits" records (0: dense)
 
-  nlohmann::json groups = nlohmann::json::object(), matrix_bits = nlohmann::json::object();
-  bool mixed_bits = false;
+  quant::FormatMetadata format;  // what `fineserve quantize --group-mode fixed` writes (quant/format.h)
+  format.bits = meta_bits;
+  format.expert_bits = w.expert_bits;
+  format.group_mode = "fixed";
+  format.alpha = quant::kDefaultAlpha;
+  format.source_fingerprint = "synthetic:" + label + ":seed=" + std::to_string(w.seed);
+  format.extra["fineserve.synthetic"] = label + " seed=" + std::to_string(w.seed);
   for (const TensorSpec& s : specs) {
     int bits = 0;
     if (s.linear && !std::regex_search(s.name, router_re) &&
@@ -243,49 +237,28 @@ Plan plan_synthetic(const nlohmann::json& config_in, const SyntheticWeights& w, 
                   std::to_string(k) + "; allowed: " + allowed + ")");
     }
     const std::string stem = stem_of(s.name);
+    const quant::MatrixFormat mf{bits, group};
     PlannedTensor codes;
     codes.fill = PlannedTensor::Fill::Codes;
-    codes.decl = {stem + ".qweight", bits == 4 ? DType::U8 : DType::I8, {s.shape[0], bits == 4 ? k / 2 : k}};
+    codes.decl = {quant::codes_name(stem), mf.code_dtype(), {s.shape[0], mf.code_row_bytes(k)}};
     codes.key = w.seed ^ hash_name(codes.decl.name);
     codes.bits = bits;
     PlannedTensor scales;
     scales.fill = PlannedTensor::Fill::Scales;
-    scales.decl = {stem + ".scales", DType::F16, {s.shape[0], k / group}};
+    scales.decl = {quant::scales_name(stem), DType::F16, {s.shape[0], mf.groups_per_row(k)}};
     scales.key = w.seed ^ hash_name(scales.decl.name);
     scales.bits = bits;
     scales.group = group;
     plan.tensors.push_back(std::move(codes));
     plan.tensors.push_back(std::move(scales));
-    groups[stem] = group;
-    matrix_bits[stem] = bits;
-    mixed_bits |= bits != meta_bits;
+    format.groups[stem] = group;
+    format.matrix_bits[stem] = bits;
   }
 
-  // The metadata and quantization_config that `fineserve quantize` writes (quant/convert.h).
-  plan.metadata = {{"format", "pt"}, {"fineserve.synthetic", label + " seed=" + std::to_string(w.seed)}};
-  if (!groups.empty()) {
-    const std::string fingerprint = "synthetic:" + label + ":seed=" + std::to_string(w.seed);
-    plan.metadata = {{"format", quant::kFormatName},
-                     {"quantizer_version", std::to_string(quant::kQuantizerVersion)},
-                     {"bits", std::to_string(meta_bits)},
-                     {"group_mode", "fixed"},
-                     {"alpha", std::to_string(quant::kDefaultAlpha)},
-                     {"source_fingerprint", fingerprint},
-                     {"groups", groups.dump()},
-                     {"fineserve.synthetic", label + " seed=" + std::to_string(w.seed)}};
-    plan.config["quantization_config"] = {{"quant_method", "finequant"},
-                                          {"format", quant::kFormatName},
-                                          {"quantizer_version", quant::kQuantizerVersion},
-                                          {"bits", meta_bits},
-                                          {"group_mode", "fixed"},
-                                          {"groups", groups},
-                                          {"source_fingerprint", fingerprint}};
-    if (mixed_bits) {
-      plan.metadata["expert_bits"] = std::to_string(w.expert_bits);
-      plan.metadata["matrix_bits"] = matrix_bits.dump();
-      plan.config["quantization_config"]["expert_bits"] = w.expert_bits;
-      plan.config["quantization_config"]["matrix_bits"] = matrix_bits;
-    }
+  plan.metadata = {{"format", "pt"}, {"fineserve.synthetic", format.extra["fineserve.synthetic"]}};
+  if (!format.groups.empty()) {
+    plan.metadata = quant::to_header_metadata(format);
+    plan.config["quantization_config"] = quant::to_quantization_config(format);
   }
   return plan;
 }
@@ -313,7 +286,7 @@ nlohmann::json synthetic_config(const std::filesystem::path& config_path, DType 
 
 void write_synthetic(const SynthOptions& o, const std::function<void(size_t, size_t)>& progress) {
   const nlohmann::json config = synthetic_config(o.config, o.dtype, o.overrides, o.num_layers);
-  const std::string type = ckpt::model_type(config, o.config.string());
+  const std::string type = ckpt::model_type(config, o.config.string());  // names the weights' origin
   int64_t hidden = 0;
   const std::vector<TensorSpec> specs = tensor_specs(config, o.config.string(), &hidden);
   if (o.outlier_channels < 0 || o.outlier_channels > hidden)
@@ -421,12 +394,7 @@ SyntheticCheckpoint make_synthetic_checkpoint(const nlohmann::json& config, cons
 std::unique_ptr<Model> load_synthetic_model(SyntheticCheckpoint s, Backend& backend) {
   FS_ASSERT(s.checkpoint != nullptr);
   const std::string label = s.checkpoint->dir().string();
-  const std::string type = ckpt::model_type(s.config, label);
-  if (type == "opt")
-    return std::make_unique<OptModel>(std::move(s.checkpoint), ckpt::parse_opt_config(s.config, label), backend);
-  if (type == "llama" || type == "mistral" || type == "mixtral")
-    return std::make_unique<LlamaModel>(std::move(s.checkpoint), ckpt::parse_llama_config(s.config, label), backend);
-  throw Error(label + ": model_type '" + type + "' is not supported (supported: opt, llama, mistral, mixtral)");
+  return find_architecture(s.config, label).load(std::move(s.checkpoint), s.config, label, backend, {}, nullptr);
 }
 
 }  // namespace fineserve

@@ -1,21 +1,15 @@
 #include "models/weights.h"
 
+#include <algorithm>
 #include <cstring>
 
-#include <nlohmann/json.hpp>
-
 #include "kernels/base.h"
+#include "kernels/cpu/convert.h"
 #include "kernels/half.h"
 #include "quant/quantizer.h"
 
 namespace fineserve {
 namespace {
-
-std::string shape_str(const std::vector<int64_t>& s) {
-  std::string out = "[";
-  for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
-  return out + "]";
-}
 
 // Copies rows [r0, r0 + nr) x bytes [c0, c0 + nc) of a row-major [*, row_bytes] byte matrix
 // into a contiguous buffer (a rank's shard of a checkpoint tensor, which the backend then uploads).
@@ -32,28 +26,7 @@ std::vector<std::byte> copy_block(const void* src, int64_t row_bytes, int64_t r0
 WeightLoader::WeightLoader(const ckpt::Checkpoint& checkpoint, Backend& backend, std::string prefix, ShardSpec shard)
     : ckpt_(checkpoint), backend_(backend), prefix_(std::move(prefix)), shard_(shard) {
   FS_ASSERT(shard_.world >= 1 && shard_.rank >= 0 && shard_.rank < shard_.world);
-  const auto& meta = ckpt_.metadata();
-  if (auto it = meta.find("format"); it != meta.end() && it->second == "fineserve-finequant") {
-    auto b = meta.find("bits");
-    if (b == meta.end() || (b->second != "8" && b->second != "4"))
-      throw Error("checkpoint " + ckpt_.dir().string() + ": FineQuant metadata has no valid 'bits'");
-    bits_ = std::stoi(b->second);
-    if (auto mb = meta.find("matrix_bits"); mb != meta.end()) {  // quantize --expert-bits
-      const nlohmann::json j = nlohmann::json::parse(mb->second, nullptr, /*allow_exceptions=*/false);
-      if (!j.is_object()) throw Error("checkpoint " + ckpt_.dir().string() + ": metadata 'matrix_bits' is not a JSON object");
-      for (const auto& [stem, v] : j.items()) {
-        if (!v.is_number_integer() || (v.get<int>() != 8 && v.get<int>() != 4))
-          throw Error("checkpoint " + ckpt_.dir().string() + ": metadata 'matrix_bits' gives " + stem + " " + v.dump() +
-                      " bits (8 or 4 expected)");
-        matrix_bits_[stem] = v.get<int>();
-      }
-    }
-  }
-}
-
-int WeightLoader::bits_of(const std::string& stem) const {
-  const auto it = matrix_bits_.find(prefix_ + stem);
-  return it == matrix_bits_.end() ? bits_ : it->second;
+  format_ = quant::read_header_metadata(ckpt_.metadata(), "checkpoint " + ckpt_.dir().string());
 }
 
 bool WeightLoader::has(const std::string& name) const { return ckpt_.has(prefix_ + name); }
@@ -63,7 +36,7 @@ const ckpt::TensorView& WeightLoader::expect(const std::string& name, const std:
   last_ = ckpt_.get(prefix_ + name);
   if (last_.shape() != shape)
     throw Error("checkpoint " + ckpt_.dir().string() + ": tensor " + prefix_ + name + " has shape " +
-                shape_str(last_.shape()) + " but config.json implies " + shape_str(shape));
+                ckpt::format_shape(last_.shape()) + " but config.json implies " + ckpt::format_shape(shape));
   bool ok = false;
   for (DType d : dtypes) ok |= d == last_.dtype();
   if (!ok)
@@ -94,22 +67,25 @@ WeightMatrix WeightLoader::stored(const std::string& stem, int64_t rows, int64_t
   host.rows = rows;
   host.cols = cols;
   int64_t row_bytes = 0;  // of the stored codes / values
-  if (has(stem + ".qweight")) {
-    if (bits_ == 0) throw Error("checkpoint " + ckpt_.dir().string() + ": " + stem + ".qweight without FineQuant metadata");
-    const ckpt::TensorView scales_probe = ckpt_.get(prefix_ + stem + ".scales");
+  if (has(quant::codes_name(stem))) {
+    if (!format_)
+      throw Error("checkpoint " + ckpt_.dir().string() + ": " + quant::codes_name(stem) + " without FineQuant metadata");
+    // The group is what the scales' shape says (the metadata's "groups" is for people and tools).
+    const ckpt::TensorView scales_probe = ckpt_.get(prefix_ + quant::scales_name(stem));
     if (scales_probe.shape().size() != 2 || scales_probe.shape()[1] <= 0 || cols % scales_probe.shape()[1] != 0)
-      throw Error("checkpoint " + ckpt_.dir().string() + ": " + stem + ".scales has a shape that does not divide K");
-    const int64_t group = cols / scales_probe.shape()[1];
-    if (!quant::is_allowed_group(cols, group))
-      throw Error("checkpoint " + ckpt_.dir().string() + ": " + stem + " has group " + std::to_string(group) +
+      throw Error("checkpoint " + ckpt_.dir().string() + ": " + quant::scales_name(stem) +
+                  " has a shape that does not divide K");
+    const quant::MatrixFormat f{format_->bits_of(prefix_ + stem), cols / scales_probe.shape()[1]};
+    if (!quant::is_allowed_group(cols, f.group))
+      throw Error("checkpoint " + ckpt_.dir().string() + ": " + stem + " has group " + std::to_string(f.group) +
                   ", not an allowed group size for K = " + std::to_string(cols));
-    const int bits = bits_of(stem);
-    host.bits = bits;
-    host.group = group;
-    host.dtype = bits == 4 ? DType::U8 : DType::I8;
-    row_bytes = bits == 4 ? cols / 2 : cols;
-    host.data = expect(stem + ".qweight", {rows, row_bytes}, {host.dtype}).data;
-    host.scales = reinterpret_cast<const uint16_t*>(expect(stem + ".scales", {rows, cols / group}, {DType::F16}).data);
+    host.bits = f.bits;
+    host.group = f.group;
+    host.dtype = f.code_dtype();
+    row_bytes = f.code_row_bytes(cols);
+    host.data = expect(quant::codes_name(stem), {rows, row_bytes}, {host.dtype}).data;
+    host.scales = reinterpret_cast<const uint16_t*>(
+        expect(quant::scales_name(stem), {rows, f.groups_per_row(cols)}, {DType::F16}).data);
   } else {
     const ckpt::TensorView& w = expect(stem + ".weight", {rows, cols}, {DType::F32, DType::F16, DType::BF16});
     host.dtype = w.dtype();
@@ -156,7 +132,7 @@ WeightMatrix WeightLoader::load_linear(const std::string& stem, int64_t rows, in
         throw Error("tensor parallelism: cannot split the int4 matrix " + prefix_ + stem + " across " +
                     std::to_string(part.world) + " ranks: the per-rank K = " + std::to_string(k) +
                     " is odd and int4 codes are packed two per byte");
-      const int64_t kb = host.bits == 4 ? k / 2 : k;
+      const int64_t kb = quant::MatrixFormat{host.bits, host.group}.code_row_bytes(k);
       data = copy_block(host.data, row_bytes, 0, rows, r * kb, kb);
       const int64_t sb = host.groups_per_row() * 2;
       if (host.group == cols) {
@@ -176,8 +152,77 @@ WeightMatrix WeightLoader::load_linear(const std::string& stem, int64_t rows, in
   return backend_.upload_weight(host);
 }
 
+WeightMatrix WeightLoader::stacked_linear(const std::string& stem_a, const std::string& stem_b, int64_t rows,
+                                          int64_t cols) {
+  const std::string stems[2] = {stem_a, stem_b};
+  WeightMatrix half[2];
+  int64_t row_bytes[2] = {0, 0};
+  for (int i = 0; i < 2; ++i) half[i] = stored(stems[i], rows, cols, &row_bytes[i]);
+
+  // This rank's rows of each half (column-parallel): [r0, r0 + n).
+  if (rows % shard_.world != 0)
+    throw Error("tensor parallelism: cannot split " + prefix_ + stem_a + " and " + prefix_ + stem_b + " across " +
+                std::to_string(shard_.world) + " ranks: their output dimension " + std::to_string(rows) +
+                " is not divisible by " + std::to_string(shard_.world));
+  const int64_t n = rows / shard_.world, r0 = shard_.rank * n;
+  for (int i = 0; i < 2; ++i) {
+    half[i].data = static_cast<const std::byte*>(half[i].data) + r0 * row_bytes[i];
+    if (half[i].quantized()) half[i].scales += r0 * half[i].groups_per_row();
+    half[i].rows = n;
+  }
+  auto append_rows = [&](std::vector<std::byte>& out, int i) {
+    const auto* p = static_cast<const std::byte*>(half[i].data);
+    out.insert(out.end(), p, p + n * row_bytes[i]);
+  };
+
+  WeightMatrix fused;
+  fused.rows = 2 * n;
+  fused.cols = cols;
+  std::vector<std::byte> data;
+  std::vector<uint16_t> scales;
+  if (half[0].quantized() && half[1].quantized() && half[0].bits == half[1].bits) {
+    fused.bits = half[0].bits;
+    fused.dtype = half[0].dtype;
+    fused.group = std::min(half[0].group, half[1].group);
+    const int64_t groups = fused.groups_per_row();
+    for (int i = 0; i < 2; ++i) {
+      append_rows(data, i);
+      const int64_t repeat = half[i].group / fused.group, stored_groups = half[i].groups_per_row();
+      for (int64_t r = 0; r < n; ++r)
+        for (int64_t g = 0; g < groups; ++g) {
+          uint16_t scale;  // memcpy: checkpoint memory need not be 2-byte aligned
+          std::memcpy(&scale, reinterpret_cast<const std::byte*>(half[i].scales) + 2 * (r * stored_groups + g / repeat), 2);
+          scales.push_back(scale);
+        }
+    }
+    fused.scales = scales.data();
+  } else if (!half[0].quantized() && !half[1].quantized() && half[0].dtype == half[1].dtype) {
+    fused.dtype = half[0].dtype;
+    for (int i = 0; i < 2; ++i) append_rows(data, i);
+  } else {
+    std::vector<float> rows_f32(static_cast<size_t>(2 * n * cols));
+    for (int i = 0; i < 2; ++i) {
+      float* out = rows_f32.data() + i * n * cols;
+      if (half[i].quantized()) {
+        std::vector<uint16_t> half_scales(static_cast<size_t>(n * half[i].groups_per_row()));
+        std::memcpy(half_scales.data(), half[i].scales, half_scales.size() * 2);
+        quant::dequantize_rows(static_cast<const uint8_t*>(half[i].data), half_scales.data(), n, cols, half[i].bits,
+                               half[i].group, out);
+      } else {
+        cpu::to_f32(half[i].data, half[i].dtype, n * cols, out);
+      }
+    }
+    fused.dtype = DType::F32;
+    data.resize(rows_f32.size() * 4);
+    std::memcpy(data.data(), rows_f32.data(), data.size());
+  }
+  fused.data = data.data();
+  bytes_ += static_cast<uint64_t>(fused.bytes());
+  return backend_.upload_weight(fused);  // copies: `data` and `scales` may go
+}
+
 DeviceTensor WeightLoader::embedding(const std::string& stem, int64_t rows, int64_t cols) {
-  if (!has(stem + ".qweight")) return dense(stem + ".weight", {rows, cols});
+  if (!has(quant::codes_name(stem))) return dense(stem + ".weight", {rows, cols});
   int64_t row_bytes = 0;
   const WeightMatrix q = stored(stem, rows, cols, &row_bytes);
   std::vector<uint16_t> table(static_cast<size_t>(rows * cols));

@@ -3,21 +3,25 @@
 // rank's shard at load time (Megatron style, DESIGN: Tensor parallelism).
 #pragma once
 
-#include <map>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "kernels/backend.h"
 #include "models/checkpoint/safetensors.h"
 #include "models/model.h"  // ShardSpec
+#include "quant/format.h"
 
 namespace fineserve {
 
-// A dense parameter vector/matrix on the device (norms, biases, embeddings).
+// A dense parameter vector/matrix on the device (norms, biases, embeddings); empty (data null)
+// when the model has none. Passes to the backend as the DenseParam it is (a bias, a norm's gamma).
 struct DeviceTensor {
   const void* data = nullptr;
   DType dtype = DType::F16;
   std::vector<int64_t> shape;
+
+  operator DenseParam() const { return {data, dtype}; }  // NOLINT(google-explicit-constructor)
 };
 
 // How a linear layer [out, in] is divided among the ranks (Megatron's names).
@@ -35,9 +39,10 @@ class WeightLoader {
 
   // The FineQuant bits of this checkpoint (0 for a dense one): every quantized matrix's, unless the
   // metadata's "matrix_bits" ({stem: bits}, written by `quantize --expert-bits`) says otherwise.
-  int bits() const { return bits_; }
-  // The bits of the quantized matrix `stem` (prefix applied): "matrix_bits" or bits().
-  int bits_of(const std::string& stem) const;
+  int bits() const { return format_ ? format_->bits : 0; }
+  // "none", or the FineQuant format's name for the checkpoint's quantization ("finequant-int4",
+  // "finequant-int8,experts-int4"): what ModelInfo::quantization reports.
+  std::string quantization_name() const { return format_ ? format_->quantization_name() : "none"; }
   const ShardSpec& shard() const { return shard_; }
   bool has(const std::string& name) const;
   // `stem`.weight (dense) or `stem`.qweight + `stem`.scales (FineQuant), checked to be the full
@@ -53,6 +58,15 @@ class WeightLoader {
   // K/V projections of a model with fewer KV heads than ranks, where several ranks hold the same
   // KV head (the one their query heads read).
   WeightMatrix linear_part(const std::string& stem, int64_t rows, int64_t cols, ShardSpec part);
+  // Two linear weights of the same input stacked into one [2 * rows, cols] matrix (`stem_a`'s rows,
+  // then `stem_b`'s), so that one GEMM computes both: SwiGLU's [gate | up]. Both are
+  // column-parallel: under tensor parallelism the result is [2 * rows / world, cols], this rank's
+  // rows of `stem_a` then its rows of `stem_b` (so act(gate) * up pairs the same columns on every
+  // rank). Each half is checked as linear() checks a matrix. Two quantized halves with the same
+  // bits but different group sizes are both stored at the finer group: a coarse scale repeated
+  // over its sub-groups dequantizes identically. A quantized half next to a dense one (a --keep
+  // pattern matching only one) or next to one of other bits is dequantized: the pair runs in fp32.
+  WeightMatrix stacked_linear(const std::string& stem_a, const std::string& stem_b, int64_t rows, int64_t cols);
   // A token embedding [rows, cols] for lookups (replicated): `stem`.weight uploaded as stored, or a
   // FineQuant `stem`.qweight + .scales (`quantize --quantize-embeddings`) dequantized to fp16 on
   // the host at load time. A lookup reads a few rows per step, so only the LM head, which reads
@@ -80,8 +94,7 @@ class WeightLoader {
   Backend& backend_;
   std::string prefix_;
   ShardSpec shard_;
-  int bits_ = 0;
-  std::map<std::string, int> matrix_bits_;  // full stem -> bits, where the metadata lists them
+  std::optional<quant::FormatMetadata> format_;  // FineQuant checkpoints only
   uint64_t bytes_ = 0;
   ckpt::TensorView last_;
 };

@@ -125,8 +125,8 @@ std::string source_fingerprint(const fs::path& model) {
 ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<void(const Progress&)>& progress) {
   const auto t0 = std::chrono::steady_clock::now();
   const int bits = o.group.bits;
-  if (bits != 8 && bits != 4) throw Error("--bits must be 8 or 4 (got " + std::to_string(bits) + ")");
-  if (o.expert_bits != 0 && o.expert_bits != 8 && o.expert_bits != 4)
+  if (!is_valid_bits(bits)) throw Error("--bits must be 8 or 4 (got " + std::to_string(bits) + ")");
+  if (o.expert_bits != 0 && !is_valid_bits(o.expert_bits))
     throw Error("--expert-bits must be 8 or 4 (got " + std::to_string(o.expert_bits) + ")");
   const std::regex expert_re(kExpertPattern), router_re(kRouterPattern);
   if (o.group.mode == GroupMode::Alpha && o.group.alpha != 0 && !(o.group.alpha > 1.0))
@@ -194,44 +194,35 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
   report.expert_bits = o.expert_bits;
   report.target_bits = o.target_bits;
 
-  // Output names, and a metadata template with the longest values, to size the headers.
+  // Output names, and the metadata with placeholder groups of the longest value, to size the
+  // headers before the groups are known (the bits are known now: they do not depend on the data).
   std::vector<std::string> names;
-  nlohmann::json groups_template = nlohmann::json::object();
-  nlohmann::json matrix_bits = nlohmann::json::object();  // known now: bits do not depend on the data
-  bool mixed_bits = false;
+  FormatMetadata format;
+  format.bits = bits;
+  format.expert_bits = o.expert_bits;
+  format.group_mode = o.target_bits > 0 ? "target-bits" : mode_name(o.group.mode);
+  format.scale_rule = scale_rule_name(o.group.scale);
+  format.target_bits = o.target_bits;
+  format.alpha = o.group.alpha == 0 ? kDefaultAlpha : o.group.alpha;
+  format.source_fingerprint = report.fingerprint;
   for (const Plan& p : plan) {
     if (p.quantize) {
-      names.push_back(stem_of(p.info->name) + ".qweight");
-      names.push_back(stem_of(p.info->name) + ".scales");
-      groups_template[stem_of(p.info->name)] = 99999999999LL;
-      matrix_bits[stem_of(p.info->name)] = p.bits;
-      mixed_bits |= p.bits != bits;
+      const std::string stem = stem_of(p.info->name);
+      names.push_back(codes_name(stem));
+      names.push_back(scales_name(stem));
+      format.groups[stem] = 99999999999LL;
+      format.matrix_bits[stem] = p.bits;
     } else {
       names.push_back(p.info->name);
     }
   }
-  ckpt::Metadata meta{{"format", kFormatName},
-                      {"quantizer_version", std::to_string(kQuantizerVersion)},
-                      {"bits", std::to_string(bits)},
-                      {"group_mode", o.target_bits > 0 ? "target-bits" : mode_name(o.group.mode)},
-                      {"scale_rule", scale_rule_name(o.group.scale)},
-                      {"alpha", std::to_string(o.group.alpha == 0 ? kDefaultAlpha : o.group.alpha)},
-                      {"source_fingerprint", report.fingerprint},
-                      {"groups", groups_template.dump()}};
-  if (o.target_bits > 0) meta["target_bits"] = std::to_string(o.target_bits);
-  if (mixed_bits) {
-    meta["expert_bits"] = std::to_string(o.expert_bits);
-    meta["matrix_bits"] = matrix_bits.dump();
-  }
-
   ckpt::AtomicDirectory dir(o.out, o.overwrite);
-  ckpt::CheckpointWriter writer(dir.path(), names, meta, o.max_shard_bytes);
+  ckpt::CheckpointWriter writer(dir.path(), names, to_header_metadata(format), o.max_shard_bytes);
 
   Progress prog;
   prog.tensors_total = plan.size();
   for (const Plan& p : plan) prog.bytes_total += p.info->nbytes();
 
-  nlohmann::json groups = nlohmann::json::object();
   std::vector<float> f32;
   std::vector<uint16_t> f16;
   for (size_t i = 0; i < plan.size(); ++i) {
@@ -263,10 +254,10 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
       if (r.decision.levels.empty()) r.decision.levels = range_levels(m);
       const QuantizedMatrix q = quantize(m, p.bits, r.decision.group, o.group.scale);
       const std::string stem = stem_of(t.name);
-      const std::vector<int64_t> code_shape{m.rows, p.bits == 4 ? m.cols / 2 : m.cols};
-      writer.add(stem + ".qweight", p.bits == 4 ? DType::U8 : DType::I8, code_shape, as_bytes_of(q.codes));
-      writer.add(stem + ".scales", DType::F16, {m.rows, m.cols / q.group}, as_bytes_of(q.scales));
-      groups[stem] = q.group;
+      const MatrixFormat mf{p.bits, q.group};
+      writer.add(codes_name(stem), mf.code_dtype(), {m.rows, mf.code_row_bytes(m.cols)}, as_bytes_of(q.codes));
+      writer.add(scales_name(stem), DType::F16, {m.rows, mf.groups_per_row(m.cols)}, as_bytes_of(q.scales));
+      format.groups[stem] = q.group;
       r.rel_error = q.rel_error;
       r.absmax = r.decision.levels.empty() ? 0 : r.decision.levels.front().max_range;
       r.bits_per_weight = p.bits + 16.0 / static_cast<double>(q.group);
@@ -292,8 +283,7 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
     prog.bytes_done += t.nbytes();
     if (progress) progress(prog);
   }
-  meta["groups"] = groups.dump();
-  writer.finish(meta);
+  writer.finish(to_header_metadata(format));
 
   // Everything that is not a safetensors shard (config, tokenizer, generation config) is copied;
   // config.json records how the weights were quantized.
@@ -304,17 +294,7 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
       continue;
     fs::copy_file(entry.path(), dir.path() / fname);
   }
-  config["quantization_config"] = {{"quant_method", "finequant"},
-                                   {"format", kFormatName},
-                                   {"quantizer_version", kQuantizerVersion},
-                                   {"bits", bits},
-                                   {"group_mode", o.target_bits > 0 ? "target-bits" : mode_name(o.group.mode)},
-                                   {"groups", groups},
-                                   {"source_fingerprint", report.fingerprint}};
-  if (mixed_bits) {
-    config["quantization_config"]["expert_bits"] = o.expert_bits;
-    config["quantization_config"]["matrix_bits"] = matrix_bits;
-  }
+  config["quantization_config"] = to_quantization_config(format);
   {
     std::ofstream out(dir.path() / "config.json");
     out << config.dump(2) << "\n";

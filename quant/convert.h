@@ -4,12 +4,9 @@
 // linear weight's group size (quant/adaptive.h), quantizes it, and writes
 //   <name>.qweight  int8 codes [N, K] (8 bits) or packed int4 [N, K/2] (4 bits, see quantizer.h)
 //   <name>.scales   fp16 [N, K/group]
-// in place of <name>.weight; every other tensor is copied (fp32 ones stored as fp16). The metadata
-// (and config.json's quantization_config) holds "bits", each matrix's group ("groups": {stem:
-// group}) and, when some matrices use other bits (expert_bits), "expert_bits" and "matrix_bits":
-// {stem: bits} for every quantized matrix. Files other
-// than safetensors (config.json, tokenizer files) are copied, and config.json gains a
-// "quantization_config" entry. The output appears only when complete (AtomicDirectory), with
+// in place of <name>.weight (quant/format.h owns the format: tensor names, metadata); every other
+// tensor is copied (fp32 ones stored as fp16). Files other than safetensors (config.json,
+// tokenizer files) are copied, and config.json gains a "quantization_config" entry. The output appears only when complete (AtomicDirectory), with
 // quant_report.json beside the weights.
 #pragma once
 
@@ -22,13 +19,9 @@
 #include <nlohmann/json.hpp>
 
 #include "quant/adaptive.h"
+#include "quant/format.h"
 
 namespace fineserve::quant {
-
-inline constexpr const char* kFormatName = "fineserve-finequant";
-// 1: absmax scales, codes -qmax..qmax. 2: full code range (int4 -8..7, int8 -128..127), signed
-// scales, the per-group scale search (metadata "scale_rule"), mixed bits from --target-bits.
-inline constexpr int kQuantizerVersion = 2;
 
 // MoE expert matrices (Mixtral's block_sparse_moe.experts.E.w1/w2/w3, Qwen-MoE's mlp.experts.E.*):
 // the ones ConvertOptions::expert_bits applies to.

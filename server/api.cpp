@@ -10,6 +10,7 @@
 #include <spdlog/spdlog.h>
 
 #include "kernels/base.h"
+#include "server/chat_template.h"  // ChatML
 
 namespace fineserve {
 namespace {
@@ -562,8 +563,8 @@ std::vector<int32_t> parse_detokenize(std::string_view body, const ApiLimits& li
 
 std::string render_chat_template(const std::vector<ChatMessage>& messages, bool add_generation_prompt) {
   std::string out;
-  for (const ChatMessage& m : messages) out += "<|im_start|>" + m.role + "\n" + m.content + "<|im_end|>\n";
-  if (add_generation_prompt) out += "<|im_start|>assistant\n";
+  for (const ChatMessage& m : messages) out += chatml_turn(m.role, m.content);
+  if (add_generation_prompt) out += kChatmlGenerationPrompt;
   return out;
 }
 

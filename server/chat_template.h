@@ -4,9 +4,10 @@
 //   ChatFormat chat = load_chat_format(checkpoint_dir);        // or ChatFormat::chatml()
 //   std::string prompt = chat.render(messages, /*add_generation_prompt=*/true);
 //
-// The interpreter implements the subset of Jinja2 that chat templates use, with the settings
-// transformers' apply_chat_template uses (trim_blocks, lstrip_blocks, loop controls, no trailing
-// newline kept, tojson without HTML escaping, raise_exception, strftime_now): text, {{ }}, {% if %},
+// The interpreter (server/jinja/: lexer, parser, values, renderer, built-ins) implements the subset
+// of Jinja2 that chat templates use, with the settings transformers' apply_chat_template uses
+// (trim_blocks, lstrip_blocks, loop controls, no trailing newline kept, tojson without HTML
+// escaping, raise_exception, strftime_now): text, {{ }}, {% if %},
 // {% for %} (loop.*, an `if` filter, {% else %}, break/continue), {% set %} (also namespace
 // attributes and block captures), {% generation %}, comments and whitespace control; literals,
 // lists, dicts, attribute/subscript/slice access, arithmetic, comparisons, and/or/not, in, tests,
@@ -68,6 +69,15 @@ class ChatTemplate {
   std::unique_ptr<Impl> impl_;
 };
 
+// ChatML, the built-in chat format (docs/api.md), spelled here and only here:
+//   <|im_start|>{role}\n{content}<|im_end|>\n   for every message (chatml_turn), then
+//   <|im_start|>assistant\n                      when add_generation_prompt.
+inline constexpr const char* kChatmlEndOfTurn = "<|im_end|>";
+inline constexpr const char* kChatmlGenerationPrompt = "<|im_start|>assistant\n";
+inline std::string chatml_turn(const std::string& role, const std::string& content) {
+  return "<|im_start|>" + role + "\n" + content + kChatmlEndOfTurn + "\n";
+}
+
 // How a served model formats chats: the template, the special tokens it is rendered with, and
 // the strings chat requests stop at by default.
 struct ChatFormat {
@@ -76,9 +86,7 @@ struct ChatFormat {
   nlohmann::ordered_json special_tokens = nlohmann::ordered_json::object();  // bos_token, eos_token, ...
   std::vector<std::string> stop;             // end-of-turn strings added to every chat request
 
-  // The built-in default (docs/api.md):
-  //   <|im_start|>{role}\n{content}<|im_end|>\n   for every message, then
-  //   <|im_start|>assistant\n                      when add_generation_prompt.
+  // The built-in default: ChatML (chatml_turn above).
   static ChatFormat chatml();
   bool builtin() const { return tmpl == nullptr; }
 

@@ -8,18 +8,10 @@
 #include "kernels/base.h"
 #include "models/checkpoint/config.h"
 #include "models/checkpoint/safetensors.h"
+#include "quant/format.h"
 #include "server/commands.h"
 
 namespace fineserve {
-namespace {
-
-std::string shape_str(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
-}  // namespace
 
 void add_inspect_command(CLI::App& app) {
   struct Flags {
@@ -32,30 +24,18 @@ void add_inspect_command(CLI::App& app) {
   cmd->add_flag("--json", f->json, "Print JSON instead of a table");
   cmd->callback([f] {
     const ckpt::Checkpoint c = ckpt::Checkpoint::open(f->path);
-    nlohmann::json groups = nlohmann::json::object();
     const ckpt::Metadata& meta = c.metadata();
-    if (auto it = meta.find("groups"); it != meta.end()) {
-      try {
-        groups = nlohmann::json::parse(it->second);
-      } catch (const nlohmann::json::exception&) {
-        throw Error(f->path + ": metadata 'groups' is not valid JSON");
-      }
-    }
-    const bool quantized = meta.count("format") && meta.at("format") == "fineserve-finequant";
+    const std::optional<quant::FormatMetadata> format = quant::read_header_metadata(meta, f->path);
+    const bool quantized = format.has_value();
     nlohmann::json out = {{"path", f->path}, {"files", c.files().size()}, {"bytes", c.total_bytes()}};
     out["metadata"] = meta;
     nlohmann::json tensors = nlohmann::json::array();
     for (const ckpt::TensorInfo* t : c.tensors()) {
       nlohmann::json j = {{"name", t->name}, {"dtype", dtype_name(t->dtype)}, {"shape", t->shape}, {"bytes", t->nbytes()}};
-      const std::string suffix = ".qweight";
-      if (quantized && t->name.size() > suffix.size() && t->name.ends_with(suffix)) {
-        const std::string stem = t->name.substr(0, t->name.size() - suffix.size());
-        if (groups.contains(stem)) j["group"] = groups[stem];
-        j["bits"] = std::stoi(meta.at("bits"));
-        if (auto mb = meta.find("matrix_bits"); mb != meta.end()) {  // quantize --expert-bits
-          const nlohmann::json bits = nlohmann::json::parse(mb->second, nullptr, false);
-          if (bits.is_object() && bits.contains(stem) && bits[stem].is_number_integer()) j["bits"] = bits[stem];
-        }
+      const std::string stem = t->name.substr(0, t->name.rfind('.'));
+      if (quantized && t->name != stem && t->name == quant::codes_name(stem)) {
+        if (auto g = format->groups.find(stem); g != format->groups.end()) j["group"] = g->second;
+        j["bits"] = format->bits_of(stem);
       }
       tensors.push_back(j);
     }
@@ -78,7 +58,7 @@ void add_inspect_command(CLI::App& app) {
         q = "int" + std::to_string(j["bits"].get<int>()) + " g=" + std::to_string(g);
       }
       std::printf("%-60s %-5s %-20s %12llu %s\n", j["name"].get<std::string>().c_str(),
-                  j["dtype"].get<std::string>().c_str(), shape_str(j["shape"].get<std::vector<int64_t>>()).c_str(),
+                  j["dtype"].get<std::string>().c_str(), ckpt::format_shape(j["shape"].get<std::vector<int64_t>>()).c_str(),
                   static_cast<unsigned long long>(j["bytes"].get<uint64_t>()), q.c_str());
     }
   });

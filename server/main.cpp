@@ -1,9 +1,11 @@
-// fineserve: quantize, inspect, generate, serve, bench, eval.
+// fineserve: quantize, inspect, generate, serve, bench, eval. The binary sits on top of both
+// server/ (the commands) and bench/ (the benchmarks, which drive the server).
 #include <cstdio>
 #include <exception>
 
 #include <CLI/CLI.hpp>
 
+#include "bench/command.h"
 #include "kernels/base.h"
 #include "server/commands.h"
 

@@ -8,6 +8,14 @@
 
 namespace fineserve::ckpt {
 
+Activation activation_from_hf_name(const std::string& name) {
+  if (name == "relu") return Activation::ReLU;
+  if (name == "gelu") return Activation::GELU;
+  if (name == "gelu_new" || name == "gelu_pytorch_tanh") return Activation::GELUTanh;
+  if (name == "silu") return Activation::SiLU;
+  throw Error("activation '" + name + "' is not supported (relu, gelu, gelu_new, gelu_pytorch_tanh, silu)");
+}
+
 using nlohmann::json;
 
 nlohmann::json read_json_file(const std::filesystem::path& path) {

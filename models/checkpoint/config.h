@@ -9,8 +9,13 @@
 #include <nlohmann/json.hpp>
 
 #include "kernels/dtype.h"
+#include "kernels/ops.h"
 
 namespace fineserve::ckpt {
+
+// The kernel activation for a Hugging Face activation name (transformers' ACT2FN): relu, gelu,
+// gelu_new and gelu_pytorch_tanh (the tanh approximation), silu. Throws fineserve::Error for others.
+Activation activation_from_hf_name(const std::string& name);
 
 // Reads and parses a JSON file; throws fineserve::Error naming the file (and the parse position).
 nlohmann::json read_json_file(const std::filesystem::path& path);

@@ -28,6 +28,9 @@ namespace fineserve::ckpt {
 
 using Metadata = std::map<std::string, std::string>;
 
+// A shape as messages print it: "[2, 3]" (the one formatter every layer's messages use).
+std::string format_shape(const std::vector<int64_t>& shape);
+
 // The largest header a reader accepts (as the reference implementation does): a bound on the
 // memory a hostile file can make the JSON parser allocate.
 inline constexpr uint64_t kMaxHeaderBytes = 100ull << 20;

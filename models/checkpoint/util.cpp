@@ -10,6 +10,7 @@
 #include <system_error>
 
 #include "kernels/base.h"
+#include "models/checkpoint/safetensors.h"
 
 namespace fineserve::ckpt {
 

@@ -40,9 +40,6 @@ void unmap_file(std::span<const std::byte> mapping);
 // read faults them back in from the file). It is advice: a failure only leaves the pages resident.
 void release_pages(const std::byte* begin, const std::byte* end);
 
-// "[2, 3]"
-std::string format_shape(const std::vector<int64_t>& shape);
-
 inline std::span<const std::byte> as_bytes(std::string_view s) {
   return std::as_bytes(std::span<const char>(s.data(), s.size()));
 }

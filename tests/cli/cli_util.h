@@ -11,6 +11,7 @@
 #include <string>
 
 #include <nlohmann/json.hpp>
+#include "tests/scratch_dir.h"
 
 namespace fineserve::testing {
 
@@ -32,23 +33,7 @@ inline CommandResult run_fineserve(const std::string& args) {
   return r;
 }
 
-class ScratchDir {
- public:
-  ScratchDir() {
-    std::random_device rd;
-    path_ = std::filesystem::temp_directory_path() / ("fineserve-test-" + std::to_string(rd()) + std::to_string(rd()));
-    std::filesystem::create_directories(path_);
-  }
-  ~ScratchDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  const std::filesystem::path& path() const { return path_; }
-  std::filesystem::path operator/(const std::string& s) const { return path_ / s; }
-
- private:
-  std::filesystem::path path_;
-};
+// ScratchDir: tests/scratch_dir.h
 
 // A small OPT config (real structure, tiny sizes) written into dir/config.json; returns its path.
 inline std::filesystem::path write_tiny_opt_config(const std::filesystem::path& dir, int hidden = 128, int layers = 2,

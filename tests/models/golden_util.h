@@ -26,6 +26,7 @@
 #include "models/tokenizer/tokenizer.h"
 #include "quant/convert.h"
 #include "quant/quantizer.h"
+#include "tests/scratch_dir.h"
 
 namespace fineserve::testing {
 
@@ -70,20 +71,7 @@ inline std::vector<std::vector<int32_t>> golden_prompt_ids(const std::filesystem
   return out;
 }
 
-// A private temporary directory named after the running test (parameterised names hold a '/').
-struct Scratch {
-  std::filesystem::path path;
-  Scratch() {
-    std::string name = ::testing::UnitTest::GetInstance()->current_test_info()->name();
-    std::replace(name.begin(), name.end(), '/', '_');
-    path = std::filesystem::temp_directory_path() / ("fineserve-test-" + std::to_string(::getpid()) + "-" + name);
-    std::filesystem::remove_all(path);
-    std::filesystem::create_directories(path);
-  }
-  ~Scratch() { std::filesystem::remove_all(path); }
-  Scratch(const Scratch&) = delete;
-  Scratch& operator=(const Scratch&) = delete;
-};
+using Scratch = ScratchDir;  // tests/scratch_dir.h
 
 // Logits of every prompt position in one prefill step.
 inline std::vector<float> prefill_logits(Model& model, const std::vector<int32_t>& ids) {

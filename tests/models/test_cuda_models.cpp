@@ -116,7 +116,7 @@ TEST_P(CudaGolden, QuantizedMatchesTheCpuBackend) {
   const Golden g = read_golden(dir);
   for (int bits : {8, 4}) {
     Scratch tmp;
-    const quant::ConvertOptions o = testing::convert_options(dir, tmp.path / "q", bits);
+    const quant::ConvertOptions o = testing::convert_options(dir, tmp.path() / "q", bits);
     quant::convert_checkpoint(o);
     auto cpu = make_cpu_backend();
     auto gpu = make_cuda_backend(0, DType::F16);

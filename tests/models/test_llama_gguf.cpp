@@ -1,8 +1,6 @@
 // A GGUF file made by llama.cpp's gguf-py from the llama-gqa golden model
 // (tests/checkpoint/make_gguf_fixtures.py), imported, loaded and run: the tokenizer and the logits
 // must be those of transformers.
-#include <unistd.h>
-
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -16,6 +14,7 @@
 #include "models/checkpoint/safetensors.h"
 #include "models/model.h"
 #include "models/tokenizer/tokenizer.h"
+#include "tests/scratch_dir.h"
 
 namespace fineserve {
 namespace {
@@ -24,8 +23,8 @@ namespace fs = std::filesystem;
 const fs::path kData = fs::path(FINESERVE_TEST_DATA);
 
 TEST(LlamaGguf, ImportedModelMatchesTransformers) {
-  const fs::path out = fs::temp_directory_path() / ("fineserve-llama-gguf-" + std::to_string(::getpid()));
-  fs::remove_all(out);
+  const testing::ScratchDir scratch;
+  const fs::path out = scratch / "imported";
   ckpt::GgufImportOptions o;
   o.gguf = kData / "gguf" / "tiny-llama.gguf";
   o.out = out;
@@ -70,7 +69,6 @@ TEST(LlamaGguf, ImportedModelMatchesTransformers) {
     }
     EXPECT_LE(num / den, 1e-3) << "prompt " << i;
   }
-  fs::remove_all(out);
 }
 
 }  // namespace

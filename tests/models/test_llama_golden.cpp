@@ -92,14 +92,14 @@ TEST_P(LlamaGolden, QuantizedMatchesDequantizedDense) {
     for (int bits : {8, 4}) {
       const std::string what = GetParam() + " int" + std::to_string(bits) + (quantize_embeddings ? " +embeddings" : "");
       Scratch tmp;
-      const quant::ConvertOptions o = convert_options(dir, tmp.path / "q", bits, quantize_embeddings);
+      const quant::ConvertOptions o = convert_options(dir, tmp.path() / "q", bits, quantize_embeddings);
       quant::convert_checkpoint(o);
       // The embedding (and a tied LM head) quantized too, or kept in 16 bits.
       EXPECT_EQ(ckpt::Checkpoint::open(o.out).has("model.embed_tokens.qweight"), quantize_embeddings) << what;
-      write_dequantized(o.out, tmp.path / "deq");
+      write_dequantized(o.out, tmp.path() / "deq");
       auto backend = make_cpu_backend();
       auto quantized = load_model(o.out, *backend);
-      auto dense = load_model(tmp.path / "deq", *backend);
+      auto dense = load_model(tmp.path() / "deq", *backend);
       EXPECT_EQ(quantized->info().quantization, "finequant-int" + std::to_string(bits));
       EXPECT_LT(quantized->info().weight_bytes, dense->info().weight_bytes);
       for (const auto& p : g.prompts) {
@@ -121,22 +121,22 @@ TEST(LlamaFusedGateUp, MixedGroupsAndMixedPrecision) {
   const fs::path dir = kGolden / "llama-gqa";
   const Golden g = read_golden(dir);
   Scratch tmp;
-  quant::ConvertOptions g32 = convert_options(dir, tmp.path / "g32", 4);
+  quant::ConvertOptions g32 = convert_options(dir, tmp.path() / "g32", 4);
   g32.group.mode = quant::GroupMode::Fixed;
   g32.group.group = 32;
   quant::convert_checkpoint(g32);
-  quant::ConvertOptions colwise = convert_options(dir, tmp.path / "colwise", 4);
+  quant::ConvertOptions colwise = convert_options(dir, tmp.path() / "colwise", 4);
   colwise.group.mode = quant::GroupMode::Fixed;
   colwise.group.group = -1;
   quant::convert_checkpoint(colwise);
-  write_hybrid(g32.out, colwise.out, "gate_proj", tmp.path / "mixed-groups");
+  write_hybrid(g32.out, colwise.out, "gate_proj", tmp.path() / "mixed-groups");
 
-  quant::ConvertOptions half_dense = convert_options(dir, tmp.path / "half-dense", 8);
+  quant::ConvertOptions half_dense = convert_options(dir, tmp.path() / "half-dense", 8);
   half_dense.keep.push_back("up_proj");
   quant::convert_checkpoint(half_dense);
 
-  for (const fs::path& q : {tmp.path / "mixed-groups", half_dense.out}) {
-    const fs::path deq = tmp.path / (q.filename().string() + "-deq");
+  for (const fs::path& q : {tmp.path() / "mixed-groups", half_dense.out}) {
+    const fs::path deq = tmp.path() / (q.filename().string() + "-deq");
     write_dequantized(q, deq);
     auto backend = make_cpu_backend();
     auto quantized = load_model(q, *backend);
@@ -177,13 +177,13 @@ TEST(LlamaLoad, BadCheckpointsAreClearErrors) {
   auto config = nlohmann::json::parse(std::ifstream(dir / "config.json"));
   Scratch tmp;
   auto try_config = [&](const nlohmann::json& cfg) -> std::string {
-    fs::remove_all(tmp.path / "m");
-    fs::create_directories(tmp.path / "m");
-    fs::copy_file(dir / "model.safetensors", tmp.path / "m" / "model.safetensors");
-    std::ofstream(tmp.path / "m" / "config.json") << cfg.dump();
+    fs::remove_all(tmp.path() / "m");
+    fs::create_directories(tmp.path() / "m");
+    fs::copy_file(dir / "model.safetensors", tmp.path() / "m" / "model.safetensors");
+    std::ofstream(tmp.path() / "m" / "config.json") << cfg.dump();
     auto backend = make_cpu_backend();
     try {
-      load_model(tmp.path / "m", *backend);
+      load_model(tmp.path() / "m", *backend);
     } catch (const Error& e) {
       return e.what();
     }

@@ -105,7 +105,7 @@ TEST_P(LlamaTp, QuantizedMatchesTp1) {
   };
   for (const Case c : {Case{4, 32, 2}, Case{8, -1, 4}}) {
     Scratch tmp;
-    const quant::ConvertOptions o = fixed_group(kGolden / GetParam(), tmp.path / "q", c.bits, c.group);
+    const quant::ConvertOptions o = fixed_group(kGolden / GetParam(), tmp.path() / "q", c.bits, c.group);
     quant::convert_checkpoint(o);
     const std::string what = GetParam() + " int" + std::to_string(c.bits) + " group " + std::to_string(c.group);
     expect_tp_matches(o.out, c.world, 1e-4, what);
@@ -121,7 +121,7 @@ TEST(LlamaTpSynthetic, SeveralKvHeadsPerRank) {
   Scratch tmp;
   SynthOptions so;
   so.config = kGolden / "llama-gqa" / "config.json";
-  so.out = tmp.path / "synth";
+  so.out = tmp.path() / "synth";
   so.overrides = {{"num_attention_heads", 8}, {"num_key_value_heads", 4}, {"head_dim", 8},
                   {"intermediate_size", 96}, {"attention_bias", true}, {"vocab_size", 300}};
   so.stddev = 0.2;
@@ -135,14 +135,14 @@ TEST(LlamaTpSynthetic, SeveralKvHeadsPerRank) {
 // rank holds a slice of every int4 expert.
 TEST(MixtralTp, ExpertBitsCheckpointShards) {
   Scratch tmp;
-  quant::ConvertOptions o = fixed_group(kGolden / "mixtral-moe", tmp.path / "q", 8, 32);
+  quant::ConvertOptions o = fixed_group(kGolden / "mixtral-moe", tmp.path() / "q", 8, 32);
   o.expert_bits = 4;
   quant::convert_checkpoint(o);
   auto backend = cpu();
   EXPECT_EQ(load_model(o.out, *backend)->info().quantization, "finequant-int8,experts-int4");
   expect_tp_matches(o.out, 2, 1e-4, "mixtral int8 + int4 experts");
 
-  quant::ConvertOptions colwise = fixed_group(kGolden / "mixtral-moe", tmp.path / "colwise", 8, -1);
+  quant::ConvertOptions colwise = fixed_group(kGolden / "mixtral-moe", tmp.path() / "colwise", 8, -1);
   colwise.expert_bits = 4;
   quant::convert_checkpoint(colwise);
   expect_tp_matches(colwise.out, 4, 1e-4, "mixtral int8 + int4 experts, column-wise");
@@ -182,28 +182,28 @@ TEST(LlamaTpErrors, HeadsNotDivisibleByTheWorldSize) {
 TEST(LlamaTpErrors, KvHeadsNeitherDividedNorShared) {
   Scratch tmp;
   // 12 query heads over 6 KV heads on 4 ranks: 3 query heads per rank straddle two KV heads.
-  const fs::path dir = with_config(kGolden / "llama-gqa", tmp.path / "m",
+  const fs::path dir = with_config(kGolden / "llama-gqa", tmp.path() / "m",
                                    {{"num_attention_heads", 12}, {"num_key_value_heads", 6}, {"head_dim", 16}});
   expect_contains(load_error(dir, 4), {"6 key/value heads", "4 ranks"});
 }
 
 TEST(LlamaTpErrors, FfnWidthNotDivisibleByTheWorldSize) {
   Scratch tmp;
-  const fs::path llama = with_config(kGolden / "llama-gqa", tmp.path / "llama", {{"intermediate_size", 130}});
+  const fs::path llama = with_config(kGolden / "llama-gqa", tmp.path() / "llama", {{"intermediate_size", 130}});
   expect_contains(load_error(llama, 4), {"intermediate_size) 130", "4 ranks"});
-  const fs::path mixtral = with_config(kGolden / "mixtral-moe", tmp.path / "mixtral", {{"intermediate_size", 66}});
+  const fs::path mixtral = with_config(kGolden / "mixtral-moe", tmp.path() / "mixtral", {{"intermediate_size", 66}});
   expect_contains(load_error(mixtral, 4), {"mixtral's expert FFN width (intermediate_size) 66", "4 ranks"});
 }
 
 TEST(LlamaTpErrors, QuantizedGroupsThatASplitWouldCut) {
   // Group 32 on o_proj's K = 64: with 4 ranks each holds K = 16 columns, half a group.
   Scratch tmp;
-  const quant::ConvertOptions o = fixed_group(kGolden / "llama-gqa", tmp.path / "q", 8, 32);
+  const quant::ConvertOptions o = fixed_group(kGolden / "llama-gqa", tmp.path() / "q", 8, 32);
   quant::convert_checkpoint(o);
   expect_contains(load_error(o.out, 4),
                   {"o_proj", "group size 32", "4 ranks", "per-rank K = 64 / 4 = 16"});
   // Mixtral's experts (attention kept in 16 bits): w2's K = 64 the same way.
-  quant::ConvertOptions m = fixed_group(kGolden / "mixtral-moe", tmp.path / "m", 4, 32);
+  quant::ConvertOptions m = fixed_group(kGolden / "mixtral-moe", tmp.path() / "m", 4, 32);
   m.keep.push_back("self_attn");
   quant::convert_checkpoint(m);
   expect_contains(load_error(m.out, 4), {"experts.0.w2", "group size 32", "per-rank K = 64 / 4 = 16"});

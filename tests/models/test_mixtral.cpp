@@ -162,7 +162,7 @@ TEST(MixtralGolden, QuantizedMatchesDequantizedDense) {
     Scratch tmp;
     quant::ConvertOptions o;
     o.model = kDir;
-    o.out = tmp.path / "q";
+    o.out = tmp.path() / "q";
     o.group.bits = var.bits;
     o.expert_bits = var.expert_bits;
     o.keep = quant::default_keep_patterns();
@@ -179,10 +179,10 @@ TEST(MixtralGolden, QuantizedMatchesDequantizedDense) {
     EXPECT_EQ(q.get("model.layers.0.self_attn.q_proj.qweight").dtype(), var.bits == 4 ? DType::U8 : DType::I8);
     EXPECT_EQ(q.metadata().count("matrix_bits"), var.expert_bits ? 1u : 0u);
 
-    write_dequantized(o.out, tmp.path / "deq");
+    write_dequantized(o.out, tmp.path() / "deq");
     auto backend = make_cpu_backend();
     auto quantized = load_model(o.out, *backend);
-    auto dense = load_model(tmp.path / "deq", *backend);
+    auto dense = load_model(tmp.path() / "deq", *backend);
     EXPECT_EQ(quantized->info().quantization, var.quantization);
     bytes[v++] = quantized->info().weight_bytes;
     for (const auto& p : g.prompts) {
@@ -203,13 +203,13 @@ TEST(MixtralLoad, BadCheckpointsAreClearErrors) {
   auto config = nlohmann::json::parse(std::ifstream(kDir / "config.json"));
   Scratch tmp;
   auto try_config = [&](const nlohmann::json& cfg) -> std::string {
-    fs::remove_all(tmp.path / "m");
-    fs::create_directories(tmp.path / "m");
-    fs::copy_file(kDir / "model.safetensors", tmp.path / "m" / "model.safetensors");
-    std::ofstream(tmp.path / "m" / "config.json") << cfg.dump();
+    fs::remove_all(tmp.path() / "m");
+    fs::create_directories(tmp.path() / "m");
+    fs::copy_file(kDir / "model.safetensors", tmp.path() / "m" / "model.safetensors");
+    std::ofstream(tmp.path() / "m" / "config.json") << cfg.dump();
     auto backend = make_cpu_backend();
     try {
-      load_model(tmp.path / "m", *backend);
+      load_model(tmp.path() / "m", *backend);
     } catch (const Error& e) {
       return e.what();
     }
@@ -231,7 +231,7 @@ TEST(MixtralSynthetic, SmallShapeLoadsDecodesAndQuantizes) {
   Scratch tmp;
   SynthOptions so;
   so.config = fs::path(FINESERVE_TEST_DATA) / ".." / ".." / "configs" / "models" / "mixtral-8x7b.json";
-  so.out = tmp.path / "synth";
+  so.out = tmp.path() / "synth";
   so.num_layers = 2;
   so.overrides = {{"hidden_size", 64}, {"intermediate_size", 96}, {"num_attention_heads", 4},
                   {"num_key_value_heads", 2}, {"num_local_experts", 4}, {"vocab_size", 300}};
@@ -245,7 +245,7 @@ TEST(MixtralSynthetic, SmallShapeLoadsDecodesAndQuantizes) {
 
   quant::ConvertOptions o;
   o.model = so.out;
-  o.out = tmp.path / "q";
+  o.out = tmp.path() / "q";
   o.group.bits = 8;
   o.expert_bits = 4;
   o.keep = quant::default_keep_patterns();

@@ -53,13 +53,13 @@ TEST_P(OptQuantized, MatchesDequantizedDenseAndStaysNearTransformers) {
   const ckpt::Checkpoint gold_logits = ckpt::Checkpoint::open(dir / "golden.safetensors");
   for (const Bound& bound : kBounds) {
     Scratch tmp;
-    const quant::ConvertOptions o = convert_options(dir, tmp.path / "q", bound.bits);
+    const quant::ConvertOptions o = convert_options(dir, tmp.path() / "q", bound.bits);
     quant::convert_checkpoint(o);
-    write_dequantized(o.out, tmp.path / "deq");
+    write_dequantized(o.out, tmp.path() / "deq");
 
     auto backend = make_cpu_backend();
     auto quantized = load_model(o.out, *backend);
-    auto dense = load_model(tmp.path / "deq", *backend);
+    auto dense = load_model(tmp.path() / "deq", *backend);
     EXPECT_EQ(quantized->info().quantization, "finequant-int" + std::to_string(bound.bits));
     for (size_t i = 0; i < golden["prompts"].size(); ++i) {
       const auto ids = golden["prompts"][i]["ids"].get<std::vector<int32_t>>();
@@ -88,16 +88,16 @@ TEST_P(OptQuantized, QuantizedEmbeddingsMatchDequantizedDense) {
   const auto golden = nlohmann::json::parse(std::ifstream(dir / "golden.json"));
   for (int bits : {8, 4}) {
     Scratch tmp;
-    const quant::ConvertOptions o = convert_options(dir, tmp.path / "qemb", bits, /*quantize_embeddings=*/true);
+    const quant::ConvertOptions o = convert_options(dir, tmp.path() / "qemb", bits, /*quantize_embeddings=*/true);
     quant::convert_checkpoint(o);
     ASSERT_TRUE(ckpt::Checkpoint::open(o.out).has("model.decoder.embed_tokens.qweight"));
-    write_dequantized(o.out, tmp.path / "deq");
-    const quant::ConvertOptions plain = convert_options(dir, tmp.path / "q", bits);
+    write_dequantized(o.out, tmp.path() / "deq");
+    const quant::ConvertOptions plain = convert_options(dir, tmp.path() / "q", bits);
     quant::convert_checkpoint(plain);
 
     auto backend = make_cpu_backend();
     auto quantized = load_model(o.out, *backend);
-    auto dense = load_model(tmp.path / "deq", *backend);
+    auto dense = load_model(tmp.path() / "deq", *backend);
     auto head16 = load_model(plain.out, *backend);
     EXPECT_LT(quantized->info().weight_bytes, head16->info().weight_bytes) << GetParam() << " int" << bits;
     for (size_t i = 0; i < golden["prompts"].size(); ++i) {
@@ -118,7 +118,7 @@ TEST(OptQuantizedOutliers, AdaptiveBeatsColumnWise) {
   for (int adaptive : {0, 1}) {
     quant::ConvertOptions o;
     o.model = dir;
-    o.out = tmp.path / (adaptive ? "adaptive" : "colwise");
+    o.out = tmp.path() / (adaptive ? "adaptive" : "colwise");
     o.group.bits = 4;
     if (!adaptive) {
       o.group.mode = quant::GroupMode::Fixed;

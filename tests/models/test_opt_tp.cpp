@@ -86,7 +86,7 @@ TEST(OptTpQuantized, Int8AndInt4MatchTp1) {
     Scratch tmp;
     quant::ConvertOptions o;
     o.model = kGolden / "opt-preln";
-    o.out = tmp.path / "q";
+    o.out = tmp.path() / "q";
     o.group.bits = c.bits;
     o.group.mode = quant::GroupMode::Fixed;
     o.group.group = c.group;
@@ -103,7 +103,7 @@ TEST(OptTpQuantized, QuantizedTiedHeadIsVocabParallel) {
     Scratch tmp;
     quant::ConvertOptions o;
     o.model = kGolden / "opt-preln";
-    o.out = tmp.path / "q";
+    o.out = tmp.path() / "q";
     o.group.bits = bits;
     o.group.mode = quant::GroupMode::Fixed;
     o.group.group = 32;
@@ -117,7 +117,7 @@ TEST(OptTpQuantized, AdaptiveCheckpointMatchesTp1) {
   Scratch tmp;
   quant::ConvertOptions o;
   o.model = kGolden / "opt-outliers";
-  o.out = tmp.path / "q";
+  o.out = tmp.path() / "q";
   o.group.bits = 4;
   o.keep = quant::default_keep_patterns();
   quant::convert_checkpoint(o);
@@ -144,7 +144,7 @@ TEST(OptTpErrors, QuantizedGroupsThatASplitWouldCut) {
   Scratch tmp;
   quant::ConvertOptions o;
   o.model = kGolden / "opt-preln";
-  o.out = tmp.path / "q";
+  o.out = tmp.path() / "q";
   o.group.bits = 8;
   o.group.mode = quant::GroupMode::Fixed;
   o.group.group = 64;

@@ -108,7 +108,7 @@ TEST(Perplexity, KlDivergenceAgainstAReference) {
   const auto meta = nlohmann::json::parse(std::ifstream(kGolden / "golden.json"));
   const auto ids = meta["prompts"][2]["ids"].get<std::vector<int32_t>>();
   testing::Scratch tmp;
-  quant::ConvertOptions budget = testing::convert_options(kGolden, tmp.path / "budget", 4);
+  quant::ConvertOptions budget = testing::convert_options(kGolden, tmp.path() / "budget", 4);
   budget.target_bits = 4.5;
   const quant::ConvertReport report = quant::convert_checkpoint(budget);
   double n = 0, bits = 0;
@@ -118,7 +118,7 @@ TEST(Perplexity, KlDivergenceAgainstAReference) {
   }
   EXPECT_LE(bits / n, 4.5);
   EXPECT_GT(bits / n, 4.2);
-  quant::ConvertOptions colwise = testing::convert_options(kGolden, tmp.path / "colwise", 4);
+  quant::ConvertOptions colwise = testing::convert_options(kGolden, tmp.path() / "colwise", 4);
   colwise.group.mode = quant::GroupMode::Fixed;
   colwise.group.group = -1;
   quant::convert_checkpoint(colwise);

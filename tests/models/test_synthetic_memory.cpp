@@ -69,15 +69,15 @@ TEST_P(SyntheticMemory, DenseGivesTheLogitsOfItsCopyOnDisk) {
   {
     std::vector<std::string> names;
     for (const ckpt::TensorInfo* t : mem.checkpoint->tensors()) names.push_back(t->name);
-    ckpt::CheckpointWriter writer(tmp.path, names, mem.checkpoint->metadata(), 64 << 10);
+    ckpt::CheckpointWriter writer(tmp.path(), names, mem.checkpoint->metadata(), 64 << 10);
     for (const ckpt::TensorInfo* t : mem.checkpoint->tensors()) {
       const ckpt::TensorView v = mem.checkpoint->get(t->name);
       writer.add(t->name, v.dtype(), v.shape(), std::span<const std::byte>(v.data, v.nbytes()));
     }
     writer.finish();
-    std::ofstream(tmp.path / "config.json") << mem.config.dump(2);
+    std::ofstream(tmp.path() / "config.json") << mem.config.dump(2);
   }
-  ASSERT_GT(ckpt::Checkpoint::open(tmp.path).files().size(), 1u);
+  ASSERT_GT(ckpt::Checkpoint::open(tmp.path()).files().size(), 1u);
 
   // The weights: mean 0, standard deviation 0.1, within ±3.47 standard deviations.
   const ckpt::TensorView e = mem.checkpoint->get(arch == "opt-preln" ? "model.decoder.embed_tokens.weight"
@@ -99,7 +99,7 @@ TEST_P(SyntheticMemory, DenseGivesTheLogitsOfItsCopyOnDisk) {
   EXPECT_GE(maxabs, 0.25);
 
   auto backend = make_cpu_backend();
-  auto from_disk = load_model(tmp.path, *backend);
+  auto from_disk = load_model(tmp.path(), *backend);
   auto from_memory = load_synthetic_model(std::move(mem), *backend);
   EXPECT_EQ(from_memory->info().architecture, from_disk->info().architecture);
   EXPECT_EQ(from_memory->info().weight_bytes, from_disk->info().weight_bytes);
@@ -117,7 +117,7 @@ TEST_P(SyntheticMemory, QuantizedIsLaidOutAsTheQuantizerWritesIt) {
   Scratch tmp;
   SynthOptions so;
   so.config = kGolden / arch / "config.json";
-  so.out = tmp.path / "dense";
+  so.out = tmp.path() / "dense";
   write_synthetic(so);
   {
     SyntheticWeights w;
@@ -134,7 +134,7 @@ TEST_P(SyntheticMemory, QuantizedIsLaidOutAsTheQuantizerWritesIt) {
     SCOPED_TRACE("bits " + std::to_string(bits));
     quant::ConvertOptions o;
     o.model = so.out;
-    o.out = tmp.path / ("q" + std::to_string(bits));
+    o.out = tmp.path() / ("q" + std::to_string(bits));
     o.group.bits = bits;
     o.group.mode = quant::GroupMode::Fixed;
     o.group.group = 32;
@@ -183,7 +183,7 @@ void expect_exact_gaussian_matches_write_synthetic(const std::string& arch) {
   Scratch tmp;
   SynthOptions so;
   so.config = kGolden / arch / "config.json";
-  so.out = tmp.path / "disk";
+  so.out = tmp.path() / "disk";
   so.seed = 11;
   so.stddev = 0.1;
   write_synthetic(so);

@@ -15,6 +15,7 @@
 #include "server/chat_template.h"
 #include "server/serve.h"
 #include "server_util.h"
+#include "tests/scratch_dir.h"
 
 namespace fineserve {
 namespace {
@@ -36,19 +37,7 @@ const ojson& expected() {
   return j;
 }
 
-// A fresh directory under the system temp dir, removed at the end of the test.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    std::mt19937_64 rng(std::random_device{}());
-    path = fs::temp_directory_path() / ("fs_chat_template_" + std::to_string(rng()));
-    fs::create_directories(path);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
+using TempDir = testing::ScratchDir;  // tests/scratch_dir.h
 
 void write_file(const fs::path& p, const std::string& text) {
   std::ofstream out(p, std::ios::binary);
@@ -199,37 +188,37 @@ TEST(ChatFormat, ChatmlDefaultAndStops) {
 TEST(ChatFormat, LoadsTheCheckpointsTemplate) {
   TempDir d;
   // No tokenizer_config.json: the built-in ChatML.
-  EXPECT_TRUE(load_chat_format(d.path).builtin());
+  EXPECT_TRUE(load_chat_format(d.path()).builtin());
 
   // A string template; special tokens as strings or {"content": ...}.
   ojson tc = {{"bos_token", {{"content", "<B>"}, {"lstrip", false}}}, {"eos_token", "<E>"},
               {"chat_template", "{{ bos_token }}{% for m in messages %}[{{ m.role }}]{{ m.content }}{{ eos_token }}{% endfor %}"}};
-  write_file(d.path / "tokenizer_config.json", tc.dump());
-  ChatFormat f = load_chat_format(d.path);
+  write_file(d.path() / "tokenizer_config.json", tc.dump());
+  ChatFormat f = load_chat_format(d.path());
   EXPECT_FALSE(f.builtin());
   EXPECT_EQ(f.origin, "tokenizer_config.json chat_template");
   EXPECT_EQ(f.render(ojson::array({{{"role", "user"}, {"content", "q"}}}), true), "<B>[user]q<E>");
 
   // A list: the entry named "default".
   tc["chat_template"] = ojson::array({{{"name", "tool_use"}, {"template", "T"}}, {{"name", "default"}, {"template", "D"}}});
-  write_file(d.path / "tokenizer_config.json", tc.dump());
-  EXPECT_EQ(load_chat_format(d.path).render(ojson::array(), false), "D");
+  write_file(d.path() / "tokenizer_config.json", tc.dump());
+  EXPECT_EQ(load_chat_format(d.path()).render(ojson::array(), false), "D");
   tc["chat_template"] = ojson::array({{{"name", "tool_use"}, {"template", "T"}}});
-  write_file(d.path / "tokenizer_config.json", tc.dump());
-  EXPECT_THROW(load_chat_format(d.path), Error);
+  write_file(d.path() / "tokenizer_config.json", tc.dump());
+  EXPECT_THROW(load_chat_format(d.path()), Error);
 
   // chat_template.jinja wins over tokenizer_config.json; --chat-template over both.
-  write_file(d.path / "chat_template.jinja", "J{{ messages|length }}\n");
-  EXPECT_EQ(load_chat_format(d.path).render(ojson::array(), false), "J0");
-  EXPECT_EQ(load_chat_format(d.path).origin, "chat_template.jinja");
-  write_file(d.path / "override.jinja", "O");
-  EXPECT_EQ(load_chat_format(d.path, (d.path / "override.jinja").string()).render(ojson::array(), false), "O");
-  EXPECT_THROW(load_chat_format(d.path, (d.path / "missing.jinja").string()), Error);
+  write_file(d.path() / "chat_template.jinja", "J{{ messages|length }}\n");
+  EXPECT_EQ(load_chat_format(d.path()).render(ojson::array(), false), "J0");
+  EXPECT_EQ(load_chat_format(d.path()).origin, "chat_template.jinja");
+  write_file(d.path() / "override.jinja", "O");
+  EXPECT_EQ(load_chat_format(d.path(), (d.path() / "override.jinja").string()).render(ojson::array(), false), "O");
+  EXPECT_THROW(load_chat_format(d.path(), (d.path() / "missing.jinja").string()), Error);
 
   // A template that does not parse fails at load, naming where it came from.
-  write_file(d.path / "chat_template.jinja", "{% if %}");
+  write_file(d.path() / "chat_template.jinja", "{% if %}");
   try {
-    load_chat_format(d.path);
+    load_chat_format(d.path());
     ADD_FAILURE() << "loaded a broken template";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("chat_template.jinja:1:"), std::string::npos) << e.what();
@@ -263,15 +252,15 @@ TEST(ChatFormat, ApiRendersWithTheModelsTemplate) {
 TEST(ChatFormat, ServedCheckpointUsesItsTemplate) {
   TempDir d;
   for (const auto& entry : fs::directory_iterator(testing::kModelDir))
-    if (entry.path().filename() != "golden.safetensors") fs::copy_file(entry.path(), d.path / entry.path().filename());
-  ojson tc = ojson::parse(read_file(d.path / "tokenizer_config.json"));
+    if (entry.path().filename() != "golden.safetensors") fs::copy_file(entry.path(), d.path() / entry.path().filename());
+  ojson tc = ojson::parse(read_file(d.path() / "tokenizer_config.json"));
   tc["chat_template"] =
       "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system messages') }}{% endif %}"
       "{{ m.role|upper }}: {{ m.content|trim }}\n{% endfor %}{% if add_generation_prompt %}BOT:{% endif %}";
-  write_file(d.path / "tokenizer_config.json", tc.dump());
+  write_file(d.path() / "tokenizer_config.json", tc.dump());
 
   ServeOptions o = default_serve_options();
-  o.model = d.path.string();
+  o.model = d.path().string();
   o.served_model_name = "tiny";
   o.http.port = 0;
   o.http.threads = 8;
@@ -291,7 +280,7 @@ TEST(ChatFormat, ServedCheckpointUsesItsTemplate) {
                               {"max_tokens", 2}, {"temperature", 0}, {"ignore_eos", true}};
   testing::Reply r = testing::post(c, "/v1/chat/completions", req);
   ASSERT_EQ(r.status, 200) << r.body;
-  auto tok = load_tokenizer(d.path);
+  auto tok = load_tokenizer(d.path());
   const std::string prompt = "USER: Hello\nASSISTANT: Hi\nUSER: Bye\nBOT:";
   EXPECT_EQ(r.json()["usage"]["prompt_tokens"], tok->encode(prompt, /*add_special_tokens=*/false).size());
 

@@ -17,6 +17,7 @@
 #include "kernels/base.h"
 #include "models/tokenizer/hf_config.h"
 #include "models/tokenizer/tokenizer.h"
+#include "tests/scratch_dir.h"
 
 namespace fineserve::tokenizer_testing {
 
@@ -34,30 +35,7 @@ inline const Tokenizer& gpt2() {
   return *tok;
 }
 
-// A fresh folder under the system temp folder, removed with its contents on scope exit.
-class TempDir {
- public:
-  TempDir() {
-    static std::atomic<int> counter{0};
-    std::random_device rd;
-    path_ = std::filesystem::temp_directory_path() /
-            ("fineserve-tok-test-" + std::to_string(::getpid()) + "-" + std::to_string(counter++) + "-" +
-             std::to_string(rd()));
-    std::filesystem::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-
-  const std::filesystem::path& path() const { return path_; }
-  std::filesystem::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  std::filesystem::path path_;
-};
+using TempDir = ::fineserve::testing::ScratchDir;  // tests/scratch_dir.h
 
 inline void write_file(const std::filesystem::path& path, const std::string& bytes) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);

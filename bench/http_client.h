@@ -1,5 +1,6 @@
-// A small blocking HTTP client for benchmarks and tools (cpp-httplib underneath, kept out of this
-// header so that code outside server/ need not see cpp-httplib's build defines).
+// A small blocking HTTP client for the benchmarks that drive a running server (cpp-httplib
+// underneath, kept out of this header so that its includers need not see cpp-httplib's build
+// defines).
 #pragma once
 
 #include <memory>

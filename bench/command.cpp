@@ -1,5 +1,6 @@
+#include "bench/command.h"
+
 #include "bench/report.h"
-#include "server/commands.h"
 
 namespace fineserve {
 
