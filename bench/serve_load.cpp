@@ -14,6 +14,11 @@
 // Default model: a synthetic OPT of a real shape (configs/models/<name>.json, Gaussian weights),
 // FineQuant int8, with the GPT-2 tokenizer files copied in (tests/data/gpt2), written once to the
 // work directory. --model serves any checkpoint with a tokenizer instead.
+//
+// Prefix caching (--shared-prefix-words N, --chat, --compare-prefix-caching): every prompt starts
+// with the same N-word "system prompt"; with --chat each client's rounds are the turns of one
+// conversation (each prompt is the whole conversation so far); the second sweep then serves with
+// prefix caching off at the same max_seqs, instead of one sequence per step.
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -52,6 +57,10 @@ struct Flags {
   std::string out = "docs/results/serve_cpu.json";
   std::string peer_url;  // "" -> no peer
   std::string peer_name = "peer";
+  // Prefix-caching workloads (see the top of the file).
+  int shared_prefix_words = 0;
+  bool chat = false;
+  bool compare_prefix_caching = false;
 };
 
 // Where requests go and in which API.
@@ -130,6 +139,13 @@ OpenAiStream read_openai_stream(const SseTiming& t) {
   return o;
 }
 
+// The shared "system prompt" of --shared-prefix-words: the same words for every request.
+std::string shared_prefix(const Flags& f) {
+  if (f.shared_prefix_words <= 0) return "";
+  std::string words = prompt_text(f.shared_prefix_words, 0);
+  return "System:" + words.substr(words.find(':') + 1) + "\n";  // without its "Request 0:" label
+}
+
 Point run_point(const Target& target, int concurrency, const Flags& f) {
   Point pt;
   pt.concurrency = concurrency;
@@ -144,10 +160,13 @@ Point run_point(const Target& target, int concurrency, const Flags& f) {
   for (int c = 0; c < concurrency; ++c)
     clients.emplace_back([&, c] {
       HttpClient client(target.host, target.port);
+      std::string conversation = shared_prefix(f);  // --chat: grows by each turn and its reply
       for (int r = 0; r < f.rounds; ++r) {
+        const std::string turn = prompt_text(f.prompt_words, c * f.rounds + r);
+        const std::string inputs = f.chat ? conversation + "\nUser: " + turn + "\nAssistant:" : shared_prefix(f) + turn;
         if (target.openai) {
           // Greedy, a fixed output length: the same work for any OpenAI-compatible server.
-          const json body = {{"prompt", prompt_text(f.prompt_words, c * f.rounds + r)}, {"max_tokens", f.new_tokens},
+          const json body = {{"prompt", inputs}, {"max_tokens", f.new_tokens},
                              {"temperature", 0.0}, {"ignore_eos", true}, {"stream", true}};
           const SseTiming t = client.post_sse("/v1/completions", body.dump());
           const OpenAiStream o = read_openai_stream(t);
@@ -165,7 +184,7 @@ Point run_point(const Target& target, int concurrency, const Flags& f) {
           e2e[static_cast<size_t>(c)].push_back(o.done_s);
           continue;
         }
-        const json body = {{"inputs", prompt_text(f.prompt_words, c * f.rounds + r)},
+        const json body = {{"inputs", inputs},
                            {"parameters", {{"max_new_tokens", f.new_tokens}, {"ignore_eos", true}}}};
         const SseTiming t = client.post_sse("/generate_stream", body.dump());
         if (t.status != 200 || static_cast<int>(t.event_s.size()) != f.new_tokens) {
@@ -181,6 +200,8 @@ Point run_point(const Target& target, int concurrency, const Flags& f) {
           tpot[static_cast<size_t>(c)].push_back((t.event_s.back() - t.event_s.front()) / static_cast<double>(t.event_s.size() - 1));
         const json last = json::parse(t.data.back(), nullptr, false);
         if (last.is_object() && last["details"].is_object()) prompt_tokens[static_cast<size_t>(c)] = last["details"]["input_length"].get<double>();
+        if (f.chat && last.is_object() && last["generated_text"].is_string())
+          conversation = inputs + last["generated_text"].get<std::string>();
       }
     });
   for (auto& t : clients) t.join();
@@ -205,7 +226,8 @@ Point run_point(const Target& target, int concurrency, const Flags& f) {
 
 // One sweep over f.concurrency against FineServe serving `model` (max_seqs sequences per step);
 // with a peer, each point is followed by the same point against the peer (into *peer_points).
-std::vector<Point> sweep(const fs::path& model, int max_seqs, const Flags& f, std::vector<Point>* peer_points = nullptr) {
+std::vector<Point> sweep(const fs::path& model, int max_seqs, const Flags& f, std::vector<Point>* peer_points = nullptr,
+                         bool prefix_caching = true) {
   ServeOptions o = default_serve_options();
   o.model = model.string();
   o.http.host = "127.0.0.1";
@@ -213,6 +235,7 @@ std::vector<Point> sweep(const fs::path& model, int max_seqs, const Flags& f, st
   o.http.threads = std::max(64, 2 * *std::max_element(f.concurrency.begin(), f.concurrency.end()));
   o.engine.max_seqs = max_seqs;
   o.engine.max_batch_tokens = f.max_batch_tokens;
+  o.engine.prefix_caching = prefix_caching;
   o.kv_cache_mb = f.kv_cache_mb;
   o.loop.max_queue = 1 << 20;
   o.loop.request_timeout_s = 0;
@@ -220,14 +243,14 @@ std::vector<Point> sweep(const fs::path& model, int max_seqs, const Flags& f, st
   stack.load();
   // Warm-up: one request (first-touch of the weights and the KV cache).
   HttpClient(std::string("127.0.0.1"), stack.port()).post_sse("/generate_stream",
-      json{{"inputs", prompt_text(f.prompt_words, 0)}, {"parameters", {{"max_new_tokens", 4}, {"ignore_eos", true}}}}.dump());
+      json{{"inputs", shared_prefix(f) + prompt_text(f.prompt_words, 0)}, {"parameters", {{"max_new_tokens", 4}, {"ignore_eos", true}}}}.dump());
   Target self;
   self.port = stack.port();
   self.openai = peer_points != nullptr;
   const Target peer = peer_points ? parse_peer_url(f.peer_url) : Target{};
   if (peer_points)  // the peer's warm-up
     HttpClient(peer.host, peer.port).post_sse("/v1/completions",
-        json{{"prompt", prompt_text(f.prompt_words, 0)}, {"max_tokens", 4}, {"ignore_eos", true}, {"stream", true}}.dump());
+        json{{"prompt", shared_prefix(f) + prompt_text(f.prompt_words, 0)}, {"max_tokens", 4}, {"ignore_eos", true}, {"stream", true}}.dump());
   std::vector<Point> points;
   auto report = [](const std::string& who, const Point& p) {
     std::printf("  %-10s concurrency %2d: %7.1f tokens/s  TTFT p50 %.3f s  TPOT p50 %.4f s  e2e p99 %.2f s  (%d requests, %d errors, %.1f s)\n",
@@ -313,7 +336,12 @@ void setup(CLI::App& group) {
                   "Another OpenAI-compatible server (http://host:port) to sweep interleaved with this one, "
                   "both through /v1/completions");
   cmd->add_option("--peer-name", f->peer_name, "The peer's name in the table and JSON (e.g. llama-server)");
+  cmd->add_option("--shared-prefix-words", f->shared_prefix_words, "Start every prompt with the same system prompt of this many words")->check(CLI::NonNegativeNumber);
+  cmd->add_flag("--chat", f->chat, "Each client's rounds are the turns of one conversation (prompt = the conversation so far)");
+  cmd->add_flag("--compare-prefix-caching", f->compare_prefix_caching, "Baseline: prefix caching off at the same max_seqs (instead of one sequence per step)");
   cmd->callback([f] {
+    if (f->chat && !f->peer_url.empty())
+      throw Error("--chat replays /generate_stream conversations; it does not combine with --peer-url yet");
     const fs::path model = f->model.empty() ? synthetic_model(*f) : fs::path(f->model);
     const int max_c = *std::max_element(f->concurrency.begin(), f->concurrency.end());
     // Other processes on the machine skew the figures: record how busy it was.
@@ -359,10 +387,12 @@ void setup(CLI::App& group) {
       return;
     }
     const std::vector<Point> batched = sweep(model, max_c, *f);
-    const std::vector<Point> single = sweep(model, 1, *f);
+    const bool vs_off = f->compare_prefix_caching;  // the baseline: caching off, else one sequence per step
+    const std::vector<Point> single = vs_off ? sweep(model, max_c, *f, nullptr, false) : sweep(model, 1, *f);
+    const std::string base = vs_off ? "no-cache " : "1-seq ";
 
-    Table table({"clients", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", "1-seq tok/s", "1-seq TTFT p50",
-                 "1-seq TPOT p50", "speedup", "TPOT p99 / c1"});
+    Table table({"clients", "tok/s", "TTFT p50", "TTFT p99", "TPOT p50", "TPOT p99", base + "tok/s", base + "TTFT p50",
+                 base + "TPOT p50", "speedup", "TPOT p99 / c1"});
     json rows = json::array();
     for (size_t i = 0; i < batched.size(); ++i) {
       const Point& b = batched[i];
@@ -372,16 +402,22 @@ void setup(CLI::App& group) {
       table.add_row({std::to_string(b.concurrency), fmt(b.tokens_per_s, 1), fmt(b.ttft_p50, 3), fmt(b.ttft_p99, 3),
                      fmt(b.tpot_p50 * 1e3, 1) + " ms", fmt(b.tpot_p99 * 1e3, 1) + " ms", fmt(s.tokens_per_s, 1),
                      fmt(s.ttft_p50, 3), fmt(s.tpot_p50 * 1e3, 1) + " ms", fmt(speedup) + "x", fmt(tpot_ratio) + "x"});
-      rows.push_back({{"concurrency", b.concurrency}, {"batched", to_json(b)}, {"one_seq", to_json(s)},
+      rows.push_back({{"concurrency", b.concurrency}, {"batched", to_json(b)}, {vs_off ? "prefix_caching_off" : "one_seq", to_json(s)},
                       {"speedup_tokens_per_s", speedup}, {"tpot_p99_over_c1_tpot_p50", tpot_ratio}});
+      if (vs_off) rows.back()["ttft_p50_off_over_on"] = b.ttft_p50 > 0 ? s.ttft_p50 / b.ttft_p50 : 0;
     }
     std::printf("\n");
     table.print();
+    if (vs_off)
+      for (const json& r : rows)
+        std::printf("clients %d: p50 TTFT without / with prefix caching: %.2fx\n", r["concurrency"].get<int>(),
+                    r["ttft_p50_off_over_on"].get<double>());
     write_result(f->out, "serve_load", cpu_name(),
                  {{"model", model_name}, {"load_average_1m_at_start", load_at_start}, {"prompt_tokens", batched.empty() ? 0.0 : batched[0].prompt_tokens},
                   {"new_tokens", f->new_tokens}, {"rounds", f->rounds}, {"max_batch_tokens", f->max_batch_tokens},
                   {"batched_max_seqs", max_c}, {"hardware_threads", std::thread::hardware_concurrency()},
-                  {"points", rows}});
+                  {"shared_prefix_words", f->shared_prefix_words}, {"chat", f->chat},
+                  {"baseline", vs_off ? "prefix caching off" : "max_seqs 1"}, {"points", rows}});
   });
 }
 

@@ -23,6 +23,7 @@ struct Engine::Sequence {
   // a recomputed prefill does not score them again).
   bool prompt_logprobs = false;
   int64_t prompt_scored = 0;
+  int cached_tokens = -1;  // prefix-cache hit at the first admission (-1: not admitted yet)
   std::vector<PositionLogprobs> prompt_lp;
 
   Sequence(uint64_t i, int c, SeqId k, const GenerationRequest& r, const Tokenizer* tok)
@@ -57,7 +58,7 @@ int num_blocks_for(const Model& model, const EngineConfig& c) {
 }  // namespace
 
 Engine::Engine(Model& model, const Tokenizer* tokenizer, const EngineConfig& config)
-    : model_(model), tokenizer_(tokenizer), config_(config), blocks_(num_blocks_for(model, config), config.block_size) {
+    : model_(model), tokenizer_(tokenizer), config_(config), blocks_(num_blocks_for(model, config), config.block_size, config.prefix_caching) {
   if (config_.max_batch_tokens < 1) throw Error("max_batch_tokens must be >= 1");
   if (config_.max_seqs < 1) throw Error("max_seqs must be >= 1");
   config_.num_blocks = blocks_.num_blocks();
@@ -123,6 +124,7 @@ EngineStats Engine::stats() const {
   s.free_blocks = blocks_.num_free_blocks();
   s.total_blocks = blocks_.num_blocks();
   s.preemptions = preemptions_;
+  s.prefix_cache = blocks_.stats();
   return s;
 }
 
@@ -155,8 +157,15 @@ std::vector<TokenEvent> Engine::step() {
   // 2. Waiting sequences, FCFS, while their chunk fits.
   while (!waiting_.empty() && budget > 0 && static_cast<int>(plan.size()) < config_.max_seqs) {
     Sequence& s = *waiting_.front();
-    const int64_t take = std::min(s.remaining(), budget);
-    if (!try_grow(s, s.num_computed + take)) break;
+    // Prefix caching: start after the longest cached full-block prefix (never the whole sequence,
+    // so this step still computes its last token's logits). Without caching the match is empty;
+    // a request scoring its prompt (prompt_logprobs) computes every position, so it takes none.
+    const int64_t lookup = s.prompt_logprobs ? 0 : static_cast<int64_t>(s.tokens.size()) - 1;
+    const PrefixMatch hit = blocks_.match_prefix(s.tokens, lookup);
+    const int64_t take = std::min(static_cast<int64_t>(s.tokens.size()) - hit.num_tokens, budget);
+    if (!blocks_.allocate(s.key, hit, hit.num_tokens + take)) break;
+    s.num_computed = hit.num_tokens;
+    if (s.cached_tokens < 0) s.cached_tokens = static_cast<int>(hit.num_tokens);
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
     plan.push_back({running_.back().get(), take});
@@ -210,7 +219,10 @@ std::vector<TokenEvent> Engine::step() {
   const auto row = [&](size_t i) { return logits_.data() + i * static_cast<size_t>(vocab); };
   logits_.resize(std::max<size_t>(in.logit_rows.size(), 1) * static_cast<size_t>(vocab));
   model_.forward(in, logits_.data());
-  for (const Scheduled& p : plan) p.seq->num_computed += p.take;
+  for (const Scheduled& p : plan) {
+    p.seq->num_computed += p.take;
+    blocks_.commit(p.seq->key, p.seq->tokens, p.seq->num_computed);  // prefix caching
+  }
 
   // 4. Score the prompt, sample, check stops, report.
   std::vector<TokenEvent> events;
@@ -227,6 +239,7 @@ std::vector<TokenEvent> Engine::step() {
     TokenEvent e;
     e.request_id = s.id;
     e.choice = s.choice;
+    e.cached_tokens = std::max(s.cached_tokens, 0);
     if (s.tokens.size() == s.prompt_len) e.prompt_logprobs = std::move(s.prompt_lp);
     if (s.max_new_tokens == 0) {
       e.finish = FinishReason::Length;  // prompt scoring only

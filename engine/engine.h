@@ -6,7 +6,9 @@
 // then to waiting ones (FCFS): a decoding sequence takes 1 token, a prefilling one
 // min(remaining, budget left) (chunked prefill). A sequence is admitted only when KV blocks for
 // its chunk are free; when a running sequence cannot grow, the youngest running sequence is
-// preempted (its blocks freed) and recomputed from its tokens later.
+// preempted (its blocks freed) and recomputed from its tokens later. With prefix caching
+// (EngineConfig::prefix_caching), admission starts a sequence after its longest cached full-block
+// prefix (BlockManager::match_prefix) and each step registers the blocks it filled (commit).
 //
 // The same loop serves `fineserve generate` (generate()) and the HTTP server (add/step/cancel).
 #pragma once
@@ -34,6 +36,7 @@ struct EngineConfig {
   uint64_t kv_cache_bytes = 256ull << 20;
   int max_batch_tokens = 512;    // tokens per step (prefill chunks + decodes)
   int max_seqs = 32;             // sequences per step
+  bool prefix_caching = true;    // share the KV blocks of common prompt prefixes (kv_cache.h)
 };
 
 // A fully resolved request: its caller (the HTTP API's resolve_request, `fineserve generate`)
@@ -64,6 +67,7 @@ struct TokenEvent {
   std::vector<TokenLogprob> top;  // GenerationRequest::top_logprobs best alternatives, best first
   std::string text;  // text that is safe to emit now (stop strings held back)
   std::optional<FinishReason> finish;
+  int cached_tokens = 0;  // prompt tokens found in the prefix cache when the sequence was admitted
   // With choice 0's first event when prompt_logprobs: one entry per prompt token after the first
   // (the first has no context to be predicted from), with top_logprobs alternatives.
   std::vector<PositionLogprobs> prompt_logprobs;
@@ -87,6 +91,7 @@ struct EngineStats {
   double kv_usage = 0;
   int free_blocks = 0, total_blocks = 0;
   uint64_t preemptions = 0;
+  PrefixCacheStats prefix_cache;  // cumulative, in tokens
 };
 
 class Engine {
@@ -111,6 +116,7 @@ class Engine {
   const StepStats& last_step() const { return last_step_; }
   const EngineConfig& config() const { return config_; }
   const Model& model() const { return model_; }
+  const BlockManager& blocks() const { return blocks_; }
 
   // Runs requests to completion (prefill then decode, batched); on_event sees every token.
   std::vector<GenerationResult> generate(std::vector<GenerationRequest> requests,

@@ -29,6 +29,7 @@ void add_serve_command(CLI::App& app) {
     int port = 0;
     int rank = -1;        // tensor parallelism: -1 = not given (rank 0, spawning the others)
     int local_rank = -1;  // the CUDA device of this rank; -1 = the rank
+    bool no_prefix_caching = false;
   };
   auto f = std::make_shared<Flags>();
   CLI::App* cmd = app.add_subcommand("serve", "Serve a model over HTTP (TGI and OpenAI-compatible routes)");
@@ -46,6 +47,7 @@ void add_serve_command(CLI::App& app) {
   auto* drain = cmd->add_option("--drain-timeout", f->o.drain_timeout_s, "Seconds in-flight requests get to finish on SIGTERM")->check(CLI::NonNegativeNumber);
   auto* chat_template = cmd->add_option("--chat-template", f->o.chat_template, "Jinja chat template file for /v1/chat/completions (default: the checkpoint's, else ChatML)");
   auto* body = cmd->add_option("--max-body-bytes", f->o.http.max_body_bytes, "Largest request body; larger ones get 413")->check(CLI::PositiveNumber);
+  cmd->add_flag("--no-prefix-caching", f->no_prefix_caching, "Turn off automatic prefix caching (reuse of the KV blocks of shared prompt prefixes)");
 
   cmd->add_option("--tp", f->o.tp, "Tensor-parallel ranks (cpu: threads of this process; cuda: one process per GPU)")
       ->check(CLI::Range(1, 1024))
@@ -82,6 +84,7 @@ void add_serve_command(CLI::App& app) {
     if (drain->count()) o.drain_timeout_s = flags.drain_timeout_s;
     if (body->count()) o.http.max_body_bytes = flags.http.max_body_bytes;
     if (chat_template->count()) o.chat_template = flags.chat_template;
+    if (f->no_prefix_caching) o.engine.prefix_caching = false;
     o.tp = flags.tp;
     o.coordinator = flags.coordinator;
     o.tp_timeout_s = flags.tp_timeout_s;

@@ -48,6 +48,8 @@ Metrics::Metrics() : registry_(std::make_shared<prometheus::Registry>()) {
   prompt_tokens_ = counter(reg, "fineserve_prompt_tokens_total", "Prompt tokens of admitted requests");
   generation_tokens_ = counter(reg, "fineserve_generation_tokens_total", "Generated tokens");
   preemptions_ = counter(reg, "fineserve_num_preemptions_total", "Sequences preempted (KV cache full) and recomputed later");
+  prefix_cache_queries_ = counter(reg, "fineserve_prefix_cache_queries_total", "Prompt tokens looked up in the prefix cache (one lookup per admission)");
+  prefix_cache_hits_ = counter(reg, "fineserve_prefix_cache_hits_total", "Prompt tokens found in the prefix cache (their KV blocks reused, not recomputed)");
   ttft_ = histogram(reg, "fineserve_time_to_first_token_seconds", "Time from arrival to the first generated token", kLatency);
   tpot_ = histogram(reg, "fineserve_time_per_output_token_seconds", "Mean time between generated tokens of a request", kPerToken);
   e2e_ = histogram(reg, "fineserve_e2e_request_latency_seconds", "Time from arrival to the last token", kLatency);
@@ -102,6 +104,12 @@ void Metrics::set_engine_state(const EngineStats& s) {
   if (s.preemptions > preemptions_seen_) {
     preemptions_->Increment(static_cast<double>(s.preemptions - preemptions_seen_));
     preemptions_seen_ = s.preemptions;
+  }
+  // Prefix cache: the engine's counters are cumulative; add what is new since the last call.
+  if (s.prefix_cache.queries > prefix_cache_seen_.queries) {
+    prefix_cache_queries_->Increment(static_cast<double>(s.prefix_cache.queries - prefix_cache_seen_.queries));
+    prefix_cache_hits_->Increment(static_cast<double>(s.prefix_cache.hits - prefix_cache_seen_.hits));
+    prefix_cache_seen_ = s.prefix_cache;
   }
 }
 

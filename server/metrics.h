@@ -50,6 +50,9 @@ class Metrics {
   prometheus::Counter* generation_tokens_;
   prometheus::Counter* preemptions_;
   uint64_t preemptions_seen_ = 0;  // engine thread only
+  prometheus::Counter* prefix_cache_queries_;
+  prometheus::Counter* prefix_cache_hits_;
+  PrefixCacheStats prefix_cache_seen_;  // engine thread only
   prometheus::Histogram* ttft_;
   prometheus::Histogram* tpot_;
   prometheus::Histogram* e2e_;

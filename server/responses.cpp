@@ -48,7 +48,8 @@ json ResponseWriter::usage() const {
   // As OpenAI bills: the prompt once, the tokens of every sequence generated (best_of included).
   const int completion = generated_tokens();
   return {{"prompt_tokens", ctx_.prompt_tokens}, {"completion_tokens", completion},
-          {"total_tokens", ctx_.prompt_tokens + completion}};
+          {"total_tokens", ctx_.prompt_tokens + completion},
+          {"prompt_tokens_details", {{"cached_tokens", cached_tokens_}}}};
 }
 
 // The text of one token alone, as logprobs report it. Bytes that are not valid UTF-8 on their own
@@ -183,6 +184,7 @@ std::string ResponseWriter::on_events(const std::vector<TokenEvent>& events) {
   for (const TokenEvent& e : events) {
     if (finished_) break;
     if (!e.prompt_logprobs.empty()) prompt_logprobs_ = e.prompt_logprobs;
+    cached_tokens_ = std::max(cached_tokens_, e.cached_tokens);
     Choice& c = choices_.at(static_cast<size_t>(e.choice));
     if (c.finish) continue;
     if (e.token >= 0) {

@@ -84,6 +84,7 @@ class ResponseWriter {
   std::vector<PositionLogprobs> prompt_logprobs_;  // from the engine, when asked for
   int unfinished_ = 0;
   bool finished_ = false;
+  int cached_tokens_ = 0;  // prompt tokens served from the prefix cache (usage)
 };
 
 // Error bodies: TGI routes {"error": message, "error_type": type}; OpenAI routes OpenAI's shape

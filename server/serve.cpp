@@ -93,6 +93,10 @@ void apply_server_config(const json& config, const std::string& source, ServeOpt
       {"heartbeat_s", [&](const json& v, const std::string& w) { o.http.heartbeat_s = number_in(v, w, 1e-3, 3600); }},
       {"default_max_new_tokens", [&](const json& v, const std::string& w) { o.http.default_max_new_tokens = static_cast<int>(integer_in(v, w, 1, kIntMax)); }},
       {"max_stop_sequences", [&](const json& v, const std::string& w) { o.http.max_stop_sequences = static_cast<int>(integer_in(v, w, 0, 1024)); }},
+      {"prefix_caching", [&](const json& v, const std::string& w) {
+         if (!v.is_boolean()) throw Error(w + " must be true or false");
+         o.engine.prefix_caching = v.get<bool>();
+       }},
   };
   for (auto it = config.begin(); it != config.end(); ++it) {
     if (it.key().rfind("_comment", 0) == 0) continue;  // documentation keys

@@ -150,5 +150,30 @@ TEST(ServeCli, SigtermDrainsInFlightRequests) {
   EXPECT_NE(p.output().find("draining"), std::string::npos) << p.output();
 }
 
+// --no-prefix-caching reaches the engine: a repeated prompt reports no cached tokens.
+TEST(ServeCli, NoPrefixCachingFlag) {
+  for (const bool off : {false, true}) {
+    std::vector<std::string> args = {"serve", "--model", kModelDir.string(), "--port", "0"};
+    if (off) args.push_back("--no-prefix-caching");
+    ServeProcess p(args);
+    ASSERT_TRUE(eventually([&] { return p.port() > 0; }, std::chrono::seconds(60))) << p.output();
+    httplib::Client c("127.0.0.1", p.port());
+    c.set_read_timeout(std::chrono::seconds(60));
+    ASSERT_TRUE(eventually([&] { return get(c, "/ready").status == 200; }, std::chrono::seconds(60))) << p.output();
+    std::string prompt;
+    for (int i = 0; i < 20; ++i) prompt += " hello world";  // 40 tokens: two full 16-token blocks
+    const json body = {{"model", "opt-preln"}, {"prompt", prompt}, {"max_tokens", 2}};
+    ASSERT_EQ(post(c, "/v1/completions", body).status, 200);
+    const Reply r = post(c, "/v1/completions", body);
+    ASSERT_EQ(r.status, 200) << r.body;
+    const int cached = r.json()["usage"]["prompt_tokens_details"]["cached_tokens"];
+    if (off) {
+      EXPECT_EQ(cached, 0);
+    } else {
+      EXPECT_GT(cached, 0);
+    }
+  }
+}
+
 }  // namespace
 }  // namespace fineserve
