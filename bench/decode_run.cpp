@@ -10,6 +10,8 @@
 #include "bench/cuda_probe.h"
 #include "bench/membw.h"
 #include "bench/report.h"
+#include "configs/cpu_env.h"
+#include "configs/cuda_env.h"
 #include "engine/engine.h"
 #include "kernels/base.h"
 #include "models/registry.h"
@@ -115,9 +117,9 @@ DeviceContext open_device(const std::string& device, int gpu) {
 }
 
 std::unique_ptr<Backend> make_backend(const DeviceContext& dev) {
-  if (dev.device == Device::Cpu) return make_cpu_backend();
+  if (dev.device == Device::Cpu) return make_cpu_backend(cpu_options_from_env());
 #ifdef FINESERVE_HAVE_CUDA
-  return make_cuda_backend(dev.gpu, DType::F16);
+  return make_cuda_backend(dev.gpu, DType::F16, cuda_options_from_env());
 #else
   throw Error("--device cuda: this fineserve was built without the CUDA backend");
 #endif

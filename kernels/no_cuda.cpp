@@ -7,7 +7,7 @@
 #ifndef FINESERVE_HAVE_CUDA
 namespace fineserve {
 
-std::unique_ptr<Backend> make_cuda_backend(int, DType) {
+std::unique_ptr<Backend> make_cuda_backend(int, DType, const CudaOptions&) {
   throw Error("CUDA is not in this build of FineServe (it was configured without nvcc or with "
               "-DFINESERVE_CUDA=OFF); use --device cpu, or rebuild with the CUDA toolkit");
 }

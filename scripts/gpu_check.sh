@@ -265,10 +265,10 @@ sanitizer() {  # $1: memcheck, racecheck or initcheck
     { echo "no compute-sanitizer"; return 1; }
   local san=("$bin" --tool "$tool" --error-exitcode 99 --print-limit 30)
   local rc=0
-  FINESERVE_CUDA_POISON_WORKSPACES=1 "${san[@]}" "${kernels[@]}" || rc=1
+  "${san[@]}" "${kernels[@]}" || rc=1
   # The golden model (every op of a real forward pass) only under memcheck: the other tools are
   # slower, and the kernels they add checks for (shared memory, initialisation) are in the first run.
-  if [[ $tool == memcheck ]]; then FINESERVE_CUDA_POISON_WORKSPACES=1 "${san[@]}" "${models[@]}" || rc=1; fi
+  if [[ $tool == memcheck ]]; then "${san[@]}" "${models[@]}" || rc=1; fi
   return "$rc"
 }
 memcheck() { sanitizer memcheck; }

@@ -1,6 +1,8 @@
 // --device and --dtype: which backend a command runs on.
 #include "server/device.h"
 
+#include "configs/cpu_env.h"
+#include "configs/cuda_env.h"
 #include "kernels/base.h"
 #include "kernels/cuda/cuda_backend.h"
 
@@ -28,7 +30,7 @@ std::unique_ptr<Backend> make_backend(const std::string& device, const std::stri
   if (!d.cuda) {
     if (!dtype.empty() && dtype != "fp32")
       throw Error("--dtype " + dtype + " applies to --device cuda; the CPU backend computes in fp32");
-    return make_cpu_backend();
+    return make_cpu_backend(cpu_options_from_env());
   }
   DType act;
   if (dtype.empty() || dtype == "fp16" || dtype == "float16") {
@@ -42,7 +44,7 @@ std::unique_ptr<Backend> make_backend(const std::string& device, const std::stri
     throw Error("device '" + device + "': CUDA is not in this build of FineServe (it was configured without nvcc or "
                 "with -DFINESERVE_CUDA=OFF); use --device cpu");
   try {
-    return make_cuda_backend(d.index, act);
+    return make_cuda_backend(d.index, act, cuda_options_from_env());
   } catch (const Error& e) {
     throw Error("device '" + device + "': " + e.what());
   }

@@ -9,7 +9,6 @@
 
 #include "kernels/base.h"
 #include "kernels/cpu/aligned.h"
-#include "configs/cpu_env.h"
 #include "kernels/cpu/fast_ops.h"
 #include "kernels/cpu/gemm.h"
 #include "kernels/cpu/gemm_a8.h"
@@ -211,6 +210,6 @@ class CpuBackend final : public Backend {
 
 std::unique_ptr<Backend> make_cpu_backend(const CpuOptions& options) { return std::make_unique<CpuBackend>(options); }
 
-std::unique_ptr<Backend> make_cpu_backend() { return make_cpu_backend(cpu_options_from_env()); }
+std::unique_ptr<Backend> make_cpu_backend() { return make_cpu_backend(CpuOptions{}); }
 
 }  // namespace fineserve

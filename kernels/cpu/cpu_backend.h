@@ -2,8 +2,8 @@
 // the best instruction set the CPU has (kernels/cpu/dispatch.h: AVX-512 VNNI, AVX2 + FMA + F16C;
 // OpenMP) and the scalar reference on CPUs without AVX2. CpuOptions::isa forces one path
 // (CpuOptions{.reference = true} is the reference for every op), so tests can compare the paths op
-// by op. The no-argument make_cpu_backend() reads its options from the environment
-// (configs/cpu_env.h).
+// by op. The no-argument make_cpu_backend() uses the defaults; the server and the
+// benchmarks read overrides from the environment through configs/cpu_env.h and pass them here.
 //
 // Two options change the numerics and are off by default (docs/perplexity.md has their cost):
 // int8_activations runs the quantized linear layers as integer dot products with activations

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cstdio>
-#include <cstdlib>
 #include <mutex>
 #include <string>
 #include <unordered_map>
@@ -28,7 +27,7 @@ std::string mib(size_t bytes) {
 
 class CudaBackend final : public Backend {
  public:
-  CudaBackend(int device, DType act) : device_(device), act_(act) {
+  CudaBackend(int device, DType act, const CudaOptions& options) : device_(device), act_(act) {
     if (act != DType::F16 && act != DType::BF16)
       throw Error("CUDA activations must be F16 or BF16, got " + std::string(dtype_name(act)));
     int count = 0;
@@ -56,9 +55,7 @@ class CudaBackend final : public Backend {
       *fault_host_ = 0;
       check_cuda(cudaHostGetDevicePointer(reinterpret_cast<void**>(&fault_dev_), fault_host_, 0),
                  "cudaHostGetDevicePointer (fault word)");
-      // FINESERVE_CUDA_POISON_WORKSPACES=1 (tests, sanitizer runs): NaN-fill every workspace before use.
-      const char* poison = std::getenv("FINESERVE_CUDA_POISON_WORKSPACES");
-      poison_ = poison && std::string(poison) == "1";
+      poison_ = options.poison_workspaces;  // tests and sanitizer runs: NaN-fill workspaces
       cuda::GemmOptions gemm_options;
       gemm_options.poison_workspaces = poison_;
       gemm_ = std::make_unique<cuda::Gemm>(act, stream_, gemm_options);
@@ -384,8 +381,8 @@ class CudaBackend final : public Backend {
 
 }  // namespace
 
-std::unique_ptr<Backend> make_cuda_backend(int device_index, DType act) {
-  return std::make_unique<CudaBackend>(device_index, act);
+std::unique_ptr<Backend> make_cuda_backend(int device_index, DType act, const CudaOptions& options) {
+  return std::make_unique<CudaBackend>(device_index, act, options);
 }
 
 bool cuda_backend_built() { return true; }

@@ -23,9 +23,15 @@
 
 namespace fineserve {
 
+struct CudaOptions {
+  // NaN-fill every GEMM and attention workspace before each use, so a kernel that reads a slot
+  // this call did not write shows up as NaNs (tests and sanitizer runs; slower).
+  bool poison_workspaces = false;
+};
+
 // Throws fineserve::Error when no usable CUDA device `device_index` exists, or when this build has
 // no CUDA. act: F16 (default) or BF16.
-std::unique_ptr<Backend> make_cuda_backend(int device_index = 0, DType act = DType::F16);
+std::unique_ptr<Backend> make_cuda_backend(int device_index = 0, DType act = DType::F16, const CudaOptions& options = {});
 
 // Whether this build of FineServe has the CUDA backend (false: make_cuda_backend always throws).
 bool cuda_backend_built();

@@ -309,7 +309,7 @@ TEST(CpuEnv, OverridesAreReadAndBadValuesRejected) {
     EXPECT_EQ(o.isa, Isa::Reference);
     EXPECT_TRUE(o.int8_activations);
     EXPECT_FALSE(o.int8_dense_weights);
-    EXPECT_EQ(make_cpu_backend()->name(), "cpu-reference");
+    EXPECT_EQ(make_cpu_backend(o)->name(), "cpu-reference");  // what the server and benchmarks do
   }
   {
     ScopedEnv isa("FINESERVE_CPU_ISA", "avx9000");

@@ -765,12 +765,10 @@ TEST_P(CudaOps, AttentionWithQueryStartOffset) {
 }
 
 // The same with a backend that NaN-fills its workspaces before every use
-// (FINESERVE_CUDA_POISON_WORKSPACES=1): split attention tiles must read only the partial results
+// (CudaOptions::poison_workspaces): split attention tiles must read only the partial results
 // this call wrote, and the linear layers only their own split-K slices.
 TEST_P(CudaOps, AttentionAndLinearWithPoisonedWorkspaces) {
-  setenv("FINESERVE_CUDA_POISON_WORKSPACES", "1", 1);
-  gpu_ = make_cuda_backend(0, act_);
-  unsetenv("FINESERVE_CUDA_POISON_WORKSPACES");
+  gpu_ = make_cuda_backend(0, act_, CudaOptions{.poison_workspaces = true});
   check_attention({8, 2, 128, 16, 0}, {{1500, 1}, {700, 1}, {64, 1}}, 0, 330, "poisoned, long decode");
   check_attention({8, 2, 64, 16, 0}, {{37, 37}, {129, 17}, {2000, 2}}, 2, 340, "poisoned, mixed, offset 2");
   if (::testing::Test::HasFatalFailure()) return;
