@@ -10,9 +10,11 @@
 #include <thread>
 #include <filesystem>
 #include <memory>
+#include <optional>
 
 #include <spdlog/spdlog.h>
 
+#include "configs/server_env.h"
 #include "engine/tp_launch.h"
 #include "kernels/base.h"
 #include "server/commands.h"
@@ -60,8 +62,7 @@ void add_serve_command(CLI::App& app) {
   auto* body_to = cmd->add_option("--body-timeout", f->o.http.body_timeout_s, "Seconds a request's body may take to arrive in full (then 408)")->check(CLI::PositiveNumber);
   cmd->add_flag("--no-prompt-special-tokens", f->no_prompt_special_tokens,
                 "Tokenize special-token text in raw prompts (/generate, /v1/completions) as plain text (chat content always is)");
-  cmd->add_option("--api-key", f->api_key, "Require 'Authorization: Bearer KEY' on every route but /health, /ready, /metrics")
-      ->envname("FINESERVE_API_KEY");
+  cmd->add_option("--api-key", f->api_key, "Require 'Authorization: Bearer KEY' on every route but /health, /ready, /metrics (also FINESERVE_API_KEY)");
   auto* key_file = cmd->add_option("--api-key-file", f->o.api_key_file, "Read the API key from this file (its first line)");
   auto* cors = cmd->add_option("--cors-allow-origin", f->o.http.cors_allow_origin, "Send CORS headers for this origin ('*': any); off by default");
   cmd->add_flag("--vllm-metrics", f->vllm_metrics, "Also expose /metrics under vLLM's names (vllm:num_requests_running, ...)");
@@ -113,9 +114,12 @@ void add_serve_command(CLI::App& app) {
     if (cors->count()) o.http.cors_allow_origin = flags.http.cors_allow_origin;
     if (f->vllm_metrics) o.vllm_metrics = true;
     if (f->no_access_log) o.http.access_log = false;
-    // The key: --api-key (or FINESERVE_API_KEY) first, else the key file (flag or config).
+    // The key: --api-key first, then FINESERVE_API_KEY (configs/server_env.h), else the key file
+    // (flag or config).
     if (!f->api_key.empty()) {
       o.http.api_key = f->api_key;
+    } else if (std::optional<std::string> key = api_key_from_env()) {
+      o.http.api_key = *key;
     } else {
       resolve_api_key(o);
     }

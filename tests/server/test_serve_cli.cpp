@@ -245,5 +245,22 @@ TEST(ServeCli, ExitsWithinDrainTimeoutPlusOneSecond) {
   EXPECT_GT(unavailable, 0) << "some requests were still in flight at the drain timeout";
 }
 
+
+// FINESERVE_API_KEY (read in configs/server_env) requires the key like --api-key.
+TEST(ServeCli, ApiKeyFromTheEnvironment) {
+  ::setenv("FINESERVE_API_KEY", "env-key-9", 1);
+  ServeProcess p({"serve", "--model", kModelDir.string(), "--port", "0"});
+  ::unsetenv("FINESERVE_API_KEY");
+  ASSERT_TRUE(eventually([&] { return p.port() > 0; }, std::chrono::seconds(60))) << p.output();
+  httplib::Client c("127.0.0.1", p.port());
+  c.set_read_timeout(std::chrono::seconds(60));
+  ASSERT_TRUE(eventually([&] { return get(c, "/ready").status == 200; }, std::chrono::seconds(60))) << p.output();
+  EXPECT_EQ(post(c, "/generate", json{{"inputs", "x"}, {"parameters", {{"max_new_tokens", 1}}}}).status, 401);
+  c.set_bearer_token_auth("env-key-9");
+  EXPECT_EQ(post(c, "/generate", json{{"inputs", "x"}, {"parameters", {{"max_new_tokens", 1}}}}).status, 200);
+  ::kill(p.pid(), SIGTERM);
+  EXPECT_EQ(p.wait(), 0) << p.output();
+}
+
 }  // namespace
 }  // namespace fineserve
