@@ -141,13 +141,15 @@ def errors(kind, codes):
     d = {"400": "not JSON, not an object, or a field of the wrong type", "404": "the model named is not served",
          "413": "the body is larger than max_body_bytes", "422": "a value out of range or not supported",
          "429": "too many requests are waiting", "499": "cancelled", "500": "internal error",
-         "503": "loading, or shutting down", "504": "the request ran past the server's timeout"}
+         "503": "loading, or shutting down", "504": "the request ran past the server's timeout",
+         "401": "an API key is required (Authorization: Bearer KEY)", "408": "the request did not arrive in time",
+         "415": "the body is not declared application/json"}
     # 400 and 413 may come from the HTTP layer before the route is known (a malformed request
     # line, a body over the limit): then the error has either shape.
     either = {"anyOf": [{"$ref": "#/components/schemas/TgiError"}, {"$ref": "#/components/schemas/OpenAiError"}]}
     return {c: {"description": d[c], "content": {"application/json": {"schema": either if c in ("400", "413") else ref}}}
             for c in codes}
-gen_codes = ["400", "404", "413", "422", "429", "500", "503"]
+gen_codes = ["400", "401", "404", "408", "413", "415", "422", "429", "500", "503", "504"]
 def sse_event(desc):
     # One server-sent event as clients parse it: its data line(s) and event name.
     return obj({"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}, ["data"], desc=desc)

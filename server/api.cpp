@@ -461,11 +461,35 @@ std::string_view endpoint_name(Endpoint e) {
 
 bool is_openai(Endpoint e) { return e == Endpoint::Completions || e == Endpoint::ChatCompletions; }
 
+namespace {
+
+// Wraps every message's content in the markers (server/chat_template.h: ContentMarkers), so that
+// whichever renderer formats the chat, the content's place in the prompt is known.
+void mark_chat_content(json& body, const ContentMarkers& markers) {
+  if (!body.is_object() || !body.contains("messages") || !body["messages"].is_array()) return;
+  for (json& m : body["messages"]) {
+    if (!m.is_object() || !m.contains("content")) continue;
+    json& c = m["content"];
+    if (c.is_string()) c = markers.wrap(c.get<std::string>());
+    if (c.is_array())
+      for (json& part : c)
+        if (part.is_object() && part.contains("text") && part["text"].is_string()) part["text"] = markers.wrap(part["text"].get<std::string>());
+  }
+}
+
+}  // namespace
+
 ApiRequest parse_request(Endpoint endpoint, std::string_view body, const ApiLimits& limits) {
-  const json j = parse_body(body);
-  ApiRequest r = endpoint == Endpoint::Completions       ? parse_completions(j, limits)
-                 : endpoint == Endpoint::ChatCompletions ? parse_chat(j, limits)
-                                                         : parse_tgi(endpoint, j, limits);
+  json j = parse_body(body);
+  if (endpoint == Endpoint::ChatCompletions) {
+    const ContentMarkers markers;
+    mark_chat_content(j, markers);
+    ApiRequest r = parse_chat(j, limits);
+    read_structured_output(r, j.dump(), limits);  // tools render the (marked) messages again
+    r.prompt_literal = markers.strip(r.prompt);
+    return r;
+  }
+  ApiRequest r = endpoint == Endpoint::Completions ? parse_completions(j, limits) : parse_tgi(endpoint, j, limits);
   read_structured_output(r, body, limits);  // response_format, grammar, tools (server/structured_output.h)
   return r;
 }
@@ -521,7 +545,9 @@ GenerationRequest resolve_request(const ApiRequest& api, std::vector<int32_t> pr
 }
 
 TokenizeRequest parse_tokenize(std::string_view body, const ApiLimits& limits) {
-  const json j = parse_body(body);
+  json j = parse_body(body);
+  const ContentMarkers markers;
+  mark_chat_content(j, markers);
   Fields f(j, "");
   TokenizeRequest r;
   const json* prompt = f.get("prompt");
@@ -535,6 +561,7 @@ TokenizeRequest parse_tokenize(std::string_view body, const ApiLimits& limits) {
     r.add_special_tokens = f.boolean("add_special_tokens").value_or(true);
   } else {
     r.prompt = render_chat(*messages, limits, r.add_special_tokens, nullptr);
+    r.prompt_literal = markers.strip(r.prompt);
     // vLLM's default for messages: the template writes the special tokens.
     if (auto a = f.boolean("add_special_tokens")) r.add_special_tokens = *a;
     f.ignored("add_generation_prompt");

@@ -84,6 +84,8 @@ struct ApiRequest {
   Endpoint endpoint = Endpoint::Generate;
   bool stream = false;
   std::string prompt;                 // text to tokenize (chat: the rendered template)
+  std::vector<TextRange> prompt_literal;  // chat: where message content lies in `prompt`; tokenized
+                                          // without special tokens (ContentMarkers)
   std::vector<int64_t> prompt_ids;    // /v1/completions with a token-id prompt; then prompt is ""
   bool add_special_tokens = true;     // false for a prompt from a checkpoint's chat template (it
                                       // writes its own BOS, as in transformers' apply_chat_template)
@@ -125,6 +127,7 @@ GenerationRequest resolve_request(const ApiRequest& request, std::vector<int32_t
 // /tokenize and /detokenize (vLLM's shapes).
 struct TokenizeRequest {
   std::string prompt;          // "prompt", or "messages" rendered with the chat template
+  std::vector<TextRange> prompt_literal;  // messages: where their content lies in `prompt`
   bool add_special_tokens = true;
 };
 TokenizeRequest parse_tokenize(std::string_view body, const ApiLimits& limits);

@@ -5,6 +5,7 @@
 
 #include <fstream>
 #include <optional>
+#include <random>
 #include <sstream>
 
 #include "server/jinja/lexer.h"
@@ -77,6 +78,66 @@ std::string ChatFormat::render(const nlohmann::ordered_json& messages, bool add_
   ctx["tools"] = nullptr;
   ctx["documents"] = nullptr;
   return tmpl->render(ctx);
+}
+
+namespace {
+
+// U+E000..U+E003 (private use) in UTF-8.
+constexpr const char* kOpenA = "\xEE\x80\x80";
+constexpr const char* kOpenB = "\xEE\x80\x81";
+constexpr const char* kCloseA = "\xEE\x80\x82";
+constexpr const char* kCloseB = "\xEE\x80\x83";
+
+bool is_space(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\f' || c == '\v'; }
+
+}  // namespace
+
+ContentMarkers::ContentMarkers() {
+  static thread_local std::mt19937_64 rng{std::random_device{}()};
+  char nonce[40];
+  std::snprintf(nonce, sizeof nonce, "%016llx%016llx", static_cast<unsigned long long>(rng()),
+                static_cast<unsigned long long>(rng()));
+  open_ = std::string(kOpenA) + nonce + kOpenB;
+  close_ = std::string(kCloseA) + nonce + kCloseB;
+}
+
+std::string ContentMarkers::wrap(const std::string& c) const {
+  size_t b = 0, e = c.size();
+  while (b < e && is_space(c[b])) ++b;
+  while (e > b && is_space(c[e - 1])) --e;
+  if (b == e) return c;  // whitespace alone cannot spell a control token
+  return c.substr(0, b) + open_ + c.substr(b, e - b) + close_ + c.substr(e);
+}
+
+std::vector<TextRange> ContentMarkers::strip(std::string& text) const {
+  std::vector<TextRange> ranges;
+  if (text.find(open_) == std::string::npos && text.find(close_) == std::string::npos) return ranges;
+  std::string out;
+  out.reserve(text.size());
+  size_t at = 0;
+  const auto unpaired = [] {
+    throw ChatTemplateError(
+        "the chat template cuts message content apart (e.g. splits or slices it), so the server cannot keep the "
+        "content's text apart from the template's control tokens");
+  };
+  while (true) {
+    const size_t o = text.find(open_, at);
+    const size_t stray = text.find(close_, at);
+    if (o == std::string::npos) {
+      if (stray != std::string::npos) unpaired();
+      out.append(text, at, std::string::npos);
+      break;
+    }
+    const size_t c = text.find(close_, o + open_.size());
+    if (c == std::string::npos || stray < o || text.find(open_, o + open_.size()) < c) unpaired();
+    out.append(text, at, o - at);
+    const size_t begin = out.size();
+    out.append(text, o + open_.size(), c - o - open_.size());
+    if (out.size() > begin) ranges.push_back({begin, out.size()});
+    at = c + close_.size();
+  }
+  text = std::move(out);
+  return ranges;
 }
 
 ChatFormat make_chat_format(const std::string& source, const std::string& origin, nlohmann::ordered_json special_tokens) {

@@ -30,6 +30,7 @@
 #include <nlohmann/json.hpp>
 
 #include "kernels/base.h"
+#include "models/tokenizer/tokenizer.h"  // TextRange
 
 namespace fineserve {
 
@@ -94,6 +95,32 @@ struct ChatFormat {
   // add_generation_prompt, tools = none, documents = none and the special tokens, as
   // transformers' apply_chat_template passes them. Throws ChatTemplateError.
   std::string render(const nlohmann::ordered_json& messages, bool add_generation_prompt) const;
+
+};
+
+// Keeps track of where chat message content lands in a rendered prompt, whatever renders it
+// (a checkpoint's template, the built-in ChatML, the tool-calling renders), so that the server
+// tokenizes that text without special-token matching and only the template's own markup can
+// produce control tokens. Before rendering, each content string is wrapped in two markers made of
+// private-use characters and a random nonce (a client cannot forge them); after rendering,
+// strip() cuts them out and returns the ranges they enclosed. Leading and trailing whitespace is
+// left outside the markers, so templates that trim content render exactly as without them.
+//
+//   ContentMarkers markers;
+//   message["content"] = markers.wrap(content);     // for every message
+//   std::string prompt = chat.render(messages, true);
+//   std::vector<TextRange> content = markers.strip(prompt);
+class ContentMarkers {
+ public:
+  ContentMarkers();
+  std::string wrap(const std::string& content) const;
+  // Removes every marker from `text` and returns the byte ranges (of the result) they enclosed.
+  // Throws ChatTemplateError when they do not pair up (a template that cut a message's content
+  // apart or dropped part of it): that content could not be kept apart from control tokens.
+  std::vector<TextRange> strip(std::string& text) const;
+
+ private:
+  std::string open_, close_;
 };
 
 // A template from its source text; `origin` names it in errors and in /info.

@@ -6,11 +6,15 @@
 
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
+#include <thread>
 #include <filesystem>
 #include <memory>
+#include <optional>
 
 #include <spdlog/spdlog.h>
 
+#include "configs/server_env.h"
 #include "engine/tp_launch.h"
 #include "kernels/base.h"
 #include "server/commands.h"
@@ -30,6 +34,10 @@ void add_serve_command(CLI::App& app) {
     int rank = -1;        // tensor parallelism: -1 = not given (rank 0, spawning the others)
     int local_rank = -1;  // the CUDA device of this rank; -1 = the rank
     bool no_prefix_caching = false;
+    bool no_prompt_special_tokens = false;
+    bool vllm_metrics = false;
+    bool no_access_log = false;
+    std::string api_key;
   };
   auto f = std::make_shared<Flags>();
   CLI::App* cmd = app.add_subcommand("serve", "Serve a model over HTTP (TGI and OpenAI-compatible routes)");
@@ -48,6 +56,17 @@ void add_serve_command(CLI::App& app) {
   auto* chat_template = cmd->add_option("--chat-template", f->o.chat_template, "Jinja chat template file for /v1/chat/completions (default: the checkpoint's, else ChatML)");
   auto* body = cmd->add_option("--max-body-bytes", f->o.http.max_body_bytes, "Largest request body; larger ones get 413")->check(CLI::PositiveNumber);
   cmd->add_flag("--no-prefix-caching", f->no_prefix_caching, "Turn off automatic prefix caching (reuse of the KV blocks of shared prompt prefixes)");
+  auto* max_conn = cmd->add_option("--max-connections", f->o.http.max_connections, "Open client connections; at the limit the longest-waiting idle or slow one is closed")->check(CLI::PositiveNumber);
+  auto* keepalive = cmd->add_option("--keepalive-timeout", f->o.http.keepalive_timeout_s, "Seconds a connection may sit idle before (or between) requests")->check(CLI::PositiveNumber);
+  auto* header_to = cmd->add_option("--header-timeout", f->o.http.header_timeout_s, "Seconds a request's line and headers may take to arrive in full (then 408)")->check(CLI::PositiveNumber);
+  auto* body_to = cmd->add_option("--body-timeout", f->o.http.body_timeout_s, "Seconds a request's body may take to arrive in full (then 408)")->check(CLI::PositiveNumber);
+  cmd->add_flag("--no-prompt-special-tokens", f->no_prompt_special_tokens,
+                "Tokenize special-token text in raw prompts (/generate, /v1/completions) as plain text (chat content always is)");
+  cmd->add_option("--api-key", f->api_key, "Require 'Authorization: Bearer KEY' on every route but /health, /ready, /metrics (also FINESERVE_API_KEY)");
+  auto* key_file = cmd->add_option("--api-key-file", f->o.api_key_file, "Read the API key from this file (its first line)");
+  auto* cors = cmd->add_option("--cors-allow-origin", f->o.http.cors_allow_origin, "Send CORS headers for this origin ('*': any); off by default");
+  cmd->add_flag("--vllm-metrics", f->vllm_metrics, "Also expose /metrics under vLLM's names (vllm:num_requests_running, ...)");
+  cmd->add_flag("--no-access-log", f->no_access_log, "Do not log one JSON line per request");
 
   cmd->add_option("--tp", f->o.tp, "Tensor-parallel ranks (cpu: threads of this process; cuda: one process per GPU)")
       ->check(CLI::Range(1, 1024))
@@ -63,7 +82,8 @@ void add_serve_command(CLI::App& app) {
   cmd->add_option("--tp-timeout", f->o.tp_timeout_s, "Seconds the tensor-parallel bootstrap or a collective may wait for the other ranks")
       ->check(CLI::PositiveNumber);
 
-  cmd->callback([f, config, name, device, host, port, mbt, seqs, kv, queue, timeout, drain, body, chat_template] {
+  cmd->callback([f, config, name, device, host, port, mbt, seqs, kv, queue, timeout, drain, body, chat_template, max_conn,
+                 keepalive, header_to, body_to, key_file, cors] {
     if (f->o.model.empty())
       throw Error("no --model given: pass --model CHECKPOINT_DIR (scripts/serve.sh fetches, quantizes and "
                   "serves the embedded default model, SmolLM2-135M-Instruct int4)");
@@ -85,6 +105,24 @@ void add_serve_command(CLI::App& app) {
     if (body->count()) o.http.max_body_bytes = flags.http.max_body_bytes;
     if (chat_template->count()) o.chat_template = flags.chat_template;
     if (f->no_prefix_caching) o.engine.prefix_caching = false;
+    if (max_conn->count()) o.http.max_connections = flags.http.max_connections;
+    if (keepalive->count()) o.http.keepalive_timeout_s = flags.http.keepalive_timeout_s;
+    if (header_to->count()) o.http.header_timeout_s = flags.http.header_timeout_s;
+    if (body_to->count()) o.http.body_timeout_s = flags.http.body_timeout_s;
+    if (f->no_prompt_special_tokens) o.http.prompt_special_tokens = false;
+    if (key_file->count()) o.api_key_file = flags.api_key_file;
+    if (cors->count()) o.http.cors_allow_origin = flags.http.cors_allow_origin;
+    if (f->vllm_metrics) o.vllm_metrics = true;
+    if (f->no_access_log) o.http.access_log = false;
+    // The key: --api-key first, then FINESERVE_API_KEY (configs/server_env.h), else the key file
+    // (flag or config).
+    if (!f->api_key.empty()) {
+      o.http.api_key = f->api_key;
+    } else if (std::optional<std::string> key = api_key_from_env()) {
+      o.http.api_key = *key;
+    } else {
+      resolve_api_key(o);
+    }
     o.tp = flags.tp;
     o.coordinator = flags.coordinator;
     o.tp_timeout_s = flags.tp_timeout_s;
@@ -147,9 +185,20 @@ void add_serve_command(CLI::App& app) {
     int sig = 0;
     sigwait(&stop_signals, &sig);
     spdlog::info("{}: draining (up to {} s)", sig == SIGTERM ? "SIGTERM" : "SIGINT", o.drain_timeout_s);
+    // The bound a supervisor can rely on (docs/deploy.md: terminationGracePeriodSeconds): the
+    // process is gone drain_timeout_s + 1 s after the signal. The orderly path below ends well
+    // within it; should anything hang (an engine step that does not return), this ends it.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(o.drain_timeout_s + 0.9);
+    std::thread([deadline] {
+      std::this_thread::sleep_until(deadline);
+      spdlog::critical("shutdown did not finish within --drain-timeout + 1 s; exiting now");
+      spdlog::shutdown();
+      std::_Exit(1);
+    }).detach();
     const bool clean = stack.drain();
     stack.stop();
     spdlog::info(clean ? "drained; exiting" : "drain timeout: requests still in flight were ended; exiting");
+
   });
 }
 

@@ -1,5 +1,7 @@
 #include "server/engine_loop.h"
 
+#include <algorithm>
+
 #include <spdlog/spdlog.h>
 
 #include "kernels/base.h"
@@ -66,7 +68,15 @@ EngineLoop::EngineLoop(Engine& engine, const LoopConfig& config, Metrics* metric
   if (config_.max_queue < 1) throw Error("max_queue must be >= 1");
   if (config_.request_timeout_s < 0) throw Error("request_timeout must be >= 0");
   stats_ = engine_.stats();
-  thread_ = std::thread([this] { run(); });
+  thread_ = std::thread([this] {
+    try {
+      run();
+    } catch (const std::exception& e) {
+      die(e.what());
+    } catch (...) {
+      die("unknown exception");
+    }
+  });
 }
 
 EngineLoop::~EngineLoop() {
@@ -93,7 +103,12 @@ std::shared_ptr<RequestHandle> EngineLoop::submit(GenerationRequest request, Clo
   {
     std::lock_guard lk(mu_);
     if (draining_ || stop_) throw ApiError(503, error_type::kUnavailable, "the server is shutting down");
-    const size_t queued = submitted_.size() + in_transit_ + static_cast<size_t>(engine_waiting_);
+    if (dead_) throw ApiError(500, error_type::kInternal, "the engine has stopped: " + problem_);
+    // Requests that will take a free batch slot are not waiting for one: only those beyond the
+    // free slots count against max_queue, so a burst admits max_seqs + max_queue requests.
+    const size_t pending = submitted_.size() + in_transit_ + static_cast<size_t>(engine_waiting_);
+    const auto free_slots = static_cast<size_t>(std::max(0, engine_.config().max_seqs - stats_.running));
+    const size_t queued = pending > free_slots ? pending - free_slots : 0;
     if (queued >= static_cast<size_t>(config_.max_queue))
       throw ApiError(429, error_type::kOverloaded,
                      "the server is overloaded: " + std::to_string(queued) + " requests are already waiting");
@@ -112,6 +127,39 @@ void EngineLoop::notify_cancel() {
 }
 
 void EngineLoop::begin_drain() { draining_ = true; }
+
+// The engine thread ends on an exception nothing below caught: fail every request (their
+// clients get a 500) and report unhealthy, so that a supervisor restarts the process.
+void EngineLoop::die(const std::string& why) {
+  spdlog::critical("the engine loop died: {}", why);
+  std::vector<std::shared_ptr<RequestHandle>> orphans;
+  {
+    std::lock_guard lk(mu_);
+    problem_ = "the engine loop died: " + why;
+    dead_ = true;
+    orphans.swap(submitted_);
+    in_transit_ = 0;
+    in_flight_ = 0;
+  }
+  const ApiError error(500, error_type::kInternal, "internal error: the engine stopped (" + why + ")");
+  for (auto& [id, h] : active_) h->fail(error);
+  active_.clear();
+  for (auto& h : orphans) h->fail(error);
+  idle_cv_.notify_all();
+}
+
+bool EngineLoop::healthy(std::string* problem) const {
+  std::lock_guard lk(mu_);
+  if (dead_) {
+    if (problem) *problem = problem_;
+    return false;
+  }
+  if (failed_steps_ >= kUnhealthyAfterFailedSteps) {
+    if (problem) *problem = std::to_string(failed_steps_) + " engine steps in a row failed; last: " + problem_;
+    return false;
+  }
+  return true;
+}
 
 bool EngineLoop::drain(std::chrono::duration<double> timeout) {
   begin_drain();
@@ -263,8 +311,17 @@ void EngineLoop::step_once() {
     // A fault inside a step leaves the batch in an unknown state: fail every request in it and
     // keep serving (the engine frees their blocks on cancel).
     spdlog::error("engine step failed: {}", e.what());
+    {
+      std::lock_guard lk(mu_);
+      ++failed_steps_;
+      problem_ = e.what();
+    }
     fail_active(ApiError(500, error_type::kInternal, std::string("internal error: ") + e.what()), "error");
     return;
+  }
+  {
+    std::lock_guard lk(mu_);
+    failed_steps_ = 0;
   }
   const Clock::time_point now = Clock::now();
   const StepStats& step = engine_.last_step();

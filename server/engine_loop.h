@@ -123,6 +123,10 @@ class EngineLoop {
   // Engine state after the latest step; `waiting` includes requests not yet handed to the engine.
   EngineStats stats() const;
   int in_flight() const;  // requests submitted and not yet ended
+  // False once the engine thread has died, or while its last kUnhealthyAfterFailedSteps steps all
+  // failed (/health and /ready answer 503 then); `problem` says why.
+  static constexpr int kUnhealthyAfterFailedSteps = 3;
+  bool healthy(std::string* problem = nullptr) const;
   const Engine& engine() const { return engine_; }
   const LoopConfig& config() const { return config_; }
 
@@ -136,6 +140,7 @@ class EngineLoop {
   void step_once();
   void fail_active(const ApiError& error, const std::string& metric_reason);
   void end(uint64_t engine_id);
+  void die(const std::string& why);
 
   Engine& engine_;
   LoopConfig config_;
@@ -154,6 +159,9 @@ class EngineLoop {
   bool cancel_scan_ = false;
   EngineStats stats_;
   std::atomic<bool> draining_{false};
+  bool dead_ = false;        // the engine thread ended on an exception (under mu_)
+  int failed_steps_ = 0;     // consecutive failed steps (under mu_)
+  std::string problem_;      // the latest failure (under mu_)
 
   // Engine thread only.
   std::unordered_map<uint64_t, std::shared_ptr<RequestHandle>> active_;  // by engine id

@@ -5,11 +5,14 @@
 #include <spdlog/spdlog.h>
 
 #include <atomic>
+#include <cerrno>
 #include <condition_variable>
 #include <cstdio>
 #include <mutex>
+#include <optional>
 #include <random>
 #include <thread>
+#include <utility>
 
 #include <nlohmann/json.hpp>
 
@@ -39,12 +42,66 @@ void reply_error(httplib::Response& res, Endpoint endpoint, const ApiError& e) {
   reply_json(res, e.status(), error_body(endpoint, e));
 }
 
+// The error shape of a path: OpenAI's for /v1/ routes, TGI's otherwise.
+Endpoint shape_of(const std::string& path) { return path.rfind("/v1/", 0) == 0 ? Endpoint::Completions : Endpoint::Generate; }
+
+bool is_probe(const std::string& path) { return path == "/health" || path == "/ready" || path == "/metrics"; }
+
+// What the access-log line of the request this thread serves says; handlers fill it in, the
+// logger (called by cpp-httplib after the response's last byte) writes and resets it.
+struct AccessRecord {
+  std::string id;  // X-Request-Id
+  Clock::time_point arrival;
+  std::optional<double> ttft_s;
+  int prompt_tokens = -1;     // -1: not a generation request
+  int generated_tokens = 0;
+  std::string finish_reason;  // of the last choice; or the error type
+};
+thread_local AccessRecord tl_access;
+
+// A client's X-Request-Id is kept when it is a short printable token; otherwise one is made.
+bool acceptable_request_id(const std::string& id) {
+  if (id.empty() || id.size() > 128) return false;
+  for (unsigned char c : id)
+    if (c < 0x21 || c > 0x7e) return false;
+  return true;
+}
+
+// Compares a presented key with the configured one in time that depends only on their lengths,
+// not on where they first differ.
+bool keys_match(std::string_view presented, std::string_view expected) {
+  unsigned char diff = presented.size() == expected.size() ? 0 : 1;
+  for (size_t i = 0; i < presented.size(); ++i)
+    diff |= static_cast<unsigned char>(presented[i] ^ expected[expected.empty() ? 0 : i % expected.size()]);
+  return diff == 0 && !expected.empty();
+}
+
+// Routes that read a JSON body.
+bool takes_json(const std::string& method, const std::string& path) {
+  if (method != "POST") return false;
+  for (const char* p : {"/", "/generate", "/generate_stream", "/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"})
+    if (path == p) return true;
+  return false;
+}
+
 }  // namespace
+
+ConnectionLimits connection_limits(const HttpConfig& c) {
+  ConnectionLimits l;
+  l.max_connections = c.max_connections;
+  l.keepalive_timeout_s = c.keepalive_timeout_s;
+  l.header_timeout_s = c.header_timeout_s;
+  l.body_timeout_s = c.body_timeout_s;
+  l.worker_threads = c.threads;
+  l.probe_threads = c.probe_threads;
+  l.max_body_bytes = c.max_body_bytes;
+  return l;
+}
 
 struct HttpServer::Impl {
   HttpConfig config;
   Metrics& metrics;
-  httplib::Server svr;
+  ConnectionServer svr;
   std::thread thread;
   int port = -1;
   bool started = false;
@@ -64,7 +121,7 @@ struct HttpServer::Impl {
   int open = 0;  // generation responses in progress (under mu)
   std::mt19937_64 rng{std::random_device{}()};
 
-  Impl(const HttpConfig& c, Metrics& m) : config(c), metrics(m) {}
+  Impl(const HttpConfig& c, Metrics& m) : config(c), metrics(m), svr(connection_limits(c)) {}
 
   // Counts a generation response from the moment its request arrives until its last byte is
   // written (it lives in the response's content provider when there is one).
@@ -103,6 +160,16 @@ struct HttpServer::Impl {
   };
   // Parses, tokenizes and resolves the request (ApiError 4xx, 503 while loading or draining).
   Prepared prepare(const httplib::Request& req, Endpoint endpoint, EngineLoop*& loop);
+  // Tokenizes a prompt: chat message content (`literal`) never becomes special tokens; nor does a
+  // raw prompt's text when the server was started without prompt_special_tokens.
+  std::vector<int32_t> encode_prompt(const std::string& text, bool add_special_tokens,
+                                     const std::vector<TextRange>& literal, bool raw) const {
+    if (raw && !config.prompt_special_tokens) {
+      const TextRange all{0, text.size()};
+      return tokenizer->encode(text, add_special_tokens, std::span<const TextRange>(&all, 1));
+    }
+    return tokenizer->encode(text, add_special_tokens, literal);
+  }
   // Submits the request and waits until the engine took it (at most one engine step), so that a
   // refusal still gets a proper status. Throws ApiError; cancels the request if it throws later.
   std::shared_ptr<RequestHandle> admit(EngineLoop& loop, GenerationRequest generation, Clock::time_point arrival,
@@ -113,6 +180,14 @@ struct HttpServer::Impl {
   // Runs `body`, turning its exceptions into the route's error responses and counting the status.
   template <class Body>
   void with_errors(const httplib::Request& req, httplib::Response& res, Endpoint shape, std::string_view metric, Body&& body);
+  // Non-streaming routes: the whole body is produced before the status is chosen, so that a
+  // late failure gets its own status (504, 500, 503) instead of a 200 with an error body.
+  void respond_whole(httplib::Response& res, RequestHandle& handle, ResponseContext context, RequestHandle::Update first);
+  // What every request goes through before its route: request id, CORS, API key, Content-Type.
+  httplib::Server::HandlerResponse pre_route(const httplib::Request& req, httplib::Response& res);
+  void access_log(const httplib::Request& req, const httplib::Response& res);
+  // Unhealthy: the engine loop died or keeps failing its steps.
+  bool healthy(std::string* problem) const;
   void tokenize(const httplib::Request& req, httplib::Response& res);
   void detokenize(const httplib::Request& req, httplib::Response& res);
   json info_json() const;
@@ -152,7 +227,8 @@ HttpServer::Impl::Prepared HttpServer::Impl::prepare(const httplib::Request& req
   ctx.id = random_id(endpoint == Endpoint::ChatCompletions ? "chatcmpl-" : "cmpl-");
   const ApiRequest& api = ctx.request;
   std::vector<int32_t> prompt;
-  if (api.prompt_ids.empty()) prompt = tokenizer->encode(api.prompt, api.add_special_tokens);
+  if (api.prompt_ids.empty())
+    prompt = encode_prompt(api.prompt, api.add_special_tokens, api.prompt_literal, endpoint != Endpoint::ChatCompletions);
   p.generation = resolve_request(api, std::move(prompt), limits, random_u64());
   p.generation.grammar = grammars->compile(api.structured);  // null when unconstrained
   ctx.prompt_ids = p.generation.prompt;
@@ -181,14 +257,41 @@ std::shared_ptr<RequestHandle> HttpServer::Impl::admit(EngineLoop& lp, Generatio
   return handle;
 }
 
+void HttpServer::Impl::respond_whole(httplib::Response& res, RequestHandle& handle, ResponseContext context,
+                                     RequestHandle::Update first) {
+  ResponseWriter writer(std::move(context));
+  const auto heartbeat = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::duration<double>(config.heartbeat_s));
+  RequestHandle::Update u = std::move(first);
+  std::string body;
+  while (true) {
+    if (!u.tokens.empty() && !tl_access.ttft_s) tl_access.ttft_s = std::chrono::duration<double>(Clock::now() - tl_access.arrival).count();
+    for (const TokenEvent& e : u.tokens)
+      if (e.finish) tl_access.finish_reason = std::string(finish_reason_name(*e.finish));
+    body += writer.on_events(u.tokens);
+    if (writer.finished()) break;
+    if (u.phase == RequestHandle::Phase::Failed) {
+      tl_access.generated_tokens = writer.generated_tokens();
+      tl_access.finish_reason = u.failure->type();
+      throw *u.failure;  // with_errors answers with its status and the route's error body
+    }
+    // Nothing is written until the end, so a client that leaves is noticed by its socket.
+    if (ConnectionServer::client_gone()) {
+      handle.cancel("disconnect");
+      throw ApiError(499, "cancelled", "the client closed the connection");
+    }
+    u = handle.wait(heartbeat);
+  }
+  tl_access.generated_tokens = writer.generated_tokens();
+  res.status = 200;
+  res.set_content(body, writer.content_type());
+}
+
 void HttpServer::Impl::respond(httplib::Response& res, std::shared_ptr<RequestHandle> handle, ResponseContext context,
                                RequestHandle::Update first, std::shared_ptr<OpenToken> open_token) {
-  // The provider runs on this connection's thread; between tokens it waits on the request's
-  // channel. To notice a client that went away while nothing is being written (queued, or a
-  // non-streaming body still being generated), it writes a heartbeat after heartbeat_s of
-  // silence: an SSE comment for streams, a space before the JSON body otherwise (JSON ignores
-  // leading whitespace). A failed write cancels the request, which frees the KV blocks of all its
-  // sequences.
+  // Streams. The provider runs on this connection's thread; between tokens it waits on the
+  // request's channel. To notice a client that went away while nothing is being written (queued,
+  // or a long prefill), it writes an SSE comment after heartbeat_s of silence. A failed write
+  // cancels the request, which frees the KV blocks of all its sequences.
   struct Stream {
     std::shared_ptr<RequestHandle> handle;
     ResponseWriter writer;
@@ -203,10 +306,8 @@ void HttpServer::Impl::respond(httplib::Response& res, std::shared_ptr<RequestHa
   const auto heartbeat = std::chrono::duration_cast<std::chrono::milliseconds>(std::chrono::duration<double>(config.heartbeat_s));
   const std::string content_type = s->writer.content_type();
   res.status = 200;
-  if (s->writer.streaming()) {
-    res.set_header("Cache-Control", "no-cache");
-    res.set_header("X-Accel-Buffering", "no");
-  }
+  res.set_header("Cache-Control", "no-cache");
+  res.set_header("X-Accel-Buffering", "no");
   res.set_chunked_content_provider(
       content_type,
       [s, heartbeat](size_t, httplib::DataSink& sink) {
@@ -217,10 +318,16 @@ void HttpServer::Impl::respond(httplib::Response& res, std::shared_ptr<RequestHa
         } else {
           u = s->handle->wait(heartbeat);
         }
+        if (!u.tokens.empty() && !tl_access.ttft_s) tl_access.ttft_s = std::chrono::duration<double>(Clock::now() - tl_access.arrival).count();
+        for (const TokenEvent& e : u.tokens)
+          if (e.finish) tl_access.finish_reason = std::string(finish_reason_name(*e.finish));
         std::string out = s->writer.on_events(u.tokens);
-        if (!s->writer.finished() && u.phase == RequestHandle::Phase::Failed) out += s->writer.on_failure(*u.failure);
-        if (out.empty() && Clock::now() - s->last_write >= heartbeat)
-          out = s->writer.streaming() ? std::string(kSseHeartbeat) : std::string(" ");
+        if (!s->writer.finished() && u.phase == RequestHandle::Phase::Failed) {
+          out += s->writer.on_failure(*u.failure);
+          tl_access.finish_reason = u.failure->type();
+        }
+        tl_access.generated_tokens = s->writer.generated_tokens();
+        if (out.empty() && Clock::now() - s->last_write >= heartbeat) out = std::string(kSseHeartbeat);
         if (!out.empty()) {
           if (!sink.write(out.data(), out.size())) {
             s->handle->cancel("disconnect");
@@ -249,9 +356,19 @@ void HttpServer::Impl::generate(const httplib::Request& req, httplib::Response& 
     EngineLoop* lp = nullptr;
     Prepared p = prepare(req, endpoint, lp);
     p.context.tgi_root = tgi_root;
+    tl_access.prompt_tokens = p.context.prompt_tokens;
     RequestHandle::Update first;
     std::shared_ptr<RequestHandle> handle = admit(*lp, std::move(p.generation), arrival, first);
-    respond(res, std::move(handle), std::move(p.context), std::move(first), open_token);
+    if (p.context.request.stream) {
+      respond(res, std::move(handle), std::move(p.context), std::move(first), open_token);
+    } else {
+      // A throw below (a late failure) must still end the request.
+      struct CancelOnExit {
+        RequestHandle& h;
+        ~CancelOnExit() { h.cancel("error"); }  // no-op once the request has ended
+      } guard{*handle};
+      respond_whole(res, *handle, std::move(p.context), std::move(first));
+    }
   });
 }
 
@@ -259,7 +376,7 @@ void HttpServer::Impl::tokenize(const httplib::Request& req, httplib::Response& 
   with_errors(req, res, Endpoint::Completions, "tokenize", [&] {
     if (!loop.load(std::memory_order_acquire)) throw ApiError(503, error_type::kUnavailable, "the model is still loading");
     const TokenizeRequest t = parse_tokenize(req.body, limits);
-    const std::vector<int32_t> ids = tokenizer->encode(t.prompt, t.add_special_tokens);
+    const std::vector<int32_t> ids = encode_prompt(t.prompt, t.add_special_tokens, t.prompt_literal, t.prompt_literal.empty());
     reply_json(res, 200, {{"count", ids.size()}, {"max_model_len", card.info.max_context}, {"tokens", ids}});
   });
 }
@@ -318,8 +435,14 @@ void HttpServer::Impl::routes() {
   svr.Post("/v1/completions", [this](const httplib::Request& q, httplib::Response& r) { generate(q, r, Endpoint::Completions); });
   svr.Post("/v1/chat/completions", [this](const httplib::Request& q, httplib::Response& r) { generate(q, r, Endpoint::ChatCompletions); });
 
-  svr.Get("/health", [](const httplib::Request&, httplib::Response& r) { reply_json(r, 200, {{"status", "ok"}}); });
+  svr.Get("/health", [this](const httplib::Request&, httplib::Response& r) {
+    std::string problem;
+    if (!healthy(&problem)) return reply_json(r, 503, {{"status", "unhealthy"}, {"error", problem}});
+    reply_json(r, 200, {{"status", "ok"}});
+  });
   svr.Get("/ready", [this](const httplib::Request&, httplib::Response& r) {
+    std::string problem;
+    if (!healthy(&problem)) return reply_json(r, 503, {{"status", "unhealthy"}, {"error", problem}});
     if (draining) return reply_json(r, 503, {{"status", "draining"}});
     if (!loop.load(std::memory_order_acquire)) return reply_json(r, 503, {{"status", "loading"}});
     reply_json(r, 200, {{"status", "ready"}});
@@ -344,7 +467,7 @@ void HttpServer::Impl::routes() {
   // JSON error body as the API's own.
   svr.set_error_handler(httplib::Server::HandlerWithResponse([this](const httplib::Request& q, httplib::Response& r) {
     if (!r.body.empty()) return httplib::Server::HandlerResponse::Unhandled;
-    const Endpoint shape = q.path.rfind("/v1/", 0) == 0 ? Endpoint::Completions : Endpoint::Generate;
+    const Endpoint shape = shape_of(q.path);
     std::string type = error_type::kBadRequest, msg = "bad request";
     if (r.status == 404) {
       type = error_type::kNotFound;
@@ -352,6 +475,8 @@ void HttpServer::Impl::routes() {
     } else if (r.status == 413) {
       type = error_type::kPayloadTooLarge;
       msg = "the request body is larger than " + std::to_string(config.max_body_bytes) + " bytes";
+    } else if (r.status == 414) {
+      msg = "the request URI is too long";
     } else if (r.status >= 500) {
       type = error_type::kInternal;
       msg = "internal error";
@@ -368,12 +493,98 @@ void HttpServer::Impl::routes() {
     } catch (...) {
     }
     spdlog::error("{} {}: {}", q.method, q.path, what);
-    const Endpoint shape = q.path.rfind("/v1/", 0) == 0 ? Endpoint::Completions : Endpoint::Generate;
-    reply_json(r, 500, error_body(shape, ApiError(500, error_type::kInternal, "internal error: " + what)));
+    reply_json(r, 500, error_body(shape_of(q.path), ApiError(500, error_type::kInternal, "internal error: " + what)));
   });
-  svr.set_logger([](const httplib::Request& q, const httplib::Response& r) {
-    spdlog::debug("{} {} -> {}", q.method, q.path, r.status);
+  svr.set_pre_routing_handler([this](const httplib::Request& q, httplib::Response& r) { return pre_route(q, r); });
+  // Called after the response's last byte (streams included).
+  svr.set_logger([this](const httplib::Request& q, const httplib::Response& r) { access_log(q, r); });
+  // The errors the connection layer answers itself (414, 431, 408, ...) get the same JSON bodies.
+  svr.set_error_body([](int status, const std::string& path, const std::string& message) {
+    const char* type = status == 413 ? error_type::kPayloadTooLarge
+                       : status == 503 ? error_type::kUnavailable
+                       : status == 408 ? error_type::kTimeout
+                                       : error_type::kBadRequest;
+    return dump(error_body(shape_of(path), ApiError(status, type, message)));
   });
+}
+
+httplib::Server::HandlerResponse HttpServer::Impl::pre_route(const httplib::Request& q, httplib::Response& r) {
+  using HR = httplib::Server::HandlerResponse;
+  tl_access = AccessRecord{};
+  tl_access.arrival = Clock::now();
+  const std::string given = q.get_header_value("X-Request-Id");
+  tl_access.id = acceptable_request_id(given) ? given : random_id("");
+  r.set_header("X-Request-Id", tl_access.id);
+
+  if (!config.cors_allow_origin.empty() && q.has_header("Origin")) {
+    r.set_header("Access-Control-Allow-Origin", config.cors_allow_origin);
+    if (config.cors_allow_origin != "*") r.set_header("Vary", "Origin");
+    if (q.method == "OPTIONS") {  // a preflight
+      r.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+      r.set_header("Access-Control-Allow-Headers", "Authorization, Content-Type, X-Request-Id");
+      r.set_header("Access-Control-Max-Age", "600");
+      r.status = 204;
+      return HR::Handled;
+    }
+  }
+  const bool exempt = is_probe(q.path) || q.path == "/openapi.json";
+  if (!config.api_key.empty() && !exempt) {
+    const std::string auth = q.get_header_value("Authorization");
+    constexpr std::string_view kBearer = "Bearer ";
+    const std::string_view presented =
+        auth.size() > kBearer.size() && auth.compare(0, kBearer.size(), kBearer) == 0 ? std::string_view(auth).substr(kBearer.size()) : std::string_view();
+    if (!keys_match(presented, config.api_key)) {
+      r.set_header("WWW-Authenticate", "Bearer");
+      reply_json(r, 401, error_body(shape_of(q.path), ApiError(401, "authentication_error", "a valid API key is required (Authorization: Bearer KEY)")));
+      return HR::Handled;
+    }
+  }
+  if (takes_json(q.method, q.path)) {
+    // As TGI: a JSON route takes only JSON (a form post from a browser page is not a request).
+    std::string type = q.get_header_value("Content-Type");
+    type = type.substr(0, type.find(';'));
+    while (!type.empty() && type.back() == ' ') type.pop_back();
+    for (char& c : type) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+    if (type != "application/json") {
+      reply_json(r, 415, error_body(shape_of(q.path), ApiError(415, error_type::kBadRequest,
+                                                                "expected a request with Content-Type: application/json")));
+      if (q.path != "/tokenize" && q.path != "/detokenize") {
+        const Endpoint e = q.path == "/generate_stream" ? Endpoint::GenerateStream
+                           : q.path == "/v1/completions" ? Endpoint::Completions
+                           : q.path == "/v1/chat/completions" ? Endpoint::ChatCompletions
+                                                              : Endpoint::Generate;
+        metrics.count_request(endpoint_name(e), 415);
+      }
+      return HR::Handled;
+    }
+  }
+  return HR::Unhandled;
+}
+
+void HttpServer::Impl::access_log(const httplib::Request& q, const httplib::Response& r) {
+  const AccessRecord a = std::exchange(tl_access, AccessRecord{});
+  if (!config.access_log) return;
+  // A request cpp-httplib refused before routing (a malformed line) has no record.
+  const bool routed = !a.id.empty();
+  json line = {{"request_id", routed ? json(a.id) : json(nullptr)}, {"method", q.method}, {"route", q.path},
+               {"status", r.status}, {"remote", q.remote_addr}};
+  line["duration_s"] = routed ? json(std::chrono::duration<double>(Clock::now() - a.arrival).count()) : json(nullptr);
+  if (a.prompt_tokens >= 0) {
+    line["prompt_tokens"] = a.prompt_tokens;
+    line["generated_tokens"] = a.generated_tokens;
+    line["ttft_s"] = a.ttft_s ? json(*a.ttft_s) : json(nullptr);
+    line["finish_reason"] = a.finish_reason.empty() ? json(nullptr) : json(a.finish_reason);
+  }
+  if (is_probe(q.path)) {
+    spdlog::debug("access {}", dump(line));
+  } else {
+    spdlog::info("access {}", dump(line));
+  }
+}
+
+bool HttpServer::Impl::healthy(std::string* problem) const {
+  EngineLoop* lp = loop.load(std::memory_order_acquire);
+  return lp == nullptr || lp->healthy(problem);
 }
 
 // ---- HttpServer ---------------------------------------------------------------------------------
@@ -382,13 +593,16 @@ HttpServer::HttpServer(const HttpConfig& config, Metrics& metrics) : impl_(std::
   if (config.threads < 2) throw Error("the HTTP server needs at least 2 threads");
   if (config.heartbeat_s <= 0) throw Error("heartbeat_s must be > 0");
   if (config.max_body_bytes == 0) throw Error("max_body_bytes must be > 0");
-  const size_t threads = static_cast<size_t>(config.threads);
-  impl_->svr.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
   impl_->svr.set_payload_max_length(config.max_body_bytes);
   impl_->svr.set_tcp_nodelay(true);  // one small write per token: do not let Nagle batch them
-  // Remember the listening socket so that bind() can widen its accept backlog (see there).
+  // cpp-httplib's default options set SO_REUSEPORT, with which a second server on the same port
+  // starts without error and the kernel splits the connections between the two. SO_REUSEADDR
+  // alone still allows a restart while old connections linger in TIME_WAIT, and a port that is
+  // in use fails bind(). The listening socket is also remembered so that bind() can widen its
+  // accept backlog (see there).
   impl_->svr.set_socket_options([impl = impl_.get()](socket_t sock) {
-    httplib::default_socket_options(sock);
+    int yes = 1;
+    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
     impl->listen_fd = sock;
   });
   impl_->routes();
@@ -403,9 +617,14 @@ int HttpServer::bind() {
   } else {
     m.port = m.svr.bind_to_port(m.config.host, m.config.port) ? m.config.port : -1;
   }
-  if (m.port < 0)
-    throw Error("cannot listen on " + m.config.host + ":" + std::to_string(m.config.port) +
-                " (address in use, or not an address of this machine)");
+  if (m.port < 0) {
+    const int err = errno;
+    std::string why = err == EADDRINUSE      ? "the port is already in use (is another server running on it?)"
+                      : err == EADDRNOTAVAIL ? "not an address of this machine"
+                      : err == EACCES        ? "permission denied (ports below 1024 need privileges)"
+                                             : "address in use, or not an address of this machine";
+    throw Error("cannot listen on " + m.config.host + ":" + std::to_string(m.config.port) + ": " + why);
+  }
   // cpp-httplib listens with a backlog of 5 connections; when more clients connect at once (a
   // load balancer's burst, 32 benchmark clients) the kernel drops the overflow and those clients
   // see stalls and resets. Calling listen() again on a listening socket updates its backlog (the
@@ -448,14 +667,22 @@ bool HttpServer::drain(std::chrono::duration<double> timeout) {
   EngineLoop* lp = m.loop.load(std::memory_order_acquire);
   if (lp) lp->begin_drain();
   std::unique_lock lk(m.mu);
+  m.svr.set_closing(true);  // responses say "Connection: close"; idle keep-alive connections close
   if (m.open_cv.wait_for(lk, timeout, [&] { return m.open == 0; })) return true;
   lk.unlock();
-  // Out of time: end what is left (clients get an error event or body), then give their
-  // connections a moment to take it.
+  // Out of time: end what is left (clients get an error event or body) and give their
+  // connections a moment to take it; then shut down the sockets of responses still being
+  // written (a client that does not read) so that the process exits within the drain timeout
+  // plus well under a second.
   spdlog::warn("drain timeout: ending the requests still in flight");
   if (lp) lp->drain(std::chrono::seconds(0));
   lk.lock();
-  m.open_cv.wait_for(lk, std::chrono::seconds(5), [&] { return m.open == 0; });
+  if (!m.open_cv.wait_for(lk, std::chrono::milliseconds(300), [&] { return m.open == 0; })) {
+    lk.unlock();
+    m.svr.abort_active();
+    lk.lock();
+    m.open_cv.wait_for(lk, std::chrono::milliseconds(200), [&] { return m.open == 0; });
+  }
   return false;
 }
 
@@ -464,12 +691,15 @@ void HttpServer::stop() {
   if (!m.started) return;
   m.svr.stop();
   if (m.thread.joinable()) m.thread.join();
+  m.svr.stop_connections();
   m.started = false;
 }
 
 int HttpServer::port() const { return impl_->port; }
 
 bool HttpServer::ready() const { return !impl_->draining && impl_->loop.load() != nullptr; }
+
+ConnectionStats HttpServer::connection_stats() const { return impl_->svr.stats(); }
 
 int HttpServer::open_responses() const {
   std::lock_guard lk(impl_->mu);

@@ -11,7 +11,8 @@
 //   http.stop();
 //
 // Routes: POST /generate, /generate_stream, /v1/completions, /v1/chat/completions;
-// GET /v1/models, /health, /ready, /info, /metrics (docs/api.md).
+// GET /v1/models, /health, /ready, /info, /metrics (docs/api.md). Connections are handled by
+// server/http_connections.h (limits, deadlines, threads reserved for the probes).
 #pragma once
 
 #include <chrono>
@@ -22,6 +23,7 @@
 #include "engine/engine.h"
 #include "server/chat_template.h"
 #include "server/engine_loop.h"
+#include "server/http_connections.h"
 
 namespace fineserve {
 
@@ -32,10 +34,25 @@ struct HttpConfig {
   std::string host = "127.0.0.1";
   int port = 8080;                  // 0: any free port (see bind())
   size_t max_body_bytes = 1 << 20;  // larger request bodies -> 413
-  int threads = 256;                // HTTP worker threads; each open connection holds one
+  int threads = 256;                // HTTP worker threads; a request being answered holds one
   double heartbeat_s = 1.0;         // an idle response is probed this often to notice a gone client
   int default_max_new_tokens = 100;  // TGI routes without max_new_tokens
   int max_stop_sequences = 4;
+  // Connections (server/http_connections.h): a bounded number, total deadlines on a request's
+  // head and body, an idle timeout between requests, and threads reserved for the probes.
+  int max_connections = 1024;
+  double keepalive_timeout_s = 5;
+  double header_timeout_s = 10;
+  double body_timeout_s = 30;
+  int probe_threads = 2;
+  // Raw prompts (/generate, /v1/completions, /tokenize): special-token text such as "<|im_end|>"
+  // becomes the special token, as in vLLM and TGI. false: it is tokenized as plain text. Chat
+  // message content is always plain text.
+  bool prompt_special_tokens = true;
+  // Operations.
+  std::string api_key;           // non-empty: generation routes need "Authorization: Bearer KEY"
+  std::string cors_allow_origin;  // non-empty: CORS headers for this origin ("*": any); off by default
+  bool access_log = true;        // one JSON line per request (probes at debug level)
 };
 
 // What /info, /v1/models and the OpenAI routes say about the served model.
@@ -76,6 +93,8 @@ class HttpServer {
   bool ready() const;
   // Generation responses being written now.
   int open_responses() const;
+  // Connection counters (server/http_connections.h).
+  ConnectionStats connection_stats() const;
 
  private:
   struct Impl;

@@ -1,9 +1,13 @@
 // The server's Prometheus metrics (prometheus-cpp), named after vLLM's and TGI's with the prefix
-// fineserve_. docs/api.md lists them. Thread-safe: HTTP threads and the engine thread update them.
+// fineserve_, each labelled model_name. With MetricsOptions::vllm_names the same values are also
+// exposed under vLLM's own names (vllm:num_requests_running, vllm:time_to_first_token_seconds,
+// ...), so that dashboards and autoscalers written for vLLM work unchanged. docs/api.md lists them.
+// Thread-safe: HTTP threads and the engine thread update them.
 #pragma once
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "engine/engine.h"
 
@@ -18,9 +22,14 @@ class Family;
 
 namespace fineserve {
 
+struct MetricsOptions {
+  std::string model_name;   // the model_name label ("" for tests)
+  bool vllm_names = false;  // also expose the vllm: families
+};
+
 class Metrics {
  public:
-  Metrics();
+  explicit Metrics(const MetricsOptions& options = {});
   ~Metrics();
   Metrics(const Metrics&) = delete;
   Metrics& operator=(const Metrics&) = delete;
@@ -42,30 +51,37 @@ class Metrics {
   std::string serialize() const;
 
  private:
+  // One set of families: fineserve_* always, vllm:* when asked for. Families absent from a set
+  // (vLLM has no per-endpoint HTTP counter, for one) are null.
+  struct Set {
+    prometheus::Family<prometheus::Counter>* requests = nullptr;
+    prometheus::Family<prometheus::Counter>* success = nullptr;
+    prometheus::Family<prometheus::Counter>* aborted = nullptr;
+    std::string success_label;  // finish_reason (ours) / finished_reason (vLLM's)
+    prometheus::Counter* prompt_tokens = nullptr;
+    prometheus::Counter* generation_tokens = nullptr;
+    prometheus::Counter* preemptions = nullptr;
+    prometheus::Counter* prefix_cache_queries = nullptr;
+    prometheus::Counter* prefix_cache_hits = nullptr;
+    prometheus::Histogram* ttft = nullptr;
+    prometheus::Histogram* tpot = nullptr;
+    prometheus::Histogram* e2e = nullptr;
+    prometheus::Histogram* queue = nullptr;
+    prometheus::Histogram* prompt_len = nullptr;
+    prometheus::Histogram* generation_len = nullptr;
+    prometheus::Histogram* batch_size = nullptr;
+    prometheus::Histogram* batch_tokens = nullptr;
+    prometheus::Gauge* running = nullptr;
+    prometheus::Gauge* waiting = nullptr;
+    std::vector<prometheus::Gauge*> kv_usage;  // vLLM has two names for it
+    prometheus::Gauge* kv_free_blocks = nullptr;
+    prometheus::Gauge* kv_total_blocks = nullptr;
+  };
+
   std::shared_ptr<prometheus::Registry> registry_;
-  prometheus::Family<prometheus::Counter>* requests_;
-  prometheus::Family<prometheus::Counter>* success_;
-  prometheus::Family<prometheus::Counter>* aborted_;
-  prometheus::Counter* prompt_tokens_;
-  prometheus::Counter* generation_tokens_;
-  prometheus::Counter* preemptions_;
-  uint64_t preemptions_seen_ = 0;  // engine thread only
-  prometheus::Counter* prefix_cache_queries_;
-  prometheus::Counter* prefix_cache_hits_;
+  std::vector<Set> sets_;
+  uint64_t preemptions_seen_ = 0;       // engine thread only
   PrefixCacheStats prefix_cache_seen_;  // engine thread only
-  prometheus::Histogram* ttft_;
-  prometheus::Histogram* tpot_;
-  prometheus::Histogram* e2e_;
-  prometheus::Histogram* queue_;
-  prometheus::Histogram* prompt_len_;
-  prometheus::Histogram* generation_len_;
-  prometheus::Histogram* batch_size_;
-  prometheus::Histogram* batch_tokens_;
-  prometheus::Gauge* running_;
-  prometheus::Gauge* waiting_;
-  prometheus::Gauge* kv_usage_;
-  prometheus::Gauge* kv_free_blocks_;
-  prometheus::Gauge* kv_total_blocks_;
 };
 
 }  // namespace fineserve

@@ -1,5 +1,6 @@
 #include "server/serve.h"
 
+#include <cctype>
 #include <cstdlib>
 #include <ctime>
 #include <fstream>
@@ -93,6 +94,25 @@ void apply_server_config(const json& config, const std::string& source, ServeOpt
       {"heartbeat_s", [&](const json& v, const std::string& w) { o.http.heartbeat_s = number_in(v, w, 1e-3, 3600); }},
       {"default_max_new_tokens", [&](const json& v, const std::string& w) { o.http.default_max_new_tokens = static_cast<int>(integer_in(v, w, 1, kIntMax)); }},
       {"max_stop_sequences", [&](const json& v, const std::string& w) { o.http.max_stop_sequences = static_cast<int>(integer_in(v, w, 0, 1024)); }},
+      {"max_connections", [&](const json& v, const std::string& w) { o.http.max_connections = static_cast<int>(integer_in(v, w, 1, 1 << 20)); }},
+      {"keepalive_timeout_s", [&](const json& v, const std::string& w) { o.http.keepalive_timeout_s = number_in(v, w, 1e-3, 3600); }},
+      {"header_timeout_s", [&](const json& v, const std::string& w) { o.http.header_timeout_s = number_in(v, w, 1e-3, 3600); }},
+      {"body_timeout_s", [&](const json& v, const std::string& w) { o.http.body_timeout_s = number_in(v, w, 1e-3, 3600); }},
+      {"probe_threads", [&](const json& v, const std::string& w) { o.http.probe_threads = static_cast<int>(integer_in(v, w, 1, 64)); }},
+      {"prompt_special_tokens", [&](const json& v, const std::string& w) {
+         if (!v.is_boolean()) throw Error(w + " must be true or false");
+         o.http.prompt_special_tokens = v.get<bool>();
+       }},
+      {"api_key_file", [&](const json& v, const std::string& w) { o.api_key_file = string_of(v, w); }},
+      {"cors_allow_origin", [&](const json& v, const std::string& w) { o.http.cors_allow_origin = string_of(v, w); }},
+      {"access_log", [&](const json& v, const std::string& w) {
+         if (!v.is_boolean()) throw Error(w + " must be true or false");
+         o.http.access_log = v.get<bool>();
+       }},
+      {"vllm_metrics", [&](const json& v, const std::string& w) {
+         if (!v.is_boolean()) throw Error(w + " must be true or false");
+         o.vllm_metrics = v.get<bool>();
+       }},
       {"prefix_caching", [&](const json& v, const std::string& w) {
          if (!v.is_boolean()) throw Error(w + " must be true or false");
          o.engine.prefix_caching = v.get<bool>();
@@ -114,10 +134,30 @@ void load_server_config(const std::filesystem::path& path, ServeOptions& options
   apply_server_config(j, path.string(), options);
 }
 
+void resolve_api_key(ServeOptions& o) {
+  if (o.api_key_file.empty()) return;
+  std::ifstream in(o.api_key_file);
+  if (!in) throw Error("cannot read the API key file " + o.api_key_file);
+  std::string key;
+  std::getline(in, key);
+  while (!key.empty() && std::isspace(static_cast<unsigned char>(key.back()))) key.pop_back();
+  while (!key.empty() && std::isspace(static_cast<unsigned char>(key.front()))) key.erase(0, 1);
+  if (key.empty()) throw Error("the API key file " + o.api_key_file + " holds no key");
+  o.http.api_key = key;
+}
+
+std::string served_model_name(const ServeOptions& o) {
+  if (!o.served_model_name.empty()) return o.served_model_name;
+  const std::filesystem::path dir = std::filesystem::absolute(o.model).lexically_normal();
+  std::string name = dir.filename().string();
+  if (name.empty()) name = dir.parent_path().filename().string();
+  return name;
+}
+
 // ---- ServingStack -------------------------------------------------------------------------------
 
 ServingStack::ServingStack(const ServeOptions& options) : options_(options) {
-  metrics_ = std::make_unique<Metrics>();
+  metrics_ = std::make_unique<Metrics>(MetricsOptions{options_.model.empty() ? "" : served_model_name(options_), options_.vllm_metrics});
   http_ = std::make_unique<HttpServer>(options_.http, *metrics_);
   http_->bind();
   http_->start();
@@ -145,9 +185,7 @@ void ServingStack::load() {
   loop_ = std::make_unique<EngineLoop>(*engine_, options_.loop, metrics_.get());
 
   ModelCard card;
-  card.name = options_.served_model_name;
-  if (card.name.empty()) card.name = std::filesystem::absolute(dir).lexically_normal().filename().string();
-  if (card.name.empty()) card.name = std::filesystem::absolute(dir).lexically_normal().parent_path().filename().string();
+  card.name = served_model_name(options_);
   card.path = options_.model;
   // The GPU by name (e.g. "cuda:0 (NVIDIA H100 80GB HBM3)"); the CPU and TP groups as configured.
   card.device = backend_ && parse_device(options_.device).cuda ? backend_->name() : options_.device;

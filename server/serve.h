@@ -31,6 +31,8 @@ struct ServeOptions {
   std::string coordinator;
   bool spawn_tp_ranks = true;
   double tp_timeout_s = 120;      // a collective, or the bootstrap, waiting for the other ranks
+  bool vllm_metrics = false;      // also expose /metrics under vLLM's names (vllm:...)
+  std::string api_key_file;       // a file holding the API key (HttpConfig::api_key), read at start
   HttpConfig http;
   EngineConfig engine;
   LoopConfig loop;
@@ -45,6 +47,13 @@ ServeOptions default_serve_options();
 void apply_server_config(const nlohmann::json& config, const std::string& source, ServeOptions& options);
 // Reads and applies a config file. Throws fineserve::Error when it is unreadable or invalid.
 void load_server_config(const std::filesystem::path& path, ServeOptions& options);
+
+// The API key from api_key_file when set (its first line, surrounding whitespace dropped). Throws
+// fineserve::Error when the file cannot be read or holds no key.
+void resolve_api_key(ServeOptions& options);
+
+// The model id clients use: served_model_name, else the checkpoint folder's name.
+std::string served_model_name(const ServeOptions& options);
 
 // Model + engine + engine thread + HTTP server, in the order they must start and stop.
 //

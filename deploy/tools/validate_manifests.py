@@ -8,7 +8,7 @@ For each rendered kustomization (NAME=FILE):
      templates inside a LeaderWorkerSet as core/v1 PodTemplateSpecs. A kind with no schema fails.
   2. Consistency, which a schema cannot see: Services, ServiceMonitors, PDBs and HPAs point at
      objects and ports that exist in the same rendering; probes, security context, GPU shared
-     memory and the termination grace period (> preStop + the server's drain timeout) of every
+     memory and the termination grace period (>= preStop + the server's drain timeout + 1 s) of every
      serving pod; the HPA's metric is one the server exports (server/metrics.cpp) and that the
      prometheus-adapter rule serves.
 Exits non-zero on any failure and ends with a line "N passed, M failed".
@@ -185,8 +185,9 @@ def check_pod(report, where, spec, default_drain_s):
         pre = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
         pre_s = float(pre[1]) if len(pre) == 2 and pre[0] == "sleep" else 0.0
         grace = spec.get("terminationGracePeriodSeconds", 30)
-        report.check(grace > drain_s + pre_s, cw, f"terminationGracePeriodSeconds {grace} must exceed preStop {pre_s:g} s "
-                                                  f"+ drain timeout {drain_s:g} s")
+        # The server exits within its drain timeout + 1 s of SIGTERM (docs/deploy.md).
+        report.check(grace >= drain_s + pre_s + 1, cw, f"terminationGracePeriodSeconds {grace} must be at least preStop "
+                                                       f"{pre_s:g} s + drain timeout {drain_s:g} s + 1 s")
 
 
 def check_consistency(report, name, objs, default_drain_s, exported_metrics, adapter_metrics):

@@ -1,6 +1,8 @@
 // An output directory that appears only when complete: everything is written into a temporary
 // sibling directory, which commit() renames into place. Destroyed without commit() (an error was
-// thrown), it removes the temporary directory, so a failed run leaves no partial output.
+// thrown), it removes the temporary directory, so a failed run leaves no partial output. A run
+// killed before it could clean up leaves its directory (".NAME.tmp-PID"): the next run for the
+// same target removes those whose process is gone, never one of a live process.
 #pragma once
 
 #include <filesystem>

@@ -109,8 +109,15 @@ std::optional<int32_t> AddedVocabulary::id_of(std::string_view content) const {
   return tokens_[it->second].id;
 }
 
-void AddedVocabulary::split_pass(const Trie& trie, std::string_view text,
-                                 std::vector<TextSegment>& out) const {
+void AddedVocabulary::split_pass(const Trie& trie, std::string_view text, std::vector<TextSegment>& out,
+                                 const char* base, std::span<const TextRange> literal) const {
+  // Whether [begin, end) of `text` overlaps a literal range (they are few: a scan suffices).
+  const auto in_literal = [&](size_t begin, size_t end) {
+    const auto offset = static_cast<size_t>(text.data() - base);
+    for (const TextRange& r : literal)
+      if (r.begin < offset + end && offset + begin < r.end) return true;
+    return false;
+  };
   size_t done = 0;  // text[0, done) has been emitted
   if (!trie.nodes.empty()) {
     for (size_t pos = 0; pos < text.size(); ++pos) {
@@ -120,6 +127,7 @@ void AddedVocabulary::split_pass(const Trie& trie, std::string_view text,
       const AddedToken& token = tokens_[static_cast<size_t>(index)];
       size_t start = pos;
       size_t stop = pos + length;
+      if (token.special && !literal.empty() && in_literal(start, stop)) continue;
       if (token.single_word && (ends_with_word(text, start) || starts_with_word(text, stop))) {
         pos = stop - 1;  // HF's match iterator resumes after a discarded match
         continue;
@@ -135,20 +143,21 @@ void AddedVocabulary::split_pass(const Trie& trie, std::string_view text,
   if (done < text.size()) out.push_back({text.substr(done), -1});
 }
 
-void AddedVocabulary::split(std::string_view text, std::vector<TextSegment>& out) const {
+void AddedVocabulary::split(std::string_view text, std::vector<TextSegment>& out,
+                            std::span<const TextRange> literal) const {
   out.clear();
   if (text.empty()) return;
   if (normalized_.nodes.empty()) {
-    split_pass(raw_, text, out);
+    split_pass(raw_, text, out, text.data(), literal);
     return;
   }
   std::vector<TextSegment> first;
-  split_pass(raw_, text, first);
+  split_pass(raw_, text, first, text.data(), literal);
   for (const TextSegment& seg : first) {
     if (seg.token_id >= 0) {
       out.push_back(seg);
     } else {
-      split_pass(normalized_, seg.text, out);
+      split_pass(normalized_, seg.text, out, text.data(), literal);
     }
   }
 }

@@ -4,10 +4,13 @@
 
 #include <cstdint>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <unordered_map>
 #include <vector>
+
+#include "models/tokenizer/tokenizer.h"  // TextRange
 
 namespace fineserve {
 
@@ -36,8 +39,9 @@ class AddedVocabulary {
   // Splits `text` like HF's AddedVocabulary::extract_and_normalize with no normalizer: first the
   // tokens with normalized=false are cut out of the whole text, then those with normalized=true
   // out of the remaining pieces; each pass takes leftmost-longest, non-overlapping matches and
-  // honours single_word, lstrip and rstrip. Replaces `out`.
-  void split(std::string_view text, std::vector<TextSegment>& out) const;
+  // honours single_word, lstrip and rstrip. Replaces `out`. A special token overlapping one of
+  // the `literal` byte ranges of `text` is not matched there.
+  void split(std::string_view text, std::vector<TextSegment>& out, std::span<const TextRange> literal = {}) const;
 
   const AddedToken* find(int32_t id) const;
   std::optional<int32_t> id_of(std::string_view content) const;
@@ -59,7 +63,9 @@ class AddedVocabulary {
     std::pair<int32_t, size_t> longest_at(std::string_view text, size_t pos) const;
   };
 
-  void split_pass(const Trie& trie, std::string_view text, std::vector<TextSegment>& out) const;
+  // `base`: the start of the whole text, which `literal` offsets count from.
+  void split_pass(const Trie& trie, std::string_view text, std::vector<TextSegment>& out, const char* base,
+                  std::span<const TextRange> literal) const;
 
   std::vector<AddedToken> tokens_;
   std::unordered_map<int32_t, size_t> by_id_;

@@ -184,7 +184,8 @@ void BpeTokenizer::append_token_bytes(int32_t id, bool skip_special_tokens, bool
   out += token_bytes_[static_cast<size_t>(id)];
 }
 
-std::vector<int32_t> BpeTokenizer::encode(std::string_view text, bool add_special_tokens) const {
+std::vector<int32_t> BpeTokenizer::encode(std::string_view text, bool add_special_tokens,
+                                          std::span<const TextRange> literal) const {
   std::vector<int32_t> ids;
   ids.reserve(text.size() / 3 + prefix_ids_.size() + suffix_ids_.size() + 1);
   if (add_special_tokens) ids = prefix_ids_;
@@ -192,7 +193,7 @@ std::vector<int32_t> BpeTokenizer::encode(std::string_view text, bool add_specia
     encode_piece(text, ids);
   } else {
     std::vector<TextSegment> segments;
-    added_.split(text, segments);
+    added_.split(text, segments, literal);
     for (const TextSegment& seg : segments) {
       if (seg.token_id >= 0) {
         ids.push_back(seg.token_id);

@@ -52,7 +52,9 @@ class BpeTokenizer final : public Tokenizer {
   // an unknown unk_token, ids out of range).
   explicit BpeTokenizer(BpeSpec spec);
 
-  std::vector<int32_t> encode(std::string_view text, bool add_special_tokens = true) const override;
+  using Tokenizer::encode;
+  std::vector<int32_t> encode(std::string_view text, bool add_special_tokens,
+                              std::span<const TextRange> literal) const override;
   int32_t vocab_size() const override { return static_cast<int32_t>(token_strings_.size()); }
   std::optional<int32_t> bos_id() const override { return bos_id_; }
   std::optional<int32_t> eos_id() const override { return eos_id_; }

@@ -305,7 +305,8 @@ void SentencePieceTokenizer::append_token_bytes(int32_t id, bool skip_special_to
   }
 }
 
-std::vector<int32_t> SentencePieceTokenizer::encode(std::string_view text, bool add_special_tokens) const {
+std::vector<int32_t> SentencePieceTokenizer::encode(std::string_view text, bool add_special_tokens,
+                                                    std::span<const TextRange> literal) const {
   std::vector<int32_t> ids;
   ids.reserve(text.size() / 3 + 2);
   if (add_special_tokens && add_bos_ && bos_id_) ids.push_back(*bos_id_);
@@ -313,7 +314,7 @@ std::vector<int32_t> SentencePieceTokenizer::encode(std::string_view text, bool 
     encode_text(text, prefix_ != PrefixRule::kNever, ids);
   } else {
     std::vector<TextSegment> segments;
-    added_.split(text, segments);
+    added_.split(text, segments, literal);
     for (const TextSegment& seg : segments) {
       if (seg.token_id >= 0) {
         ids.push_back(seg.token_id);

@@ -22,6 +22,12 @@
 
 namespace fineserve {
 
+// A byte range [begin, end) of a text.
+struct TextRange {
+  size_t begin = 0;
+  size_t end = 0;
+};
+
 class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
@@ -29,7 +35,16 @@ class Tokenizer {
   // Text (UTF-8; ill-formed bytes are tokenized byte by byte and never fail) -> ids. Added and
   // special tokens written in the text, such as "<|endoftext|>", become their ids, as in HF.
   // add_special_tokens: also add what the checkpoint's post-processor adds (e.g. a BOS first).
-  virtual std::vector<int32_t> encode(std::string_view text, bool add_special_tokens = true) const = 0;
+  std::vector<int32_t> encode(std::string_view text, bool add_special_tokens = true) const {
+    return encode(text, add_special_tokens, {});
+  }
+  // As above, except that special tokens are not matched where they overlap `literal` (byte
+  // ranges of `text`, sorted, not overlapping): that text is tokenized as ordinary text (HF's
+  // split_special_tokens, for those ranges only). A chat server passes the ranges that came from
+  // message content, so that a user cannot write the template's control tokens. Added tokens that
+  // are not special still match, as in HF.
+  virtual std::vector<int32_t> encode(std::string_view text, bool add_special_tokens,
+                                      std::span<const TextRange> literal) const = 0;
 
   // Ids -> text. Bytes that do not form valid UTF-8 become U+FFFD (HF's errors="replace"); ids that
   // name no token are skipped, as HF does; no "clean up tokenization spaces" step.

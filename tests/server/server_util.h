@@ -4,7 +4,9 @@
 
 #include <httplib.h>
 
+#include <atomic>
 #include <chrono>
+#include <stdexcept>
 #include <condition_variable>
 #include <filesystem>
 #include <memory>
@@ -49,8 +51,13 @@ class GatedModel : public Model {
       --waiting_;
     }
     if (delay_ms_ > 0) std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(delay_ms_));
+    if (fail_forwards > 0) {
+      --fail_forwards;
+      throw std::runtime_error("injected forward failure");
+    }
     inner_->forward(step, logits);
   }
+  std::atomic<int> fail_forwards{0};  // the next this many forward() calls throw
   void set_open(bool open) {
     std::lock_guard lk(mu_);
     open_ = open;
@@ -77,6 +84,7 @@ struct TestServerOptions {
   HttpConfig http;
   double forward_delay_ms = 0;
   bool attach = true;  // false: the server listens without a model (/ready 503)
+  MetricsOptions metrics;
   TestServerOptions() {
     http.port = 0;
     http.threads = 96;
@@ -87,7 +95,7 @@ struct TestServerOptions {
 
 class TestServer {
  public:
-  explicit TestServer(const TestServerOptions& o = TestServerOptions()) {
+  explicit TestServer(const TestServerOptions& o = TestServerOptions()) : metrics(o.metrics) {
     backend = make_backend("cpu");
     tokenizer = load_tokenizer(kModelDir);
     model = std::make_unique<GatedModel>(load_model(kModelDir, *backend), o.forward_delay_ms);

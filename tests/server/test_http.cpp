@@ -309,14 +309,16 @@ TEST(HttpLimits, QueueFullIs429WithRetryAfter) {
   TestServer s(o);
   s.model->set_open(false);
   const json req = {{"inputs", "And God said"}, {"parameters", {{"max_new_tokens", 4}, {"ignore_eos", true}}}};
-  // A's first step is held at the gate (A still counts as waiting: it was when the step began);
-  // B waits behind it: the queue (2) is full.
-  Reply a, b;
+  // A's first step is held at the gate (A still counts as waiting: it was when the step began,
+  // but it has the batch slot); B and C wait behind it: the queue (2) is full.
+  Reply a, b, c3;
   std::thread ta([&] { auto c = s.client(); a = post(*c, "/generate", req); });
   ASSERT_TRUE(s.model->wait_blocked());
   EXPECT_EQ(s.loop->stats().waiting, 1);
   std::thread tb([&] { auto c = s.client(); b = post(*c, "/generate", req); });
   ASSERT_TRUE(eventually([&] { return s.loop->stats().waiting == 2; }));
+  std::thread tc([&] { auto c = s.client(); c3 = post(*c, "/generate", req); });
+  ASSERT_TRUE(eventually([&] { return s.loop->stats().waiting == 3; }));
   auto c = s.client();
   const Reply full = post(*c, "/generate", req);
   expect_tgi_error(full, 429, "overloaded");
@@ -325,8 +327,10 @@ TEST(HttpLimits, QueueFullIs429WithRetryAfter) {
   s.model->set_open(true);
   ta.join();
   tb.join();
+  tc.join();
   EXPECT_EQ(a.status, 200) << a.body;
   EXPECT_EQ(b.status, 200) << b.body;
+  EXPECT_EQ(c3.status, 200) << c3.body;
   EXPECT_EQ(post(*c, "/generate", req).status, 200) << "the queue has room again";
 }
 
@@ -407,9 +411,9 @@ TEST(HttpLimits, RequestTimeoutEndsTheRequestAndFreesItsBlocks) {
   const json last = json::parse(st.events.back().data);
   EXPECT_EQ(last["error_type"], "timeout") << st.raw;
   EXPECT_LT(st.events.size(), 120u);
-  // Non-streaming: the error object is the body.
+  // Non-streaming: the status says it (504), with the error object as the body.
   Reply r = post(*c, "/generate", json{{"inputs", "And God said"}, {"parameters", {{"max_new_tokens", 120}, {"ignore_eos", true}}}});
-  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(r.status, 504);
   EXPECT_EQ(r.json()["error_type"], "timeout") << r.body;
   ASSERT_TRUE(eventually([&] { return s.loop->stats().free_blocks == s.loop->stats().total_blocks; }));
   EXPECT_EQ(metric_value(s.metrics.serialize(), "fineserve_request_aborted_total", "reason=\"timeout\""), 2);

@@ -1,5 +1,8 @@
 // `fineserve serve` as a process: startup, bad flags, and SIGTERM draining.
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
@@ -9,9 +12,12 @@
 #include <nlohmann/json.hpp>
 
 #include <atomic>
+#include <cstdio>
+#include <fstream>
 #include <mutex>
 #include <thread>
 
+#include "tests/scratch_dir.h"
 #include "server_util.h"
 
 extern char** environ;
@@ -173,6 +179,87 @@ TEST(ServeCli, NoPrefixCachingFlag) {
       EXPECT_GT(cached, 0);
     }
   }
+}
+
+
+// The exit bound a supervisor relies on: with requests in flight (more than --drain-timeout can
+// finish, one client that never reads), the process exits within --drain-timeout + 1 s of SIGTERM.
+// Also: the API key from a key file, vLLM-named metrics, and a second server on the same port
+// failing with a clear error.
+TEST(ServeCli, ExitsWithinDrainTimeoutPlusOneSecond) {
+  ScratchDir dir;
+  std::ofstream(dir / "key") << "file-key-123\n";
+  ServeProcess p({"serve", "--model", kModelDir.string(), "--port", "0", "--max-seqs", "1", "--drain-timeout", "1",
+                  "--api-key-file", (dir / "key").string(), "--vllm-metrics"});
+  ASSERT_TRUE(eventually([&] { return p.port() > 0; }, std::chrono::seconds(60))) << p.output();
+  httplib::Client c("127.0.0.1", p.port());
+  c.set_read_timeout(std::chrono::seconds(60));
+  ASSERT_TRUE(eventually([&] { return get(c, "/ready").status == 200; }, std::chrono::seconds(60))) << p.output();
+  EXPECT_EQ(post(c, "/generate", json{{"inputs", "x"}}).status, 401);
+  EXPECT_NE(get(c, "/metrics").body.find("vllm:num_requests_running{model_name=\"opt-preln\"}"), std::string::npos);
+
+  ServeProcess second({"serve", "--model", kModelDir.string(), "--port", std::to_string(p.port())});
+  EXPECT_NE(second.wait(), 0);
+  EXPECT_NE(second.output().find("already in use"), std::string::npos) << second.output();
+
+  constexpr int kRequests = 40;
+  std::vector<Reply> replies(kRequests);
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kRequests; ++i)
+    threads.emplace_back([&, i] {
+      httplib::Client cc("127.0.0.1", p.port());
+      cc.set_read_timeout(std::chrono::seconds(60));
+      cc.set_bearer_token_auth("file-key-123");
+      // 4 choices of 120 tokens each, one sequence per step: seconds of work in all.
+      replies[i] = post(cc, "/v1/completions", json{{"prompt", "And God said " + std::to_string(i)}, {"max_tokens", 120},
+                                                    {"n", 4}, {"temperature", 1.0}, {"ignore_eos", true}});
+    });
+  // A stream whose client never reads.
+  const int fd = ::socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(p.port()));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(::connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr), 0);
+  const std::string body = json{{"inputs", "And"}, {"parameters", {{"max_new_tokens", 120}, {"ignore_eos", true}}}}.dump();
+  const std::string req = "POST /generate_stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer file-key-123\r\n"
+                          "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) + "\r\n\r\n" + body;
+  ASSERT_EQ(::send(fd, req.data(), req.size(), MSG_NOSIGNAL), static_cast<ssize_t>(req.size()));
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_EQ(::kill(p.pid(), SIGTERM), 0);
+  const int code = p.wait();
+  const double exit_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  for (auto& t : threads) t.join();
+  ::close(fd);
+  std::printf("exit %.3f s after SIGTERM with --drain-timeout 1 and %d requests in flight\n", exit_s, kRequests + 1);
+  ::testing::Test::RecordProperty("exit_after_sigterm_s", std::to_string(exit_s));
+  EXPECT_EQ(code, 0) << p.output();
+  EXPECT_LE(exit_s, 2.0) << p.output();
+  int unavailable = 0;
+  for (const Reply& r : replies) {
+    EXPECT_TRUE(r.status == 200 || r.status == 503 || r.status == 0) << r.status << " " << r.body;
+    if (r.status == 503) ++unavailable;
+  }
+  EXPECT_GT(unavailable, 0) << "some requests were still in flight at the drain timeout";
+}
+
+
+// FINESERVE_API_KEY (read in configs/server_env) requires the key like --api-key.
+TEST(ServeCli, ApiKeyFromTheEnvironment) {
+  ::setenv("FINESERVE_API_KEY", "env-key-9", 1);
+  ServeProcess p({"serve", "--model", kModelDir.string(), "--port", "0"});
+  ::unsetenv("FINESERVE_API_KEY");
+  ASSERT_TRUE(eventually([&] { return p.port() > 0; }, std::chrono::seconds(60))) << p.output();
+  httplib::Client c("127.0.0.1", p.port());
+  c.set_read_timeout(std::chrono::seconds(60));
+  ASSERT_TRUE(eventually([&] { return get(c, "/ready").status == 200; }, std::chrono::seconds(60))) << p.output();
+  EXPECT_EQ(post(c, "/generate", json{{"inputs", "x"}, {"parameters", {{"max_new_tokens", 1}}}}).status, 401);
+  c.set_bearer_token_auth("env-key-9");
+  EXPECT_EQ(post(c, "/generate", json{{"inputs", "x"}, {"parameters", {{"max_new_tokens", 1}}}}).status, 200);
+  ::kill(p.pid(), SIGTERM);
+  EXPECT_EQ(p.wait(), 0) << p.output();
 }
 
 }  // namespace
