@@ -116,6 +116,20 @@ void Engine::preempt(Sequence& seq) {
   ++preemptions_;
 }
 
+// The n choices of a request share one prefill: choice 0 computes the prompt, and each other
+// choice waits until choice 0's prefill is done and its full blocks are committed, so that its own
+// admission finds them in the prefix cache and computes only the prompt's last, partial block
+// (a shared block is never written to, so that block stays private to each choice). Without prefix
+// caching, or for a prompt shorter than one block, there is nothing to share and nobody waits.
+// The wait blocks the queue behind it (FCFS) only while choice 0 is still prefilling.
+bool Engine::awaits_shared_prefill(const Sequence& s) const {
+  if (s.choice == 0 || !blocks_.prefix_caching() || static_cast<int64_t>(s.prompt_len) <= config_.block_size) return false;
+  const auto first = [&](const std::unique_ptr<Sequence>& o) { return o->id == s.id && o->choice == 0; };
+  if (std::any_of(waiting_.begin(), waiting_.end(), first)) return true;
+  const auto it = std::find_if(running_.begin(), running_.end(), first);
+  return it != running_.end() && (*it)->num_computed < static_cast<int64_t>((*it)->prompt_len);
+}
+
 EngineStats Engine::stats() const {
   EngineStats s;
   s.running = static_cast<int>(running_.size());
@@ -157,6 +171,7 @@ std::vector<TokenEvent> Engine::step() {
   // 2. Waiting sequences, FCFS, while their chunk fits.
   while (!waiting_.empty() && budget > 0 && static_cast<int>(plan.size()) < config_.max_seqs) {
     Sequence& s = *waiting_.front();
+    if (awaits_shared_prefill(s)) break;
     // Prefix caching: start after the longest cached full-block prefix (never the whole sequence,
     // so this step still computes its last token's logits). Without caching the match is empty;
     // a request scoring its prompt (prompt_logprobs) computes every position, so it takes none.

@@ -184,7 +184,8 @@ std::string ResponseWriter::on_events(const std::vector<TokenEvent>& events) {
   for (const TokenEvent& e : events) {
     if (finished_) break;
     if (!e.prompt_logprobs.empty()) prompt_logprobs_ = e.prompt_logprobs;
-    cached_tokens_ = std::max(cached_tokens_, e.cached_tokens);
+    // The prompt is counted once (choice 0 prefills it; the other choices reuse its blocks).
+    if (e.choice == 0) cached_tokens_ = std::max(cached_tokens_, e.cached_tokens);
     Choice& c = choices_.at(static_cast<size_t>(e.choice));
     if (c.finish) continue;
     if (e.token >= 0) {
