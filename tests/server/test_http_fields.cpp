@@ -18,17 +18,7 @@ namespace {
 using json = nlohmann::json;
 using namespace fineserve::testing;
 
-class HttpFields : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() { server_ = new TestServer(); }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  static TestServer& server() { return *server_; }
-  static TestServer* server_;
-};
-TestServer* HttpFields::server_ = nullptr;
+class HttpFields : public SharedServerTest {};
 
 // The golden model's logits at every position of `tokens`, from one full forward pass outside the
 // server: row i is the distribution of the token after position i.

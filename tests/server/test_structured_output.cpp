@@ -242,17 +242,7 @@ TEST(ToolCalls, StreamReassemblesToTheWholeReply) {
 
 // ---- Over HTTP, golden OPT model ----------------------------------------------------------------
 
-class StructuredHttp : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() { server_ = new testing::TestServer(); }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  static testing::TestServer& server() { return *server_; }
-  static testing::TestServer* server_;
-};
-testing::TestServer* StructuredHttp::server_ = nullptr;
+class StructuredHttp : public testing::SharedServerTest {};
 
 TEST_F(StructuredHttp, JsonSchemaChatAndCompletionsOutputsValidate) {
   auto c = server().client();
