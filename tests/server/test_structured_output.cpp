@@ -166,6 +166,13 @@ TEST(StructuredOutputApi, ToolMessagesRenderBackThroughTheTemplate) {
   l.chat = std::make_shared<const ChatFormat>(make_chat_format(src, "test"));
   const ApiRequest t = parse_request(Endpoint::ChatCompletions, b.dump(), l);
   EXPECT_EQ(t.prompt, "[T:get_weather]<user>Weather in Paris?<assistant>CALL get_weather Paris<tool>18 C<assistant>");
+
+  // The template renders once, with the tools: a template that refuses to render without them
+  // (as some checkpoints' do when a conversation holds tool messages) accepts the request.
+  l.chat = std::make_shared<const ChatFormat>(
+      make_chat_format("{% if not tools %}{{ raise_exception('no tools') }}{% endif %}" + src, "test"));
+  EXPECT_EQ(parse_request(Endpoint::ChatCompletions, b.dump(), l).prompt, t.prompt);
+  EXPECT_THROW(parse_request(Endpoint::ChatCompletions, chat_body().dump(), l), ApiError) << "without tools it raises";
 }
 
 // ---- Tool-call parsing --------------------------------------------------------------------------
