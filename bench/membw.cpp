@@ -108,26 +108,43 @@ double thread_cpu_seconds() {
   return static_cast<double>(ts.tv_sec) + 1e-9 * static_cast<double>(ts.tv_nsec);
 }
 
+// One timed pass of a probe: a checksum of what it read or computed (kept, so that the work cannot
+// be optimised away) and, for a pass that measures its own rate (per-thread CPU clocks), that rate.
+struct Pass {
+  double checksum = 0;
+  double rate = 0;  // 0: work per pass / wall-clock seconds
+};
+
+// The best rate of `runs` short passes of `pass(run)`, each doing `work` units: on a shared
+// machine some of them run undisturbed.
+template <typename F>
+double best_rate(int runs, double work, F pass) {
+  volatile double sink = 0;
+  double best = 0;
+  for (int run = 0; run < runs; ++run) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const Pass p = pass(run);
+    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    sink = sink + p.checksum;
+    best = std::max(best, p.rate > 0 ? p.rate : work / s);
+  }
+  return best;
+}
+
 // Best rate (1e9 multiply-adds/s) of `loop` over several ~20 ms runs on `threads` threads.
 double peak_rate(float (*loop)(int64_t, float), double macs_per_iter, int threads, bool cpu_clock) {
   const int64_t iters = 1 << 18;
-  volatile float sink = 0;
-  double best = 0;
-  for (int run = 0; run < 8; ++run) {
+  return best_rate(8, macs_per_iter * static_cast<double>(iters) * threads / 1e9, [&](int run) {
     float total = 0;
-    double rate = 0;  // summed over threads (cpu_clock)
-    const auto t0 = std::chrono::steady_clock::now();
+    double rate = 0;  // summed over threads
 #pragma omp parallel num_threads(threads) reduction(+ : total, rate)
     {
       const double c0 = thread_cpu_seconds();
       total += loop(iters, static_cast<float>(omp_get_thread_num() + run));
       rate += macs_per_iter * static_cast<double>(iters) / (thread_cpu_seconds() - c0) / 1e9;
     }
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    sink = sink + total;
-    best = std::max(best, cpu_clock ? rate : macs_per_iter * static_cast<double>(iters) * threads / s / 1e9);
-  }
-  return best;
+    return Pass{total, cpu_clock ? rate : 0};
+  });
 }
 
 }  // namespace
@@ -153,12 +170,9 @@ double measure_read_bandwidth_gbs(int threads) {
   // Touch every page with non-zero data first (zero pages could be shared and never leave the cache).
   for (size_t i = 0; i < kBytes; i += 4096) buf[i] = static_cast<uint8_t>(i >> 12);
   const bool avx2 = cpu::has_avx2();
-  double best = 0;
-  volatile uint64_t sink = 0;
-  // Many short passes (~10 ms each): on a shared machine some of them run undisturbed.
-  for (int run = 0; run < 16; ++run) {
+  // Many short passes (~10 ms each), in GB/s.
+  return best_rate(16, static_cast<double>(kBytes) / 1e9, [&](int) {
     uint64_t total = 0;
-    const auto t0 = std::chrono::steady_clock::now();
 #pragma omp parallel num_threads(threads) reduction(+ : total)
     {
       const size_t t = static_cast<size_t>(omp_get_thread_num()), nt = static_cast<size_t>(omp_get_num_threads());
@@ -166,11 +180,8 @@ double measure_read_bandwidth_gbs(int threads) {
       const uint8_t* p = buf.get() + t * chunk;
       total += avx2 ? read_avx2(p, chunk) : read_plain(p, chunk);
     }
-    const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    sink = sink + total;
-    best = std::max(best, static_cast<double>(kBytes) / s / 1e9);
-  }
-  return best;
+    return Pass{static_cast<double>(total), 0};
+  });
 }
 
 }  // namespace fineserve::bench

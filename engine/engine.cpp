@@ -1,6 +1,7 @@
 #include "engine/engine.h"
 
 #include <algorithm>
+#include <future>
 
 #include "kernels/base.h"
 
@@ -116,6 +117,20 @@ void Engine::preempt(Sequence& seq) {
   ++preemptions_;
 }
 
+// The n choices of a request share one prefill: choice 0 computes the prompt, and each other
+// choice waits until choice 0's prefill is done and its full blocks are committed, so that its own
+// admission finds them in the prefix cache and computes only the prompt's last, partial block
+// (a shared block is never written to, so that block stays private to each choice). Without prefix
+// caching, or for a prompt shorter than one block, there is nothing to share and nobody waits.
+// The wait blocks the queue behind it (FCFS) only while choice 0 is still prefilling.
+bool Engine::awaits_shared_prefill(const Sequence& s) const {
+  if (s.choice == 0 || !blocks_.prefix_caching() || static_cast<int64_t>(s.prompt_len) <= config_.block_size) return false;
+  const auto first = [&](const std::unique_ptr<Sequence>& o) { return o->id == s.id && o->choice == 0; };
+  if (std::any_of(waiting_.begin(), waiting_.end(), first)) return true;
+  const auto it = std::find_if(running_.begin(), running_.end(), first);
+  return it != running_.end() && (*it)->num_computed < static_cast<int64_t>((*it)->prompt_len);
+}
+
 EngineStats Engine::stats() const {
   EngineStats s;
   s.running = static_cast<int>(running_.size());
@@ -157,6 +172,7 @@ std::vector<TokenEvent> Engine::step() {
   // 2. Waiting sequences, FCFS, while their chunk fits.
   while (!waiting_.empty() && budget > 0 && static_cast<int>(plan.size()) < config_.max_seqs) {
     Sequence& s = *waiting_.front();
+    if (awaits_shared_prefill(s)) break;
     // Prefix caching: start after the longest cached full-block prefix (never the whole sequence,
     // so this step still computes its last token's logits). Without caching the match is empty;
     // a request scoring its prompt (prompt_logprobs) computes every position, so it takes none.
@@ -218,7 +234,19 @@ std::vector<TokenEvent> Engine::step() {
   const int vocab = static_cast<int>(model_.info().vocab_size);
   const auto row = [&](size_t i) { return logits_.data() + i * static_cast<size_t>(vocab); };
   logits_.resize(std::max<size_t>(in.logit_rows.size(), 1) * static_cast<size_t>(vocab));
+  // Grammar masks of the constrained sequences that sample in this step, computed on another
+  // thread while the model runs: a state's first mask walks the vocabulary's trie (the grammar
+  // caches it), which the forward pass hides; the sampler then only applies it.
+  std::vector<std::shared_ptr<const grammar::TokenMask>> masks(rows.size());
+  const auto constrained = [](const Rows& r) { return r.samples && r.seq->constraint && r.seq->max_new_tokens > 0; };
+  std::future<void> masks_ready;
+  if (std::any_of(rows.begin(), rows.end(), constrained))
+    masks_ready = std::async(std::launch::async, [&] {
+      for (size_t i = 0; i < rows.size(); ++i)
+        if (constrained(rows[i])) masks[i] = rows[i].seq->constraint->allowed();
+    });
   model_.forward(in, logits_.data());
+  if (masks_ready.valid()) masks_ready.get();
   for (const Scheduled& p : plan) {
     p.seq->num_computed += p.take;
     blocks_.commit(p.seq->key, p.seq->tokens, p.seq->num_computed);  // prefix caching
@@ -227,7 +255,8 @@ std::vector<TokenEvent> Engine::step() {
   // 4. Score the prompt, sample, check stops, report.
   std::vector<TokenEvent> events;
   std::vector<SeqId> done;
-  for (const Rows& r : rows) {
+  for (size_t ri = 0; ri < rows.size(); ++ri) {
+    const Rows& r = rows[ri];
     Sequence& s = *r.seq;
     for (int64_t i = 0; i < r.n_scored; ++i) {
       const auto target = s.tokens[static_cast<size_t>(r.first_scored + i + 1)];
@@ -245,7 +274,7 @@ std::vector<TokenEvent> Engine::step() {
       e.finish = FinishReason::Length;  // prompt scoring only
     } else {
       // Grammar: only tokens the automaton allows (before logprobs, as vLLM applies its bitmask).
-      if (s.constraint) s.constraint->mask_logits(logits, vocab);
+      if (s.constraint) masks[ri]->apply(logits, vocab);
       const SampledToken tok = s.sampler.sample(logits, vocab, s.view());
       PositionLogprobs lp = logprobs_of(logits, vocab, tok.token, s.top_logprobs);
       s.tokens.push_back(tok.token);

@@ -10,6 +10,9 @@
 // (EngineConfig::prefix_caching), admission starts a sequence after its longest cached full-block
 // prefix (BlockManager::match_prefix) and each step registers the blocks it filled (commit).
 //
+// The n choices of one request share its prompt's KV blocks: choice 0 prefills, the others are
+// admitted after it and take its full blocks from the prefix cache (awaits_shared_prefill).
+//
 // The same loop serves `fineserve generate` (generate()) and the HTTP server (add/step/cancel).
 #pragma once
 
@@ -48,7 +51,8 @@ struct GenerationRequest {
   SamplingParams sampling;      // choice i draws with seed sampling.seed + i
   StopConditions stop;          // the model's EOS is added to stop.eos_token_ids unless ignore_eos
   bool ignore_eos = false;
-  int n = 1;                    // independent sequences (choices) generated from the prompt
+  int n = 1;                    // independent sequences (choices) generated from the prompt,
+                                // sharing its prefill when prefix caching is on
   int top_logprobs = 0;         // alternatives reported per generated token (TokenEvent::top)
   bool prompt_logprobs = false; // report the prompt's logprobs (choice 0's first event)
   // Constrained decoding (engine/grammar): only tokens the grammar allows are sampled; null: none.
@@ -125,6 +129,7 @@ class Engine {
  private:
   struct Sequence;
   bool try_grow(Sequence& seq, int64_t n_tokens);
+  bool awaits_shared_prefill(const Sequence& seq) const;
   void preempt(Sequence& seq);
   void finish(SeqId key);
 

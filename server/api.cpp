@@ -388,9 +388,11 @@ ChatMessage read_message(const json& m, size_t index) {
 }
 
 // The chat prompt: the model's template (or the built-in ChatML) over the messages. Also adds
-// the template's end-of-turn stop strings to `stop` when given.
+// the template's end-of-turn stop strings to `stop` when given. With render false, only checks
+// the messages and sets add_special_tokens and `stop`, and returns "" (a request with tools is
+// rendered once, by read_structured_output, with the tools in the template's context).
 std::string render_chat(const json& messages, const ApiLimits& limits, bool& add_special_tokens,
-                        std::vector<std::string>* stop) {
+                        std::vector<std::string>* stop, bool render = true) {
   if (!messages.is_array()) bad_request("'messages' must be an array");
   if (messages.empty()) invalid("'messages' is empty");
   std::vector<ChatMessage> msgs;
@@ -401,6 +403,7 @@ std::string render_chat(const json& messages, const ApiLimits& limits, bool& add
     add_special_tokens = false;
     if (stop)
       for (const std::string& s : limits.chat->stop) stop->push_back(s);
+    if (!render) return {};
     try {
       return limits.chat->render(conversation, /*add_generation_prompt=*/true);
     } catch (const ChatTemplateError& e) {  // raise_exception, or a conversation the template cannot take
@@ -408,6 +411,7 @@ std::string render_chat(const json& messages, const ApiLimits& limits, bool& add
     }
   }
   if (stop) stop->push_back(kChatEndOfTurn);
+  if (!render) return {};
   return render_chat_template(msgs, /*add_generation_prompt=*/true);
 }
 
@@ -431,7 +435,7 @@ ApiRequest parse_chat(const json& body, const ApiLimits& limits) {
   for (const char* k : {"response_format", "tools", "tool_choice"}) f.ignored(k);  // read_structured_output
   f.ignored("parallel_tool_calls");
   // Before warn_unknown: message fields are read (and warned about) in order.
-  r.prompt = render_chat(*messages, limits, r.add_special_tokens, &r.stop);
+  r.prompt = render_chat(*messages, limits, r.add_special_tokens, &r.stop, !chat_renders_with_tools(body));
   f.warn_unknown();
   return r;
 }

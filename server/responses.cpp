@@ -184,7 +184,8 @@ std::string ResponseWriter::on_events(const std::vector<TokenEvent>& events) {
   for (const TokenEvent& e : events) {
     if (finished_) break;
     if (!e.prompt_logprobs.empty()) prompt_logprobs_ = e.prompt_logprobs;
-    cached_tokens_ = std::max(cached_tokens_, e.cached_tokens);
+    // The prompt is counted once (choice 0 prefills it; the other choices reuse its blocks).
+    if (e.choice == 0) cached_tokens_ = std::max(cached_tokens_, e.cached_tokens);
     Choice& c = choices_.at(static_cast<size_t>(e.choice));
     if (c.finish) continue;
     if (e.token >= 0) {
@@ -247,12 +248,11 @@ std::string ResponseWriter::on_event(const TokenEvent& e) {
         out += sse_event(dump(openai_chunk(std::move(choice))));
         c.role_sent = true;
       }
-      // Tool calls: text that may be a call is held back and sent as tool_calls deltas at the end.
+      // Tool calls: text that may be a call is held back and sent as tool_calls deltas as it grows.
       if (r.structured.parses_tool_calls() && !c.tool_stream)
         c.tool_stream.emplace(r.structured.tool_format, "call_" + ctx_.id.substr(ctx_.id.find('-') + 1) + "_");
-      ToolCallStream::End calls;
-      std::string content = c.tool_stream ? c.tool_stream->feed(e.text) : e.text;
-      if (e.finish && c.tool_stream) calls = c.tool_stream->finish(), content += calls.content;
+      ToolCallStream::Update calls = c.tool_stream ? c.tool_stream->feed(e.text, e.finish.has_value()) : ToolCallStream::Update{e.text, {}, false};
+      std::string content = std::move(calls.content);
       if (!content.empty() || (r.logprobs && e.token >= 0)) {
         json lp = nullptr;
         if (r.logprobs && e.token >= 0) lp = chat_logprobs({e});

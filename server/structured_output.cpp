@@ -220,9 +220,18 @@ std::string render_chatml_with_tools(const ojson& messages, const ojson& tools) 
   return out;
 }
 
-bool has_tool_messages(const ojson& messages) {
-  for (const ojson& m : messages)
-    if (m.value("role", std::string()) == "tool" || field(m, "tool_calls")) return true;
+// See chat_renders_with_tools; for json and ojson bodies alike.
+template <typename Json>
+bool renders_with_tools(const Json& body) {
+  const auto present = [](const Json& obj, const char* key) {
+    const auto it = obj.find(key);
+    return it != obj.end() && !it->is_null();
+  };
+  if (const auto tools = body.find("tools"); tools != body.end() && tools->is_array() && !tools->empty()) return true;
+  const auto messages = body.find("messages");
+  if (messages == body.end() || !messages->is_array()) return false;
+  for (const Json& m : *messages)
+    if (m.is_object() && (m.value("role", std::string()) == "tool" || present(m, "tool_calls"))) return true;
   return false;
 }
 
@@ -283,6 +292,8 @@ grammar::NodePtr structured_output_grammar(const StructuredOutput& so) {
   return nullptr;
 }
 
+bool chat_renders_with_tools(const nlohmann::json& body) { return body.is_object() && renders_with_tools(body); }
+
 void read_structured_output(ApiRequest& r, std::string_view body, const ApiLimits& limits) {
   const ojson j = ojson::parse(body.begin(), body.end(), nullptr, /*allow_exceptions=*/false);
   if (!j.is_object()) return;  // parse_request has rejected it already
@@ -306,8 +317,8 @@ void read_structured_output(ApiRequest& r, std::string_view body, const ApiLimit
           invalid("'response_format' cannot be combined with 'tool_choice' \"" + so.tool_choice + "\"");
         so.kind = StructuredOutput::Kind::ToolCalls;
       }
-      const ojson* messages = field(j, "messages");
-      if (messages && messages->is_array() && (!so.tools.empty() || has_tool_messages(*messages))) {
+      // The only rendering of such a request: parse_chat left its prompt to this.
+      if (const ojson* messages = field(j, "messages"); messages && messages->is_array() && renders_with_tools(j)) {
         const ojson conv = template_messages(*messages);
         try {
           if (chat_template) {

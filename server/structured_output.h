@@ -57,10 +57,15 @@ struct StructuredOutput {
   std::string cache_key() const;
 };
 
+// Whether a chat request's prompt is rendered by read_structured_output rather than by the plain
+// chat rendering of parse_request: it has tools, or tool messages / assistant tool_calls, which
+// only this rendering passes to the template. The template is rendered once either way.
+bool chat_renders_with_tools(const nlohmann::json& body);
+
 // Reads response_format / parameters.grammar / tools / tool_choice from the raw body (again, as
 // ordered JSON, so that schema properties keep the client's order) into request.structured; for
-// chat requests with tools or tool messages it renders the prompt again with the tools (through
-// the chat template's context, or for the built-in ChatML template a Hermes-style tool system
+// chat requests that chat_renders_with_tools it renders the prompt with the tools (through the
+// chat template's context, or for the built-in ChatML template a Hermes-style tool system
 // prompt). Throws ApiError: 400 for a wrong JSON type, 422 for a bad value or a schema/regex the
 // grammar engine does not support (the message names the keyword).
 void read_structured_output(ApiRequest& request, std::string_view body, const ApiLimits& limits);

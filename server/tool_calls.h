@@ -52,29 +52,41 @@ bool apply_tool_calls(nlohmann::json& message, std::string_view text, ToolCallFo
 
 // Streaming: passes content through and holds back text from the point where a tool call may
 // begin (the format's opening marker, or for JSON-only formats a reply that starts with '{' or
-// '['), so that no part of a call leaks out as content.
+// '['), so that no part of a call leaks out as content; and sends the calls as OpenAI streams
+// them: for each call, once its name is complete, a delta with its index, id, type and
+// function.name (arguments ""), then function.arguments fragments as the arguments object is
+// generated. The fragments are the model's own bytes, so they add up to exactly the `arguments`
+// of the whole reply (parse_tool_calls). A call that began but does not parse at the end (cut
+// short, invalid JSON) is sent as content then, as a whole reply would have it; its deltas were
+// already sent and stay (the finish reason is then still "tool_calls").
 class ToolCallStream {
  public:
   ToolCallStream(ToolCallFormat format, std::string id_prefix);
 
-  // Content to send now for a new piece of text.
-  std::string feed(std::string_view piece);
-
-  struct End {
-    std::string content;                // held text that turned out to be content
-    std::vector<nlohmann::json> deltas;  // one {"tool_calls": [...]} delta per call
-    bool has_calls = false;
+  struct Update {
+    std::string content;                 // text to send as content now
+    std::vector<nlohmann::json> deltas;  // {"tool_calls": [...]} deltas to send after it
+    bool has_calls = false;              // at the end: the reply held calls (finish_reason "tool_calls")
   };
-  // At the end of the reply.
-  End finish();
+  // The next piece of the reply; `last`: the reply ends with it.
+  Update feed(std::string_view piece, bool last = false);
 
  private:
+  std::string take_content(std::string_view piece);
+  void stream_calls(Update& u);  // deltas for what the held text adds to the calls
+  void finish(Update& u);
+  static nlohmann::json arguments_delta(int index, const std::string& fragment);
+
+  struct Streamed {
+    std::string arguments;  // the arguments sent so far
+  };
   ToolCallFormat format_;
   std::string id_prefix_;
   std::string all_;      // every piece so far
   size_t sent_ = 0;      // bytes of all_ sent as content
   bool holding_ = false;  // a call may have begun at held_from_
   size_t held_from_ = 0;
+  std::vector<Streamed> streamed_;  // calls announced so far, by index
 };
 
 }  // namespace fineserve

@@ -190,14 +190,13 @@ void GrammarConstraint::allowed(std::vector<bool>& out) const {
   for (int32_t id = 0; id < grammar_->vocab().size(); ++id) out[static_cast<size_t>(id)] = m->test(id);
 }
 
-bool GrammarConstraint::mask_logits(float* logits, int32_t width) const {
-  const auto m = allowed();
-  if (m->count == 0) return false;
+bool TokenMask::apply(float* logits, int32_t width) const {
+  if (count == 0) return false;
   constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   // Word by word: most words of a mask are all-zero (set 64 logits) or all-one (skip).
   for (int32_t base = 0; base < width; base += 64) {
     const size_t w = static_cast<size_t>(base) >> 6;
-    const uint64_t bits = w < m->words.size() ? m->words[w] : 0;
+    const uint64_t bits = w < words.size() ? words[w] : 0;
     const int32_t n = std::min<int32_t>(64, width - base);
     if (bits == ~uint64_t{0} && n == 64) continue;
     for (int32_t i = 0; i < n; ++i)

@@ -83,6 +83,9 @@ struct TokenMask {
   bool test(int32_t id) const {
     return id >= 0 && static_cast<size_t>(id >> 6) < words.size() && ((words[static_cast<size_t>(id) >> 6] >> (id & 63)) & 1);
   }
+  // Sets every logit of `logits` [width] whose token is not in the mask to -infinity; false
+  // (changing nothing) when the mask is empty.
+  bool apply(float* logits, int32_t width) const;
 };
 
 // A compiled grammar bound to one vocabulary; shared (thread-safe) by all sequences using it.
@@ -133,8 +136,8 @@ class GrammarConstraint {
   // Fills `out` (resized to the vocabulary) with allowed().
   void allowed(std::vector<bool>& out) const;
   // Sets every disallowed logit of `logits` [width] to -infinity; false when no token is allowed
-  // (the sequence cannot continue: do not sample).
-  bool mask_logits(float* logits, int32_t width) const;
+  // (the sequence cannot continue: do not sample). allowed()->apply(logits, width).
+  bool mask_logits(float* logits, int32_t width) const { return allowed()->apply(logits, width); }
   // Moves past `token`; false (and the constraint is dead) when the token was not allowed. An
   // allowed end-of-sequence token leaves the constraint finished (accepting, nothing allowed).
   bool advance(int32_t token);

@@ -54,13 +54,18 @@ GenerationRequest greedy_request(std::vector<int32_t> prompt, int max_new_tokens
   return r;
 }
 
-// Greedy tokens of each request run alone, with a budget and a cache the scheduler never hits.
-std::vector<int32_t> solo(Model& model, const GenerationRequest& r) {
+// Blocks of 4 tokens, so that a few dozen tokens span several blocks.
+EngineConfig config_of(int num_blocks, int max_batch_tokens) {
   EngineConfig ec;
   ec.block_size = 4;
-  ec.num_blocks = 64;
-  ec.max_batch_tokens = 512;
-  Engine engine(model, nullptr, ec);
+  ec.num_blocks = num_blocks;
+  ec.max_batch_tokens = max_batch_tokens;
+  return ec;
+}
+
+// Greedy tokens of each request run alone, with a budget and a cache the scheduler never hits.
+std::vector<int32_t> solo(Model& model, const GenerationRequest& r) {
+  Engine engine(model, nullptr, config_of(64, 512));
   return engine.generate({r}).front().tokens;
 }
 
@@ -84,10 +89,7 @@ void run(Engine& engine, Tokens& tokens, F on_step) {
 TEST(EngineStep, ChunkedPrefillStaysUnderTheTokenBudget) {
   TinyModel tm;
   const GenerationRequest a = greedy_request(prompt_of(21, 1), 3), b = greedy_request(prompt_of(6, 2), 3);
-  EngineConfig ec;
-  ec.block_size = 4;
-  ec.num_blocks = 64;
-  ec.max_batch_tokens = 8;
+  const EngineConfig ec = config_of(64, 8);
   Engine engine(*tm.model, nullptr, ec);
   const uint64_t ida = engine.add(a), idb = engine.add(b);
 
@@ -124,10 +126,7 @@ TEST(EngineStep, AdmitsOnlyWhenKvBlocksAreFree) {
   // 6 blocks of 4 tokens. A: 16-token prompt (4 blocks), growing to 19 tokens (5 blocks).
   // B: 12-token prompt (3 blocks): it fits the cache alone, but not beside A.
   const GenerationRequest a = greedy_request(prompt_of(16, 3), 4), b = greedy_request(prompt_of(12, 4), 4);
-  EngineConfig ec;
-  ec.block_size = 4;
-  ec.num_blocks = 6;
-  ec.max_batch_tokens = 64;
+  const EngineConfig ec = config_of(6, 64);
   Engine engine(*tm.model, nullptr, ec);
   const uint64_t ida = engine.add(a), idb = engine.add(b);
 
@@ -160,10 +159,7 @@ TEST(EngineStep, PreemptsTheYoungestAndItsRecomputeGivesTheSameTokens) {
   // 6 blocks of 4 tokens; A and B each have an 8-token prompt (2 blocks) and grow to 16 tokens
   // (4 blocks): both fit at first, but not both at full length.
   const GenerationRequest a = greedy_request(prompt_of(8, 5), 8), b = greedy_request(prompt_of(8, 6), 8);
-  EngineConfig ec;
-  ec.block_size = 4;
-  ec.num_blocks = 6;
-  ec.max_batch_tokens = 64;
+  const EngineConfig ec = config_of(6, 64);
   Engine engine(*tm.model, nullptr, ec);
   const uint64_t ida = engine.add(a), idb = engine.add(b);
 
@@ -192,6 +188,48 @@ TEST(EngineStep, PreemptsTheYoungestAndItsRecomputeGivesTheSameTokens) {
   EXPECT_EQ(tokens[ida], solo(*tm.model, a));
   EXPECT_EQ(tokens[idb], solo(*tm.model, b));
   EXPECT_EQ(engine.stats().free_blocks, 6);
+}
+
+// The n choices of one request prefill the prompt once: choice 0 computes it, the others start
+// after its full blocks from the prefix cache. Greedy, every choice gives the tokens of n = 1.
+TEST(EngineStep, NChoicesShareOnePrefill) {
+  TinyModel tm;
+  const GenerationRequest one = greedy_request(prompt_of(23, 8), 5);  // 5 full blocks + 3 tokens
+  GenerationRequest four = one;
+  four.n = 4;
+  const std::vector<int32_t> expected = solo(*tm.model, one);
+
+  for (const bool caching : {true, false}) {
+    SCOPED_TRACE(caching ? "prefix caching" : "no prefix caching");
+    EngineConfig ec = config_of(64, 512);
+    ec.prefix_caching = caching;
+    Engine engine(*tm.model, nullptr, ec);
+    engine.add(four);
+    std::map<int, std::vector<int32_t>> by_choice;
+    int64_t computed = 0;
+    for (int guard = 0; !engine.idle(); ++guard) {
+      ASSERT_LT(guard, 100);
+      for (const TokenEvent& e : engine.step()) by_choice[e.choice].push_back(e.token);
+      computed += engine.last_step().tokens;
+      if (guard == 0) {
+        EXPECT_EQ(engine.last_step().seqs, caching ? 1 : 4) << "who prefills in the first step";
+      }
+    }
+    ASSERT_EQ(by_choice.size(), 4u);
+    for (const auto& [choice, tokens] : by_choice) EXPECT_EQ(tokens, expected) << "choice " << choice;
+    // Each choice feeds back its first 4 generated tokens (the 5th is never computed).
+    const int64_t decodes = 4 * 4;
+    const PrefixCacheStats pc = engine.stats().prefix_cache;
+    if (caching) {
+      // Choices 1..3 find the 5 full blocks (20 tokens) and compute the 3 tokens after them.
+      EXPECT_EQ(pc.hits, 3u * 20u);
+      EXPECT_EQ(computed, 23 + 3 * 3 + decodes);
+    } else {
+      EXPECT_EQ(pc.hits, 0u);
+      EXPECT_EQ(computed, 4 * 23 + decodes);
+    }
+    EXPECT_EQ(engine.stats().free_blocks, 64);
+  }
 }
 
 }  // namespace

@@ -1,47 +1,34 @@
 #!/usr/bin/env bash
-# Runs tests/python/test_openai_client.py (the `openai` client from PyPI) and test_tgi_client.py
-# (the `text-generation` client from PyPI) against a live server.
-#   run.sh PYTHON FINESERVE_BINARY MODEL_DIR WORK_DIR
-# Creates a virtual environment in WORK_DIR (reused across runs) and pip-installs both clients
-# into it; exits 77 (ctest: skipped) only when pip cannot install them (e.g. without network
-# access); any other failure fails the test.
+# Runs one suite of Python client tests (clients from PyPI) against a live `fineserve serve`.
+#   run.sh SUITE PYTHON FINESERVE_BINARY MODEL_DIR WORK_DIR
+# Suites:
+#   clients            test_openai_client.py (`openai`) and test_tgi_client.py (`text-generation`)
+#   structured_output  test_structured_output.py (`openai`, outputs validated by `jsonschema`), with
+#                      tool_template.jinja, a short tool-aware chat template, as the chat template
+# The virtual environment lives in WORK_DIR/venv (reused across runs); exits 77 (ctest: skipped)
+# only when it cannot be made (e.g. pip without network access); any other failure fails.
 set -uo pipefail
-python=$1 binary=$2 model=$3 work=$4
+suite=$1 binary=$3 model=$4 work=$5
+export FS_PYTHON=$2
 here=$(cd "$(dirname "$0")" && pwd)
+source "$here/../../scripts/live_server.sh"
 mkdir -p "$work"
-venv=$work/venv
-if ! "$venv/bin/python" -c "import openai, text_generation" 2>/dev/null; then
-  "$python" -m venv "$venv" || { echo "cannot create a virtual environment: skipping"; exit 77; }
-  "$venv/bin/pip" install --disable-pip-version-check --quiet --timeout 30 openai text-generation ||
-    { echo "pip cannot install openai and text-generation: skipping"; exit 77; }
-fi
 
-log=$work/server.log
-"$binary" serve --model "$model" --port 0 --served-model-name tiny-opt >"$log" 2>&1 &
-server=$!
-trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null' EXIT
+case $suite in
+  clients)
+    packages=(openai text-generation) check="import openai, text_generation"
+    serve_args=() scripts=(test_openai_client.py test_tgi_client.py) ;;
+  structured_output)
+    packages=(openai jsonschema) check="import openai, jsonschema"
+    serve_args=(--chat-template "$here/tool_template.jinja") scripts=(test_structured_output.py) ;;
+  *) echo "unknown suite: $suite"; exit 2 ;;
+esac
 
-port=""
-for _ in $(seq 600); do
-  port=$(grep -o 'listening on http://127.0.0.1:[0-9]*' "$log" | grep -o '[0-9]*$' || true)
-  [ -n "$port" ] && "$python" - "$port" <<'PY' && break
-import sys, urllib.request
-try:
-    urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/ready", timeout=2)
-except Exception:
-    sys.exit(1)
-PY
-  kill -0 $server 2>/dev/null || { echo "the server exited:"; cat "$log"; exit 1; }
-  sleep 0.1
+fs_venv "$work/venv" "$check" "${packages[@]}" || exit $?
+fs_start_server "$work/server.log" "$binary" --model "$model" --served-model-name tiny-opt "${serve_args[@]}" || exit 1
+status=0
+for s in "${scripts[@]}"; do
+  FINESERVE_URL=$FS_URL FINESERVE_MODEL=tiny-opt "$work/venv/bin/python" "$here/$s" || status=1
 done
-[ -n "$port" ] || { echo "the server did not start:"; cat "$log"; exit 1; }
-
-FINESERVE_URL=http://127.0.0.1:$port FINESERVE_MODEL=tiny-opt "$venv/bin/python" "$here/test_openai_client.py"
-status=$?
-FINESERVE_URL=http://127.0.0.1:$port "$venv/bin/python" "$here/test_tgi_client.py" || status=1
-kill -TERM $server
-wait $server
-server_status=$?
-trap - EXIT
-[ $server_status -eq 0 ] || { echo "the server exited with $server_status after SIGTERM:"; cat "$log"; exit 1; }
+fs_stop_server || status=1
 exit $status

@@ -110,17 +110,23 @@ class StructuredOutputTest(unittest.TestCase):
         stream = self.client.chat.completions.create(model=MODEL, messages=messages, tools=[WEATHER],
                                                      tool_choice="required", parallel_tool_calls=False, max_tokens=90,
                                                      temperature=0, stream=True)
-        name, args, finish = "", "", None
+        # OpenAI's shape: the call's first delta has its index, id, type and name; then its
+        # arguments come in fragments as they are generated.
+        deltas, finish = [], None
         for chunk in stream:
             if not chunk.choices:
                 continue
-            for d in chunk.choices[0].delta.tool_calls or []:
-                name += d.function.name or ""
-                args += d.function.arguments or ""
+            deltas += chunk.choices[0].delta.tool_calls or []
             finish = chunk.choices[0].finish_reason or finish
         self.assertEqual(finish, "tool_calls")
-        self.assertEqual(name, call.function.name)
-        self.assertEqual(json.loads(args), json.loads(call.function.arguments))
+        self.assertGreater(len(deltas), 2)
+        first = deltas[0]
+        self.assertEqual((first.index, first.type, first.function.name), (0, "function", call.function.name))
+        self.assertTrue(first.id.startswith("call_"))
+        self.assertTrue(all(d.index == 0 and d.id is None and d.function.name is None for d in deltas[1:]))
+        fragments = [d.function.arguments for d in deltas if d.function.arguments]
+        self.assertGreater(len(fragments), 1)
+        self.assertEqual("".join(fragments), call.function.arguments)
 
         # The named form, then the tool's answer goes back and the model replies in text.
         named = self.client.chat.completions.create(

@@ -2,6 +2,7 @@
 // server tests, and small HTTP client helpers.
 #pragma once
 
+#include <gtest/gtest.h>
 #include <httplib.h>
 
 #include <atomic>
@@ -136,6 +137,18 @@ class TestServer {
   std::unique_ptr<EngineLoop> loop;
   std::unique_ptr<HttpServer> http;
   int port = 0;
+};
+
+// A GoogleTest fixture whose tests share one default TestServer, started once per suite (a suite
+// derives its own class from this one): for tests that need no special configuration.
+class SharedServerTest : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() { server_ = std::make_unique<TestServer>(); }
+  static void TearDownTestSuite() { server_.reset(); }
+  static TestServer& server() { return *server_; }
+
+ private:
+  static inline std::unique_ptr<TestServer> server_;
 };
 
 struct Reply {

@@ -21,17 +21,7 @@ using json = nlohmann::json;
 using namespace fineserve::testing;
 
 // One server for the tests that need no special configuration.
-class Http : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() { server_ = new TestServer(); }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  static TestServer& server() { return *server_; }
-  static TestServer* server_;
-};
-TestServer* Http::server_ = nullptr;
+class Http : public SharedServerTest {};
 
 void expect_tgi_error(const Reply& r, int status, const std::string& type) {
   EXPECT_EQ(r.status, status) << r.body;

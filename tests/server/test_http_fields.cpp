@@ -18,17 +18,7 @@ namespace {
 using json = nlohmann::json;
 using namespace fineserve::testing;
 
-class HttpFields : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() { server_ = new TestServer(); }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  static TestServer& server() { return *server_; }
-  static TestServer* server_;
-};
-TestServer* HttpFields::server_ = nullptr;
+class HttpFields : public SharedServerTest {};
 
 // The golden model's logits at every position of `tokens`, from one full forward pass outside the
 // server: row i is the distribution of the token after position i.
@@ -486,6 +476,27 @@ TEST(HttpFieldsCancel, DisconnectFreesEveryChoice) {
     const EngineStats st2 = s.loop->stats();
     return st2.free_blocks == st2.total_blocks && st2.running == 0 && s.loop->in_flight() == 0;
   })) << "all 4 sequences left the engine";
+}
+
+// The n choices share one prefill: the prefix-cache metrics show choices 1..3 finding choice 0's
+// full prompt blocks, and the first request still reports no cached prompt tokens.
+TEST(HttpFieldsShared, NChoicesComputeThePromptOnce) {
+  TestServer s;
+  auto c = s.client();
+  std::string prompt = kPrompt;
+  for (int i = 0; i < 6; ++i) prompt += ". " + kPrompt;
+  const int n_prompt = static_cast<int>(s.tokenizer->encode(prompt).size());
+  ASSERT_GT(n_prompt, 2 * 16);
+  const Reply r = post(*c, "/v1/completions", json{{"prompt", prompt}, {"max_tokens", 3}, {"n", 4}, {"temperature", 0}, {"ignore_eos", true}});
+  ASSERT_EQ(r.status, 200) << r.body;
+  const json j = r.json();
+  ASSERT_EQ(j["choices"].size(), 4u);
+  for (const json& choice : j["choices"]) EXPECT_EQ(choice["text"], j["choices"][0]["text"]);
+  EXPECT_EQ(j["usage"]["prompt_tokens"], n_prompt);
+  EXPECT_EQ(j["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+  const std::string m = get(*c, "/metrics").body;
+  const int shared = (n_prompt - 1) / 16 * 16;  // full blocks, never the last token
+  EXPECT_EQ(metric_value(m, "fineserve_prefix_cache_hits_total"), 3.0 * shared);
 }
 
 TEST_F(HttpFields, OpenApiDocumentIsServedAndListsTheRoutes) {

@@ -166,6 +166,13 @@ TEST(StructuredOutputApi, ToolMessagesRenderBackThroughTheTemplate) {
   l.chat = std::make_shared<const ChatFormat>(make_chat_format(src, "test"));
   const ApiRequest t = parse_request(Endpoint::ChatCompletions, b.dump(), l);
   EXPECT_EQ(t.prompt, "[T:get_weather]<user>Weather in Paris?<assistant>CALL get_weather Paris<tool>18 C<assistant>");
+
+  // The template renders once, with the tools: a template that refuses to render without them
+  // (as some checkpoints' do when a conversation holds tool messages) accepts the request.
+  l.chat = std::make_shared<const ChatFormat>(
+      make_chat_format("{% if not tools %}{{ raise_exception('no tools') }}{% endif %}" + src, "test"));
+  EXPECT_EQ(parse_request(Endpoint::ChatCompletions, b.dump(), l).prompt, t.prompt);
+  EXPECT_THROW(parse_request(Endpoint::ChatCompletions, chat_body().dump(), l), ApiError) << "without tools it raises";
 }
 
 // ---- Tool-call parsing --------------------------------------------------------------------------
@@ -207,52 +214,97 @@ TEST(ToolCalls, ParsesEachFamily) {
   EXPECT_EQ(detect_tool_call_format("{{ '<|python_tag|>' }}<|eot_id|>"), ToolCallFormat::Llama3);
 }
 
+// OpenAI's streamed calls, reassembled as its clients do: per index, id/type/name from the first
+// delta, arguments concatenated over all of them.
+struct StreamedCalls {
+  std::string content;
+  std::vector<ToolCall> calls;
+  std::vector<int> argument_deltas;  // per call: deltas that carried argument bytes
+  bool has_calls = false;
+  void add(const ToolCallStream::Update& u) {
+    content += u.content;
+    has_calls = has_calls || u.has_calls;
+    for (const json& d : u.deltas) {
+      ASSERT_EQ(d["tool_calls"].size(), 1u);
+      const json& c = d["tool_calls"][0];
+      const size_t index = c["index"].get<size_t>();
+      if (c.contains("id")) {  // the first delta of a call: everything but (most) arguments
+        ASSERT_EQ(index, calls.size()) << "calls are announced in order, once";
+        EXPECT_EQ(c["type"], "function");
+        calls.push_back({c["id"].get<std::string>(), c["function"]["name"].get<std::string>(), ""});
+        argument_deltas.push_back(0);
+      }
+      ASSERT_LT(index, calls.size()) << "arguments before the call's first delta";
+      const std::string args = c["function"]["arguments"].get<std::string>();
+      calls[index].arguments += args;
+      if (!args.empty()) ++argument_deltas[index];
+    }
+  }
+};
+
 // Feeding a reply in pieces of every size gives the same calls as the whole reply, and no part
 // of a call leaks out as content.
 TEST(ToolCalls, StreamReassemblesToTheWholeReply) {
   const std::vector<std::pair<ToolCallFormat, std::string>> replies = {
       {ToolCallFormat::Hermes, "Checking.\n<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}\n</tool_call>"},
+      {ToolCallFormat::Hermes, "<tool_call>\n{\"name\": \"a\", \"arguments\": {\"s\": \"}{\\\"\", \"n\": [1, {\"x\": 2}]}}\n</tool_call>\n"
+                               "<tool_call>\n{\"arguments\": {\"k\": true}, \"name\": \"b\"}\n</tool_call>"},
+      {ToolCallFormat::Hermes, "<tool_call>\n{\"name\": \"c\", \"arguments\": \"{\\\"q\\\": 1}\"}\n</tool_call>"},
       {ToolCallFormat::Hermes, "no calls <tool here"},
       {ToolCallFormat::Llama3, " {\"name\": \"get_time\", \"parameters\": {}}"},
+      {ToolCallFormat::Llama3, "{\"name\": \"a\", \"parameters\": {\"s\": \"x;y\"}}; {\"name\": \"b\", \"parameters\": {}}"},
       {ToolCallFormat::Llama3, "The answer is 4."},
       {ToolCallFormat::Mistral, "[{\"name\": \"get_time\", \"arguments\": {}}]"},
+      {ToolCallFormat::Mistral, "[TOOL_CALLS] [{\"name\": \"f\", \"arguments\": {\"a\": 1}}, {\"name\": \"g\", \"arguments\": {\"b\": [2]}}]"},
   };
   for (const auto& [format, text] : replies) {
+    SCOPED_TRACE(text);
     const ParsedToolCalls whole = parse_tool_calls(text, format, "call_");
     for (size_t step = 1; step <= 7; ++step) {
       ToolCallStream s(format, "call_");
-      std::string content;
-      for (size_t i = 0; i < text.size(); i += step) content += s.feed(text.substr(i, step));
-      ToolCallStream::End end = s.finish();
-      content += end.content;
-      ASSERT_EQ(end.deltas.size(), whole.calls.size()) << text;
+      StreamedCalls got;
+      for (size_t i = 0; i < text.size(); i += step) got.add(s.feed(text.substr(i, step), i + step >= text.size()));
+      ASSERT_EQ(got.calls.size(), whole.calls.size());
+      EXPECT_EQ(got.has_calls, !whole.calls.empty());
       for (size_t i = 0; i < whole.calls.size(); ++i) {
-        EXPECT_EQ(end.deltas[i]["tool_calls"][0]["function"]["name"], whole.calls[i].name);
-        EXPECT_EQ(end.deltas[i]["tool_calls"][0]["function"]["arguments"], whole.calls[i].arguments);
-        EXPECT_EQ(end.deltas[i]["tool_calls"][0]["id"], whole.calls[i].id);
+        EXPECT_EQ(got.calls[i].id, whole.calls[i].id);
+        EXPECT_EQ(got.calls[i].name, whole.calls[i].name);
+        EXPECT_EQ(got.calls[i].arguments, whole.calls[i].arguments);
       }
       if (whole.calls.empty()) {
-        EXPECT_EQ(content, text);
+        EXPECT_EQ(got.content, text);
       } else {
-        EXPECT_EQ(content.find("get_"), std::string::npos) << content;
+        EXPECT_EQ(got.content.find("name"), std::string::npos) << got.content;
       }
     }
   }
 }
 
+// Arguments are streamed as the model writes them: fed a byte at a time, the call is announced
+// before its arguments are complete and they arrive in many fragments, the model's own bytes.
+TEST(ToolCalls, StreamsArgumentsAsTheyAreGenerated) {
+  const std::string text = "<tool_call>\n{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\", \"unit\": \"c\"}}\n</tool_call>";
+  ToolCallStream s(ToolCallFormat::Hermes, "call_");
+  StreamedCalls got;
+  bool announced_early = false;
+  for (size_t i = 0; i < text.size(); ++i) {
+    got.add(s.feed(text.substr(i, 1), i + 1 == text.size()));
+    if (got.calls.size() == 1 && got.calls[0].arguments.empty() && text.substr(0, i + 1).ends_with("\"get_weather\""))
+      announced_early = true;
+  }
+  EXPECT_TRUE(announced_early) << "the call's first delta comes as soon as its name is complete";
+  ASSERT_EQ(got.calls.size(), 1u);
+  EXPECT_EQ(got.calls[0].arguments, "{\"city\": \"Paris\", \"unit\": \"c\"}");
+  EXPECT_EQ(got.argument_deltas[0], static_cast<int>(got.calls[0].arguments.size())) << "one fragment per byte fed";
+  EXPECT_TRUE(got.has_calls);
+  EXPECT_EQ(got.content, "");
+  // The whole reply names the same arguments text, the model's bytes as written.
+  EXPECT_EQ(parse_tool_calls(text, ToolCallFormat::Hermes, "call_").calls[0].arguments, got.calls[0].arguments);
+}
+
 // ---- Over HTTP, golden OPT model ----------------------------------------------------------------
 
-class StructuredHttp : public ::testing::Test {
- protected:
-  static void SetUpTestSuite() { server_ = new testing::TestServer(); }
-  static void TearDownTestSuite() {
-    delete server_;
-    server_ = nullptr;
-  }
-  static testing::TestServer& server() { return *server_; }
-  static testing::TestServer* server_;
-};
-testing::TestServer* StructuredHttp::server_ = nullptr;
+class StructuredHttp : public testing::SharedServerTest {};
 
 TEST_F(StructuredHttp, JsonSchemaChatAndCompletionsOutputsValidate) {
   auto c = server().client();
@@ -332,19 +384,30 @@ TEST(StructuredOutputResponses, ToolCallsWholeAndStreamed) {
   std::string content;
   json calls = json::array();
   std::string finish;
+  int argument_chunks = 0;
   for (const SseEvent& e : parser.feed(sse)) {
     if (e.data == "[DONE]") continue;
     const json ch = json::parse(e.data)["choices"][0];
     if (ch["delta"].contains("content")) content += ch["delta"]["content"].get<std::string>();
-    if (ch["delta"].contains("tool_calls")) calls.push_back(ch["delta"]["tool_calls"][0]);
+    if (ch["delta"].contains("tool_calls")) {
+      const json& d = ch["delta"]["tool_calls"][0];
+      EXPECT_EQ(d["index"], 0);
+      if (d.contains("id")) calls.push_back(d);  // the first delta: id, type, name
+      ASSERT_EQ(calls.size(), 1u);
+      if (!d.contains("id")) {
+        calls[0]["function"]["arguments"] = calls[0]["function"]["arguments"].get<std::string>() + d["function"]["arguments"].get<std::string>();
+        ++argument_chunks;
+      }
+    }
     if (!ch["finish_reason"].is_null()) finish = ch["finish_reason"];
   }
   EXPECT_EQ(content, "");  // nothing of the call leaked as text
   EXPECT_EQ(finish, "tool_calls");
   ASSERT_EQ(calls.size(), 1u);
-  EXPECT_EQ(calls[0]["index"], 0);
+  EXPECT_EQ(calls[0]["type"], "function");
   EXPECT_EQ(calls[0]["id"], choice["message"]["tool_calls"][0]["id"]);
   EXPECT_EQ(calls[0]["function"], choice["message"]["tool_calls"][0]["function"]);
+  EXPECT_GT(argument_chunks, 1) << "arguments arrive in fragments as they are generated";
 
   // tool_choice "none": the same text is plain content.
   body["tool_choice"] = "none";
