@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <regex>
 
 #include "kernels/base.h"
 
@@ -38,6 +39,22 @@ double total_bits(const std::vector<BudgetMatrix>& ms, const std::vector<size_t>
 }
 
 }  // namespace
+
+std::vector<SaliencePrior> default_salience_priors() { return {}; }
+
+double salience_of(const std::string& name, const std::vector<SaliencePrior>& priors) {
+  double s = 1;
+  for (const SaliencePrior& p : priors) {
+    if (!(p.weight > 0) || !std::isfinite(p.weight))
+      throw Error("the salience of '" + p.pattern + "' must be a positive number");
+    try {
+      if (std::regex_search(name, std::regex(p.pattern))) s *= p.weight;
+    } catch (const std::regex_error& e) {
+      throw Error("invalid salience pattern '" + p.pattern + "': " + e.what());
+    }
+  }
+  return s;
+}
 
 BudgetAllocation allocate_bits(const std::vector<BudgetMatrix>& ms, double target_bits) {
   if (!(target_bits > 0) || !std::isfinite(target_bits))

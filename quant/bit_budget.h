@@ -3,9 +3,10 @@
 // of at most B bits per weight, counting codes and fp16 scales (bits + 16 / group).
 //
 // The error of a matrix m at an option o is  n_m · e_m(o)² · salience_m, with n_m its weight count,
-// e_m(o) its relative Frobenius error ||W - Q(W)||_F / ||W||_F and salience_m = 1 without
-// calibration data: every weight's relative signal-to-noise counts the same, whatever the matrix's
-// scale. The allocation is a multiple-choice knapsack, solved by a Lagrange multiplier λ (each
+// e_m(o) its relative Frobenius error ||W - Q(W)||_F / ||W||_F and salience_m a prior on how much
+// the model's output suffers per unit of that matrix's relative error (SaliencePrior: by the
+// matrix's name; 1 where none matches, which is every matrix by default): every weight's relative
+// signal-to-noise counts the same unless the user says otherwise. The allocation is a multiple-choice knapsack, solved by a Lagrange multiplier λ (each
 // matrix takes the option minimising error + λ · bits; λ is bisected to the smallest value that
 // fits the budget), then greedy upgrades with the best error reduction per extra bit while budget
 // is left. Data-free: the errors come from quantizing the weights themselves.
@@ -16,6 +17,22 @@
 #include <vector>
 
 namespace fineserve::quant {
+
+// Matrices whose name matches `pattern` (ECMAScript regex, searched) have their error weighted by
+// `weight`; the weights of all matching priors multiply.
+struct SaliencePrior {
+  std::string pattern;
+  double weight = 1;
+};
+
+// The default priors: none (every matrix weighs 1). Class priors in the spirit of llama.cpp's mixes
+// (v_proj x4, down_proj x2) and layer-position priors were measured and made SmolLM2-135M worse at
+// 4.5 bits (docs/quantization.md), so they are options (`quantize --salience`), not defaults.
+std::vector<SaliencePrior> default_salience_priors();
+
+// The product of the weights of the priors matching `name`. Throws fineserve::Error for an invalid
+// pattern or a non-positive weight.
+double salience_of(const std::string& name, const std::vector<SaliencePrior>& priors);
 
 struct BudgetOption {
   int bits = 0;

@@ -50,7 +50,7 @@ void allocate_budget(std::vector<Plan>& plan, const ConvertOptions& o) {
     if (!p.quantize) continue;
     const ckpt::TensorView v = p.file->view(*p.info);
     const MatrixView m{v.data, p.info->dtype, p.info->shape[0], p.info->shape[1]};
-    BudgetMatrix bm{p.info->name, m.rows * m.cols, 1.0, {}};
+    BudgetMatrix bm{p.info->name, m.rows * m.cols, salience_of(p.info->name, o.salience), {}};
     for (const int bits : {8, 4}) {
       if (bits == 4 && m.cols % 2 != 0) continue;
       for (const GroupLevel& l : error_levels(m, bits, o.group.scale))
@@ -72,8 +72,8 @@ void allocate_budget(std::vector<Plan>& plan, const ConvertOptions& o) {
     planned[i]->bits = c.bits;
     planned[i]->group = c.group;
     char buf[200];
-    std::snprintf(buf, sizeof buf, "bit budget %.3f (model %.3f): int%d, rel error %.4f at %.3f bits/weight",
-                  o.target_bits, a.bits_per_weight, c.bits, c.rel_error, c.bits_per_weight);
+    std::snprintf(buf, sizeof buf, "bit budget %.3f (model %.3f): int%d, rel error %.4f at %.3f bits/weight, salience %g",
+                  o.target_bits, a.bits_per_weight, c.bits, c.rel_error, c.bits_per_weight, matrices[i].salience);
     planned[i]->budget_reason = buf;
   }
 }
@@ -193,6 +193,7 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
   report.options = o.group;
   report.expert_bits = o.expert_bits;
   report.target_bits = o.target_bits;
+  if (o.target_bits > 0) report.salience = o.salience;
 
   // Output names, and the metadata with placeholder groups of the longest value, to size the
   // headers before the groups are known (the bits are known now: they do not depend on the data).
@@ -200,6 +201,10 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
   FormatMetadata format;
   format.bits = bits;
   format.expert_bits = o.expert_bits;
+  // --target-bits mixes bits without --expert-bits: the format writes expert_bits beside matrix_bits
+  // whenever bits are mixed, and readers accept only 8 or 4 there, so record the base width (what
+  // experts get when nothing else says; matrix_bits names every matrix's bits anyway).
+  if (o.target_bits > 0 && o.expert_bits == 0) format.expert_bits = bits;
   format.group_mode = o.target_bits > 0 ? "target-bits" : mode_name(o.group.mode);
   format.scale_rule = scale_rule_name(o.group.scale);
   format.target_bits = o.target_bits;
@@ -352,9 +357,16 @@ nlohmann::json to_json(const ConvertReport& r) {
                          {"mode", mode_name(r.options.mode)},
                          {"scale_rule", scale_rule_name(r.options.scale)}};
   if (r.expert_bits) opts["expert_bits"] = r.expert_bits;
-  if (r.target_bits > 0) opts["target_bits"] = r.target_bits;
-  if (r.options.mode == GroupMode::Adaptive)
+  if (r.target_bits > 0) {
+    opts["target_bits"] = r.target_bits;
+    nlohmann::json salience = nlohmann::json::object();
+    for (const SaliencePrior& p : r.salience) salience[p.pattern] = p.weight;
+    opts["salience"] = salience;
+  }
+  if (r.options.mode == GroupMode::Adaptive) {
     opts["tolerance"] = r.options.tolerance == 0 ? kDefaultTolerance : r.options.tolerance;
+    opts["error_cap"] = r.options.error_cap == 0 ? kDefaultErrorCap : r.options.error_cap;
+  }
   if (r.options.mode == GroupMode::Alpha) opts["alpha"] = r.options.alpha == 0 ? kDefaultAlpha : r.options.alpha;
   if (r.options.mode == GroupMode::Fixed) opts["group"] = r.options.group;
   if (r.options.mode == GroupMode::MaxRelError) opts["max_rel_error"] = r.options.max_rel_error;

@@ -19,6 +19,7 @@
 #include <nlohmann/json.hpp>
 
 #include "quant/adaptive.h"
+#include "quant/bit_budget.h"
 #include "quant/format.h"
 
 namespace fineserve::quant {
@@ -37,6 +38,8 @@ struct ConvertOptions {
   // > 0: `--target-bits`: every quantized matrix gets its bits (8/4) and group from the bit budget
   // (quant/bit_budget.h), averaging at most this many bits per weight (codes + scales).
   double target_bits = 0;
+  // --target-bits: the error weight of matrices by name (default_salience_priors(): none, all 1).
+  std::vector<SaliencePrior> salience = default_salience_priors();
   // > 0: the bits (8 or 4) of MoE expert matrices (kExpertPattern), e.g. 8-bit attention with
   // 4-bit experts. The checkpoint's metadata then records each matrix's bits ("matrix_bits").
   int expert_bits = 0;
@@ -69,6 +72,7 @@ struct ConvertReport {
   GroupOptions options;
   int expert_bits = 0;  // ConvertOptions::expert_bits
   double target_bits = 0;  // ConvertOptions::target_bits
+  std::vector<SaliencePrior> salience;  // ConvertOptions::salience, when target_bits > 0
   std::vector<MatrixReport> matrices;
   struct Kept {
     std::string name;

@@ -1,36 +1,42 @@
 #!/usr/bin/env bash
-# The quantizer comparison of docs/perplexity.md (issue 20): FineQuant against llama.cpp's own
+# The quantizer comparison of docs/quantization.md (issue 20): FineQuant against llama.cpp's own
 # formats, all made from the same source weights and scored by the same evaluator.
 #
 #   scripts/quant_table.sh CORPUS_DIR LLAMA_PEER [OUT_JSON]
 #
 # CORPUS_DIR holds kjv.txt and sotu.txt. LLAMA_PEER is llama.cpp, a benchmark peer only (FineServe
 # neither builds nor needs it), either
-#   - a `llama-quantize` binary: the GGUF is requantized (`--allow-requantize`) and imported; or
+#   - a `llama-quantize` binary (preferred): the source GGUF is requantized
+#     (`llama-quantize --allow-requantize GGUF OUT TYPE`) and imported densely
+#     (`import-gguf --dtype f16`), so its rows carry llama.cpp's whole recipe (per-tensor type
+#     choices, the embedding's type); or
 #   - llama.cpp's `gguf-py` directory (its Python package, with the reference quantizers of
-#     ggml-quants.c in numpy; needs numpy, PYTHON=...): the same matrices FineServe quantizes are
-#     put through llama.cpp's quantize + dequantize of that type in a copy of the fp16 reference
-#     (Q4_0, Q4_1, Q5_0, Q8_0 only; embeddings stay fp16 as in FineServe's rows, and the file size
-#     is the estimate of those matrices at the type's bits). Where llama-quantize cannot be built. The source is the default model's
-# GGUF (SmolLM2-135M-Instruct, Q4_1, from scripts/fetch_default_model.sh); its fp16 import is the
-# reference. Rows:
+#     ggml-quants.c in numpy; needs numpy, PYTHON=...), the fallback where llama-quantize cannot be
+#     built: the same matrices FineServe quantizes are put through llama.cpp's quantize + dequantize
+#     of that type in a copy of the fp16 reference (Q4_0, Q4_1, Q5_0, Q8_0 only; embeddings stay
+#     fp16 as in FineServe's rows, and the file size is the estimate of those matrices at the
+#     type's bits).
+# The source is the default model's GGUF (SmolLM2-135M-Instruct, Q4_1, from
+# scripts/fetch_default_model.sh); its fp16 import is the reference. Rows:
 #   reference                 the GGUF imported to fp16 (`import-gguf`)
 #   llama.cpp Q4_0/Q4_1/Q5_0/Q4_K_M   `llama-quantize --allow-requantize` of the GGUF, imported
 #   FineServe int4-g32, adaptive, target-bits 4.5, int8   `fineserve quantize` of the reference
 # Columns: bits per weight of the linear layers (the transformer blocks' matrices: codes plus
 # scales / mins; llama.cpp's from the GGUF's tensor types), file size (the GGUF, or the
 # checkpoint's safetensors), perplexity on the last 40,000 bytes of each corpus (ctx 512, stride
-# 256; TEXT_BYTES=N scores the last N bytes instead), and the mean KL divergence KL(reference || variant) of the next-token distributions on the
-# KJV text (`eval ppl --reference`). Results are written after every row, so a partial run leaves
-# a valid JSON of the rows done. PPL_CTX / PPL_STRIDE / ROWS (space-separated row names) override;
-# WORK=DIR keeps the intermediate checkpoints and results there, so several runs add up to one table.
+# 256; TEXT_BYTES=N scores the last N bytes instead), and the mean KL divergence KL(reference ||
+# variant) of the next-token distributions on the KJV text (`eval ppl --reference`). Results are
+# written after every row (OUT_JSON and the same name with .md), so a partial run leaves a valid
+# table of the rows done. PPL_CTX / PPL_STRIDE / ROWS (space-separated row names) override;
+# WORK=DIR keeps the intermediate checkpoints and results there, so several runs (also in
+# parallel, one row each) add up to one table.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 corpus=${1:?usage: scripts/quant_table.sh CORPUS_DIR LLAMA_QUANTIZE [OUT_JSON]}
 llama_peer=${2:?usage: scripts/quant_table.sh CORPUS_DIR LLAMA_PEER [OUT_JSON]}
 python=${PYTHON:-python3}
 bytes=${TEXT_BYTES:-40000}
-out=${3:-docs/results/quant_table_smollm2.json}
+out=${3:-docs/results/quant_quality.json}
 fineserve=${FINESERVE:-build/fineserve}
 ctx=${PPL_CTX:-512}
 stride=${PPL_STRIDE:-256}
@@ -52,6 +58,27 @@ declare -A fineserve_args=(
   [target-4.5]="--bits 4 --target-bits 4.5"
   [int8]="--bits 8"
 )
+
+# One line per tensor (name, dtype, shape, SHA-256 of its bytes) of a checkpoint directory's
+# safetensors files, sorted: equal output means the same weights, whatever the metadata says.
+tensor_digest() {
+  python3 - "$1" <<'PY'
+import hashlib, json, os, sys
+d = sys.argv[1]
+lines = []
+for f in sorted(os.listdir(d)):
+    if not f.endswith(".safetensors"): continue
+    with open(os.path.join(d, f), "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+        for name, t in header.items():
+            if name == "__metadata__": continue
+            b, e = t["data_offsets"]
+            fh.seek(8 + n + b)
+            lines.append("%s %s %s %s" % (name, t["dtype"], t["shape"], hashlib.sha256(fh.read(e - b)).hexdigest()))
+print("\n".join(sorted(lines)))
+PY
+}
 
 # Writes OUT_JSON from the rows done so far and prints the Markdown table.
 write_table() {
@@ -109,6 +136,9 @@ for i in range(0, len(rest), 4):
     row = {"row": name, "kind": kind, "ppl_kjv": kjv["perplexity"], "ppl_sotu": sotu["perplexity"]}
     if "mean_kl" in kjv:
         row.update(mean_kl=kjv["mean_kl"], max_kl=kjv["max_kl"], same_top=kjv["same_top_fraction"])
+    same_path = os.path.join(work, name + ".same")
+    if os.path.exists(same_path):
+        row["same_tensors_as"] = open(same_path).read().strip()
     if size_of.endswith(".gguf"):
         row["file_bytes"] = os.path.getsize(size_of)
         row["bits_per_weight"], row["linear_types"] = linear_bits(size_of)
@@ -155,20 +185,51 @@ result = {
     "text": "last %d bytes of kjv.txt and sotu.txt; KL on kjv" % int(os.environ.get("TEXT_BYTES", "40000")),
     "ctx": ctx, "stride": stride,
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="minutes"), "cpu": cpu,
-    "command": "scripts/quant_table.sh CORPUS_DIR LLAMA_QUANTIZE", "rows": rows,
+    "command": "scripts/quant_table.sh CORPUS_DIR " + os.environ.get("PEER_LABEL", "LLAMA_PEER"), "rows": rows,
 }
 with open(out, "w") as f:
     json.dump(result, f, indent=2)
-print("| weights | bits/weight (linear) | file MB | ppl KJV | ppl SOTU | mean KL (KJV) |")
-print("|---|---|---|---|---|---|")
-for r in rows:
+    f.write("\n")
+LABELS = {"reference": "reference (GGUF Q4_1 imported to fp16)", "int4-g32": "FineServe int4 g32 (`--bits 4 --group 32`)",
+          "int4-adaptive": "FineServe int4 adaptive (`--bits 4`)", "target-4.5": "FineServe `--target-bits 4.5`",
+          "int8": "FineServe int8 adaptive (`--bits 8`)"}
+order = ["reference", "llama-Q4_0", "llama-Q4_1", "llama-Q4_K_M", "llama-Q5_0", "int4-g32", "int4-adaptive", "target-4.5", "int8"]
+ref = next((r for r in rows if r["row"] == "reference"), None)
+def rel(r, key):
+    return " (%+.1f%%)" % (100 * (r[key] / ref[key] - 1)) if ref else ""
+lines = ["| weights | bits/weight (linear) | file MB | ppl KJV | ppl SOTU | mean KL (KJV) | same top-1 |",
+         "|---|---:|---:|---:|---:|---:|---:|"]
+for r in sorted(rows, key=lambda r: order.index(r["row"]) if r["row"] in order else 99):
+    label = LABELS.get(r["row"], "llama.cpp %s (`llama-quantize`)" % r["row"][6:] if r["kind"] == "llama.cpp" else
+                       "llama.cpp %s (gguf-py)" % r["row"][6:])
     kl = "%.4f" % r["mean_kl"] if "mean_kl" in r else "—"
+    top = "%.1f%%" % (100 * r["same_top"]) if "same_top" in r else "—"
     est = " (est.)" if r.get("file_bytes_estimated") else ""
-    print(f"| {r['row']} | {r['bits_per_weight']:.3f} | {r['file_bytes'] / 1e6:.1f}{est} | "
-          f"{r['ppl_kjv']:.3f} | {r['ppl_sotu']:.3f} | {kl} |")
-print(f"wrote {out}", file=sys.stderr)
+    if "same_tensors_as" in r:
+        label += " ¹"
+    lines.append(f"| {label} | {r['bits_per_weight']:.3f} | {r['file_bytes'] / 1e6:.1f}{est} | "
+                 f"{r['ppl_kjv']:.3f}{rel(r, 'ppl_kjv')} | {r['ppl_sotu']:.3f}{rel(r, 'ppl_sotu')} | {kl} | {top} |")
+md = os.path.splitext(out)[0] + ".md"
+with open(md, "w") as f:
+    f.write("# Quantizer quality: FineQuant against llama.cpp's formats (%s)\n\n" % result["model"])
+    f.write("Text: %s; ctx %d, stride %d. %s, %s. Command: `%s`. Generated by scripts/quant_table.sh "
+            "from [%s](%s).\n\n" % (result["text"], ctx, stride, result["date"], cpu, result["command"],
+                                     os.path.basename(out), os.path.basename(out)))
+    f.write("\n".join(lines) + "\n")
+    if any("same_tensors_as" in r for r in rows):
+        f.write("\n¹ Its checkpoint holds byte-identical tensors to the row named in the JSON "
+                "(`same_tensors_as`), whose scores it therefore shares (the evaluator is deterministic).\n")
+print("\n".join(lines))
+print(f"wrote {out} and {md}", file=sys.stderr)
 PY
 }
+
+# TABLE_ONLY=1: rewrite the table from the rows already measured in WORK, without running anything.
+if [[ -n ${TABLE_ONLY:-} ]]; then
+  # shellcheck disable=SC2046
+  write_table "$out" "$ctx" "$stride" "$work" "$gguf" $(cat "$work/rows.txt")
+  exit 0
+fi
 
 for row in $rows; do
   echo "== $row" >&2
@@ -210,7 +271,7 @@ PY
       else
         q=$work/$type.gguf
         [[ -f $q ]] || "$llama_peer" --allow-requantize "$gguf" "$q" "$type" > "$work/$type.log" 2>&1
-        [[ -f $dir/config.json ]] || "$fineserve" import-gguf "$q" --out "$dir" --force >&2
+        [[ -f $dir/config.json ]] || "$fineserve" import-gguf "$q" --out "$dir" --dtype f16 --force >&2
         size_of=$q kind=llama.cpp
       fi ;;
     *)
@@ -220,12 +281,30 @@ PY
         "$fineserve" quantize --model "$dense" --out "$dir" ${fineserve_args[$row]} --force > "$work/$row.quantize.txt"
       size_of=$dir kind=fineserve ;;
   esac
-  ref_args=()
-  [[ $row == reference ]] || ref_args=(--reference "$dense")
-  "$fineserve" eval ppl --model "$dir" --text "$work/kjv.txt" --ctx "$ctx" --stride "$stride" "${ref_args[@]}" \
-    --json "$work/$row-kjv.json" >&2
-  "$fineserve" eval ppl --model "$dir" --text "$work/sotu.txt" --ctx "$ctx" --stride "$stride" \
-    --json "$work/$row-sotu.json" >&2
+  # A checkpoint whose tensors are byte-identical to a row already scored (e.g. the adaptive rule or
+  # the bit budget choosing int4 g32 everywhere) reuses that row's scores: the evaluator is
+  # deterministic, and one eval of 40,000 bytes takes minutes. The table notes it (same_tensors_as).
+  tensor_digest "$dir" > "$work/$row.digest"
+  same=""
+  for other in "$work"/*.digest; do
+    o=$(basename "$other" .digest)
+    if [[ $o != "$row" && -f $work/$o-kjv.json && -f $work/$o-sotu.json && ! -f $work/$o.same ]] &&
+       cmp -s "$other" "$work/$row.digest"; then same=$o; break; fi
+  done
+  if [[ -n $same ]]; then
+    echo "$row: same tensors as $same, reusing its scores" >&2
+    cp "$work/$same-kjv.json" "$work/$row-kjv.json"
+    cp "$work/$same-sotu.json" "$work/$row-sotu.json"
+    echo "$same" > "$work/$row.same"
+  else
+    rm -f "$work/$row.same"
+    ref_args=()
+    [[ $row == reference ]] || ref_args=(--reference "$dense")
+    "$fineserve" eval ppl --model "$dir" --text "$work/kjv.txt" --ctx "$ctx" --stride "$stride" "${ref_args[@]}" \
+      --json "$work/$row-kjv.json" >&2
+    "$fineserve" eval ppl --model "$dir" --text "$work/sotu.txt" --ctx "$ctx" --stride "$stride" \
+      --json "$work/$row-sotu.json" >&2
+  fi
   # Rows accumulate in $work/rows.txt, so runs with WORK=DIR and different ROWS build one table.
   grep -qx "$row $kind $dir $size_of" "$work/rows.txt" 2>/dev/null || echo "$row $kind $dir $size_of" >> "$work/rows.txt"
   # shellcheck disable=SC2046

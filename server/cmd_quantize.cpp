@@ -1,7 +1,9 @@
 // `fineserve quantize`: a Hugging Face checkpoint in, a FineQuant checkpoint out.
 #include <cstdio>
+#include <exception>
 #include <fstream>
 #include <memory>
+#include <string>
 
 #include "kernels/base.h"
 #include "quant/convert.h"
@@ -15,12 +17,13 @@ void add_quantize_command(CLI::App& app) {
     std::string model, out;
     int bits = 4;
     int expert_bits = 0;
-    double alpha = 0, tolerance = 0, target_bits = 0;
+    double alpha = 0, tolerance = 0, error_cap = 0, target_bits = 0;
     std::string scale_rule = "search";
     bool no_search = false;
     int64_t group = 0;
     double max_rel_error = 0;
     std::vector<std::string> keep;
+    std::vector<std::string> salience;
     bool quantize_embeddings = false;
     double shard_gb = 4;
     bool force = false;
@@ -38,6 +41,10 @@ void add_quantize_command(CLI::App& app) {
   auto* tolerance = cmd->add_option("--tolerance", f->tolerance,
                                     "Adaptive group size (default): the coarsest group whose error is at most this "
                                     "many times what i.i.d. Gaussian weights give at the same group (default 1.1)");
+  auto* cap = cmd->add_option("--error-cap", f->error_cap,
+                              "Adaptive group size: only groups where i.i.d. Gaussian weights stay within this "
+                              "relative error (or the matrix itself does) are candidates (default 0.086, llama.cpp Q4_0's "
+                              "error on Gaussian weights: int4 at 32 unless lighter-tailed, int8 any group)");
   auto* alpha = cmd->add_option("--alpha", f->alpha,
                                 "The paper's α rule instead: refine while the mean group range shrinks by more "
                                 "than this factor when the group is halved (1.1 is its default)");
@@ -47,9 +54,14 @@ void add_quantize_command(CLI::App& app) {
   auto* target = cmd->add_option("--target-bits", f->target_bits,
                                  "Bit budget: choose each matrix's bits (8/4) and group to minimise the weighted "
                                  "quantization error at this average of bits per weight, scales included (e.g. 4.5)");
-  alpha->excludes(group)->excludes(err)->excludes(tolerance)->excludes(target);
+  alpha->excludes(group)->excludes(err)->excludes(tolerance)->excludes(cap)->excludes(target);
   tolerance->excludes(group)->excludes(err)->excludes(target);
+  cap->excludes(group)->excludes(err)->excludes(target);
   group->excludes(err)->excludes(target);
+  cmd->add_option("--salience", f->salience,
+                  "With --target-bits: weight the error of matrices matching REGEX by W (REGEX=W, repeatable; "
+                  "weights of several matches multiply; by default every matrix weighs 1)")
+      ->needs(target);
   err->excludes(target);
   auto* rule = cmd->add_option("--scale-rule", f->scale_rule,
                                "How each group's scale is chosen: search (default: clipping ratios and the "
@@ -84,8 +96,26 @@ void add_quantize_command(CLI::App& app) {
     } else {
       o.group.mode = quant::GroupMode::Adaptive;
       o.group.tolerance = f->tolerance;
+      o.group.error_cap = f->error_cap;
     }
     o.target_bits = f->target_bits;
+    if (!f->salience.empty()) {
+      o.salience.clear();
+      for (const std::string& s : f->salience) {
+        const size_t eq = s.rfind('=');
+        if (eq == std::string::npos || eq == 0) throw Error("--salience takes REGEX=WEIGHT, got '" + s + "'");
+        double w = 0;
+        try {
+          size_t used = 0;
+          w = std::stod(s.substr(eq + 1), &used);
+          if (used != s.size() - eq - 1) w = 0;
+        } catch (const std::exception&) {
+          w = 0;
+        }
+        if (!(w > 0)) throw Error("--salience " + s + ": the weight must be a positive number");
+        o.salience.push_back({s.substr(0, eq), w});
+      }
+    }
     const std::string rule_name = f->no_search ? "absmax" : f->scale_rule;
     o.group.scale = rule_name == "absmax"          ? quant::ScaleRule::Absmax
                     : rule_name == "signed-absmax" ? quant::ScaleRule::SignedAbsmax

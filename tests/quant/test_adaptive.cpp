@@ -2,8 +2,10 @@
 
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -79,9 +81,26 @@ TEST(RangeLevels, SameAtAnyThreadCountAndRejectsNaN) {
   }
 }
 
-// The adaptive rule's decisions are scale-free in K: Gaussian weights stay column-wise at every K,
-// planted outlier channels refine, at small and large K alike.
-TEST(Adaptive, GaussianStaysColumnWiseAtEveryK) {
+// Light-tailed weights: uniform in [-0.03, 0.03] (at 4 bits column-wise they measure ~0.067, under
+// the error cap, and well under the Gaussian's error at every group).
+std::vector<float> uniform(int64_t rows, int64_t cols, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> u(-0.03f, 0.03f);
+  std::vector<float> w(static_cast<size_t>(rows * cols));
+  for (float& x : w) x = u(rng);
+  return w;
+}
+
+std::vector<int64_t> spread_channels(int64_t cols) {  // ~1% of the channels (at least 2), spread over K
+  std::vector<int64_t> channels;
+  for (int64_t c = 0; c < std::max<int64_t>(2, cols / 100); ++c) channels.push_back((c * 997 + 13) % cols);
+  return channels;
+}
+
+// The adaptive rule's decisions are scale-free in K: Gaussian weights stay at the coarsest group the
+// error cap allows (column-wise at 8 bits, 32 at 4 bits) at every K; planted outlier channels refine
+// further at 8 bits, at small and large K alike.
+TEST(Adaptive, GaussianStaysAtTheCoarsestGroupTheCapAllowsAtEveryK) {
   for (int64_t cols : {int64_t{256}, int64_t{768}, int64_t{4096}}) {
     for (int bits : {4, 8}) {
       const int64_t rows = cols >= 4096 ? 48 : 96;
@@ -90,13 +109,19 @@ TEST(Adaptive, GaussianStaysColumnWiseAtEveryK) {
       options.bits = bits;
       const GroupDecision d = choose_group(view(w, rows, cols), options);
       EXPECT_EQ(d.mode, GroupMode::Adaptive);
-      EXPECT_EQ(d.group, cols) << "K=" << cols << " bits " << bits << ": " << d.reason;
+      EXPECT_EQ(d.group, bits == 8 ? cols : 32) << "K=" << cols << " bits " << bits << ": " << d.reason;
       ASSERT_FALSE(d.levels.empty());
       for (const GroupLevel& l : d.levels) {
         EXPECT_GT(l.gaussian_rel_error, 0);
         EXPECT_NEAR(l.rel_error / l.gaussian_rel_error, 1.0, 0.1) << "K=" << cols << " group " << l.group;
       }
       EXPECT_NE(d.reason.find("Gaussian"), std::string::npos) << d.reason;
+      if (bits == 4) {
+        EXPECT_NE(d.reason.find("> cap 0.086"), std::string::npos) << d.reason;
+      }
+      // Without the cap (the rule before it), a Gaussian matrix stays column-wise at 4 bits too.
+      options.error_cap = 0.99;
+      EXPECT_EQ(choose_group(view(w, rows, cols), options).group, cols) << "K=" << cols << " bits " << bits;
     }
   }
 }
@@ -105,14 +130,64 @@ TEST(Adaptive, PlantedOutlierChannelsRefineAtEveryK) {
   for (int64_t cols : {int64_t{256}, int64_t{768}, int64_t{4096}}) {
     const int64_t rows = cols >= 4096 ? 48 : 96;
     std::vector<float> w = gaussian(rows, cols, 77 + static_cast<uint32_t>(cols));
-    std::vector<int64_t> channels;  // ~1% of the channels (at least 2), spread over K
-    for (int64_t c = 0; c < std::max<int64_t>(2, cols / 100); ++c) channels.push_back((c * 997 + 13) % cols);
-    plant_outlier_channels(w, cols, channels, 10.0f);
-    const GroupDecision d = choose_group(view(w, rows, cols), GroupOptions{});
-    EXPECT_LT(d.group, cols) << "K=" << cols << ": " << d.reason;
-    const double err_column = quantize(view(w, rows, cols), 4, cols).rel_error;
-    const double err_chosen = quantize(view(w, rows, cols), 4, d.group).rel_error;
-    EXPECT_LT(err_chosen, 0.8 * err_column) << "K=" << cols << ": " << d.reason;
+    plant_outlier_channels(w, cols, spread_channels(cols), 10.0f);
+    for (int bits : {4, 8}) {
+      GroupOptions options;
+      options.bits = bits;
+      const GroupDecision d = choose_group(view(w, rows, cols), options);
+      EXPECT_LT(d.group, cols) << "K=" << cols << " bits " << bits << ": " << d.reason;
+      const double err_column = quantize(view(w, rows, cols), bits, cols).rel_error;
+      const double err_chosen = quantize(view(w, rows, cols), bits, d.group).rel_error;
+      EXPECT_LT(err_chosen, 0.8 * err_column) << "K=" << cols << ": " << d.reason;
+    }
+  }
+}
+
+// At 4 bits the rule still tells matrices apart: light-tailed (uniform) weights already meet the cap
+// column-wise and stay there at every K; the same weights with planted outlier channels refine.
+TEST(Adaptive, LightTailedWeightsStayColumnWiseAtFourBitsUnlessOutliers) {
+  for (int64_t cols : {int64_t{256}, int64_t{768}, int64_t{4096}}) {
+    const int64_t rows = cols >= 4096 ? 48 : 96;
+    std::vector<float> w = uniform(rows, cols, 5 + static_cast<uint32_t>(cols));
+    const GroupDecision plain = choose_group(view(w, rows, cols), GroupOptions{});
+    EXPECT_EQ(plain.group, cols) << "K=" << cols << ": " << plain.reason;
+    EXPECT_LT(plain.levels.front().rel_error, kDefaultErrorCap);
+    plant_outlier_channels(w, cols, spread_channels(cols), 10.0f);
+    const GroupDecision outliers = choose_group(view(w, rows, cols), GroupOptions{});
+    EXPECT_LT(outliers.group, cols) << "K=" << cols << ": " << outliers.reason;
+    EXPECT_LT(quantize(view(w, rows, cols), 4, outliers.group).rel_error,
+              0.8 * quantize(view(w, rows, cols), 4, cols).rel_error)
+        << "K=" << cols << ": " << outliers.reason;
+  }
+}
+
+// The cap is a property of the bits and the group only: it is llama.cpp Q4_0's error on Gaussian
+// weights; at 4 bits with the search, Gaussian weights meet it at 32 and at no coarser group; at 8
+// bits at every group.
+TEST(Adaptive, ErrorCapAdmitsGroupsByTheGaussianError) {
+  EXPECT_NEAR(gaussian_rel_error(4, 32, ScaleRule::SignedAbsmax), kDefaultErrorCap, 0.002);
+  EXPECT_LE(gaussian_rel_error(4, 32, ScaleRule::Search), kDefaultErrorCap);
+  EXPECT_GT(gaussian_rel_error(4, 64, ScaleRule::Search), kDefaultErrorCap);
+  EXPECT_LE(gaussian_rel_error(8, 4096, ScaleRule::Search), kDefaultErrorCap / 5);
+  const int64_t rows = 64, cols = 1024;
+  const std::vector<float> w = gaussian(rows, cols, 21);
+  GroupOptions options;
+  for (double cap : {0.99, 0.1, 0.093, 0.086, 0.01}) {
+    options.error_cap = cap;
+    const GroupDecision d = choose_group(view(w, rows, cols), options);
+    // Gaussian weights are within the tolerance everywhere: the decision is the coarsest group under the cap.
+    int64_t want = 32;
+    for (const GroupLevel& l : d.levels) {
+      if (gaussian_rel_error(4, l.group, ScaleRule::Search) <= cap) {
+        want = l.group;
+        break;
+      }
+    }
+    EXPECT_EQ(d.group, want) << "cap " << cap << ": " << d.reason;
+  }
+  for (double bad : {-1.0, 1.0, 2.0}) {
+    options.error_cap = bad;
+    EXPECT_THROW(choose_group(view(w, rows, cols), options), Error) << bad;
   }
 }
 
@@ -121,7 +196,8 @@ TEST(Adaptive, ToleranceControlsHowFarItRefines) {
   std::vector<float> w = gaussian(rows, cols, 8);
   plant_outlier_channels(w, cols, {100, 900}, 6.0f);
   GroupOptions options;
-  options.tolerance = 1e9;  // anything is close enough: column-wise
+  options.error_cap = 0.99;  // every group is a candidate
+  options.tolerance = 1e9;   // anything is close enough: column-wise
   EXPECT_EQ(choose_group(view(w, rows, cols), options).group, cols);
   // The decision is the coarsest level within the tolerance.
   for (double t : {1.0, 1.1, 1.25, 1.5, 2.0}) {

@@ -4,7 +4,12 @@
 #include "quant/bit_budget.h"
 
 #include <cmath>
+#include <filesystem>
+#include <fstream>
 #include <functional>
+#include <map>
+#include <optional>
+#include <span>
 #include <random>
 #include <string>
 #include <vector>
@@ -12,8 +17,12 @@
 #include <gtest/gtest.h>
 
 #include "kernels/base.h"
+#include "models/checkpoint/safetensors.h"
 #include "quant/adaptive.h"
+#include "quant/convert.h"
+#include "quant/format.h"
 #include "tests/quant/quant_test_util.h"
+#include "tests/scratch_dir.h"
 
 namespace fineserve::quant {
 namespace {
@@ -115,6 +124,81 @@ TEST(BitBudget, SpendsTheBitsWhereTheErrorIs) {
     EXPECT_EQ(o.bits, target > 6 ? 8 : 4) << what;
     EXPECT_GE(o.bits_per_weight, g.bits_per_weight) << what;
   }
+}
+
+// Priors by name: the default has none (every matrix weighs 1); the weights of all matches multiply.
+TEST(BitBudget, SaliencePriorsByName) {
+  EXPECT_TRUE(default_salience_priors().empty());
+  const std::vector<SaliencePrior> priors{{"\\.v_proj\\.", 4}, {"\\.(down_proj|fc2)\\.", 2}};
+  EXPECT_EQ(salience_of("model.layers.3.self_attn.v_proj.weight", priors), 4.0);
+  EXPECT_EQ(salience_of("model.layers.3.mlp.down_proj.weight", priors), 2.0);
+  EXPECT_EQ(salience_of("model.decoder.layers.0.fc2.weight", priors), 2.0);
+  EXPECT_EQ(salience_of("model.layers.3.self_attn.q_proj.weight", priors), 1.0);
+  EXPECT_EQ(salience_of("model.decoder.layers.0.fc1.weight", priors), 1.0);
+  EXPECT_EQ(salience_of("anything", default_salience_priors()), 1.0);
+  EXPECT_EQ(salience_of("layers.0.v_proj.weight", {{"v_proj", 3}, {"layers\\.0\\.", 2}}), 6.0);
+  EXPECT_THROW(salience_of("x", {{"(", 2}}), Error);
+  EXPECT_THROW(salience_of("x", {{"x", 0}}), Error);
+  EXPECT_THROW(salience_of("x", {{"x", -1}}), Error);
+}
+
+// Two identical Gaussian matrices and a budget that affords int8 for one of them: with equal salience
+// the tie goes to the first; with the second 8x as salient, the second gets it.
+TEST(BitBudget, SalienceMovesTheBits) {
+  const int64_t rows = 64, cols = 1024;
+  const std::vector<float> w = testing::gaussian(rows, cols, 5);
+  BudgetMatrix m{"m", rows * cols, 1.0, {}};
+  for (int bits : {8, 4})
+    for (const GroupLevel& l : error_levels(testing::view(w, rows, cols), bits, ScaleRule::Search))
+      m.options.push_back({bits, l.group, bits + 16.0 / static_cast<double>(l.group), l.rel_error});
+  std::vector<BudgetMatrix> ms{m, m};
+  BudgetAllocation a = allocate_bits(ms, 6.3);
+  ASSERT_TRUE(a.feasible);
+  EXPECT_EQ(ms[0].options[a.choice[0]].bits, 8);
+  EXPECT_EQ(ms[1].options[a.choice[1]].bits, 4);
+  ms[1].salience = 8;
+  a = allocate_bits(ms, 6.3);
+  ASSERT_TRUE(a.feasible);
+  EXPECT_LE(a.bits_per_weight, 6.3);
+  EXPECT_EQ(ms[0].options[a.choice[0]].bits, 4);
+  EXPECT_EQ(ms[1].options[a.choice[1]].bits, 8);
+}
+
+// `quantize --target-bits` end to end on a two-matrix checkpoint: the budget mixes int8 and int4,
+// a salience prior decides which matrix gets the int8, and the written checkpoint's metadata reads
+// back (mixed bits without --expert-bits once wrote expert_bits "0", which readers reject).
+TEST(BitBudget, ConvertWritesMixedBitsThatReadBack) {
+  const fineserve::testing::ScratchDir scratch;
+  const std::filesystem::path dir = scratch.path();
+  std::filesystem::create_directories(dir / "src");
+  std::ofstream(dir / "src" / "config.json") << "{}\n";
+  const int64_t rows = 64, cols = 256;
+  const std::vector<float> a = testing::gaussian(rows, cols, 11), b = testing::gaussian(rows, cols, 12);
+  const std::vector<std::string> names{"layers.0.q_proj.weight", "layers.0.v_proj.weight"};
+  {
+    ckpt::CheckpointWriter w(dir / "src", names, {}, 1ull << 30);
+    w.add(names[0], DType::F32, {rows, cols}, std::as_bytes(std::span(a)));
+    w.add(names[1], DType::F32, {rows, cols}, std::as_bytes(std::span(b)));
+    w.finish();
+  }
+  ConvertOptions o;
+  o.model = dir / "src";
+  o.out = dir / "out";
+  o.target_bits = 6.3;  // room for one matrix at int8
+  o.keep = default_keep_patterns();
+  o.salience = {{"v_proj", 4}};
+  const ConvertReport r = convert_checkpoint(o);
+  ASSERT_EQ(r.matrices.size(), 2u);
+  std::map<std::string, int> bits;
+  for (const MatrixReport& m : r.matrices) bits[m.name] = m.bits;
+  EXPECT_EQ(bits["layers.0.v_proj.weight"], 8) << "the prior weighs v_proj 4x";
+  EXPECT_EQ(bits["layers.0.q_proj.weight"], 4);
+  const ckpt::Checkpoint q = ckpt::Checkpoint::open(o.out);
+  const std::optional<FormatMetadata> meta = read_header_metadata(q.metadata(), "test");
+  ASSERT_TRUE(meta.has_value());
+  EXPECT_EQ(meta->bits_of("layers.0.v_proj"), 8);
+  EXPECT_EQ(meta->bits_of("layers.0.q_proj"), 4);
+  EXPECT_EQ(meta->group_mode, "target-bits");
 }
 
 }  // namespace
