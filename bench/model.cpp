@@ -13,6 +13,9 @@
 // weight-only kernels and the int8-activation ones (kernels/cpu/gemm_a8.h) sit side by side in one
 // run: exact, int8-act, int8-head or int8-act+head (see configs/cpu_env.h for the same choices as
 // environment variables).
+//
+// --batch (repeatable) adds decode at more batch sizes (e.g. 1 and 8: symmetric vs asymmetric int4
+// at batch 1 and 8, docs/results/asym_smollm2_cpu.json); the first is the table's main figure.
 #include <fcntl.h>
 #include <omp.h>
 #include <spawn.h>
@@ -42,6 +45,7 @@ struct Flags {
   std::vector<std::string> models;
   std::vector<std::string> labels;
   std::vector<std::string> cpu_paths;
+  std::vector<int> batches = {1};  // decode batch sizes; the first is the main figure
   int prompt_tokens = 128;
   int new_tokens = 64;
   int reps = 5;
@@ -128,7 +132,8 @@ struct Subject {
   uint64_t weight_bytes = 0, file_bytes = 0;
   std::unique_ptr<Backend> backend;
   std::unique_ptr<Model> model;
-  std::vector<double> prefill, decode, decode_ms;  // one per round
+  std::vector<double> prefill, decode, decode_ms;  // one per round, at the first batch size
+  std::map<int, std::vector<double>> decode_more;   // batch -> tok/s per round, the other batch sizes
 };
 
 void run(const Flags& f) {
@@ -139,12 +144,14 @@ void run(const Flags& f) {
   if (!f.cpu_paths.empty() && f.cpu_paths.size() != f.models.size())
     throw Error("--cpu-path: give one per --model, or none");
   if (f.new_tokens < 3) throw Error("--new-tokens must be at least 3 (two warm-up steps, then timed ones)");
+  if (f.batches.empty()) throw Error("--batch: give at least one batch size");
+  const int batch0 = f.batches.front();
   const DeviceContext dev = open_device(f.device, f.gpu);
   const bool cuda = dev.device == Device::Cuda;
   const int threads = f.threads > 0 ? f.threads : omp_get_max_threads();
   std::printf("device: %s\nbandwidth probe: %.1f GB/s (%s)\nprefill: %d tokens, batch 1, median of %d; "
-              "decode: batch 1 after that prompt, %d new tokens; %d rounds\n",
-              dev.name.c_str(), dev.bandwidth_gbs, dev.bandwidth_probe.c_str(), f.prompt_tokens, f.reps,
+              "decode: batch %d after that prompt, %d new tokens; %d rounds\n",
+              dev.name.c_str(), dev.bandwidth_gbs, dev.bandwidth_probe.c_str(), f.prompt_tokens, f.reps, batch0,
               f.new_tokens, f.rounds);
   std::fflush(stdout);
 
@@ -168,12 +175,18 @@ void run(const Flags& f) {
   for (int round = 0; round < f.rounds; ++round) {
     for (Subject& s : subjects) {
       const PrefillTiming p = time_prefill(*s.model, f.prompt_tokens, f.reps);
-      const DecodeTiming d = time_decode(*s.model, dev, 1, f.prompt_tokens, f.new_tokens);
+      const DecodeTiming d = time_decode(*s.model, dev, batch0, f.prompt_tokens, f.new_tokens);
       s.prefill.push_back(p.tokens_per_s);
       s.decode.push_back(d.tokens_per_s);
       s.decode_ms.push_back(d.ms_per_step);
-      std::printf("round %d %s: prefill %.1f tok/s, decode %.1f tok/s\n", round + 1, s.label.c_str(), p.tokens_per_s,
-                  d.tokens_per_s);
+      std::printf("round %d %s: prefill %.1f tok/s, decode %.1f tok/s (batch %d)", round + 1, s.label.c_str(),
+                  p.tokens_per_s, d.tokens_per_s, batch0);
+      for (size_t b = 1; b < f.batches.size(); ++b) {
+        const DecodeTiming more = time_decode(*s.model, dev, f.batches[b], f.prompt_tokens, f.new_tokens);
+        s.decode_more[f.batches[b]].push_back(more.tokens_per_s);
+        std::printf(", %.1f tok/s (batch %d)", more.tokens_per_s, f.batches[b]);
+      }
+      std::printf("\n");
       std::fflush(stdout);
     }
     if (!f.llama_bench.empty()) {
@@ -193,6 +206,10 @@ void run(const Flags& f) {
   std::vector<std::string> header = {"model", "weights", "file MB", "weight MB/token", "prefill tok/s", "decode tok/s",
                                      "decode GB/s", "% of bw", "floor tok/s", "prefill vs " + base.label,
                                      "decode vs " + base.label};
+  for (size_t b = 1; b < f.batches.size(); ++b) {
+    header.push_back("decode tok/s b" + std::to_string(f.batches[b]));
+    header.push_back("vs " + base.label);
+  }
   if (!peer.empty()) header.insert(header.end(), {"prefill vs llama.cpp", "decode vs llama.cpp"});
   Table table(header);
   nlohmann::json runs = nlohmann::json::array();
@@ -218,7 +235,16 @@ void run(const Flags& f) {
                         {"fraction_of_bandwidth", gbs / dev.bandwidth_gbs},
                         {"decode_floor_tokens_per_s", floor_tps},
                         {"prefill_vs_baseline", prefill / base_prefill},
-                        {"decode_vs_baseline", decode / base_decode}};
+                        {"decode_vs_baseline", decode / base_decode},
+                        {"decode_batch", batch0}};
+    for (size_t b = 1; b < f.batches.size(); ++b) {
+      const int batch = f.batches[b];
+      const double tps = median(s.decode_more.at(batch)), base_tps = median(base.decode_more.at(batch));
+      row.insert(row.end(), {fmt(tps, 1), fmt(tps / base_tps) + "x"});
+      j["decode_more_batches"][std::to_string(batch)] = {{"decode_tokens_per_s", tps},
+                                                         {"decode_tokens_per_s_rounds", s.decode_more.at(batch)},
+                                                         {"decode_vs_baseline", tps / base_tps}};
+    }
     if (!peer.empty()) {
       row.insert(row.end(), {fmt(prefill / peer_prefill) + "x", fmt(decode / peer_decode) + "x"});
       j["prefill_vs_llama_cpp"] = prefill / peer_prefill;
@@ -233,8 +259,9 @@ void run(const Flags& f) {
     const double gb = static_cast<double>(p.model_bytes) / kGB;
     std::vector<std::string> row = {"llama.cpp", p.model_type, fmt(p.model_bytes / 1e6, 1), "-", fmt(peer_prefill, 1),
                                     fmt(peer_decode, 1), "-", "-", gb > 0 ? fmt(dev.bandwidth_gbs / gb, 1) : "-",
-                                    fmt(peer_prefill / base_prefill) + "x", fmt(peer_decode / base_decode) + "x", "1.00x",
-                                    "1.00x"};
+                                    fmt(peer_prefill / base_prefill) + "x", fmt(peer_decode / base_decode) + "x"};
+    for (size_t b = 1; b < f.batches.size(); ++b) row.insert(row.end(), {"-", "-"});
+    row.insert(row.end(), {"1.00x", "1.00x"});
     table.add_row(row);
     peer_json = {{"name", "llama.cpp llama-bench"},
                  {"gguf", fs::path(f.gguf).filename().string()},
@@ -258,6 +285,7 @@ void run(const Flags& f) {
                             {"threads", cuda ? 0 : threads},
                             {"prompt_tokens", f.prompt_tokens},
                             {"new_tokens", f.new_tokens},
+                            {"decode_batches", f.batches},
                             {"prefill_reps", f.reps},
                             {"rounds", f.rounds},
                             {"baseline", base.label},
@@ -277,6 +305,8 @@ void setup(CLI::App& group) {
   cmd->add_option("--label", f->labels, "A name per --model for the table (default: the directory's name)");
   cmd->add_option("--cpu-path", f->cpu_paths, "CPU linear path per --model: exact, int8-act, int8-head, int8-act+head")
       ->check(CLI::IsMember({"exact", "int8-act", "int8-head", "int8-act+head"}));
+  cmd->add_option("--batch", f->batches, "Decode batch size (repeatable: --batch 1 --batch 8; default 1)")
+      ->check(CLI::PositiveNumber);
   cmd->add_option("--device", f->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
   cmd->add_option("--gpu", f->gpu, "CUDA device index")->check(CLI::NonNegativeNumber);
   cmd->add_option("--prompt-tokens", f->prompt_tokens, "Prompt length: prefilled in one step, then decoded after")

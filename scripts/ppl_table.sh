@@ -20,8 +20,8 @@ out=${2:-docs/results/ppl_smollm2.json}
 fineserve=${FINESERVE:-build/fineserve}
 ctx=${PPL_CTX:-512}
 stride=${PPL_STRIDE:-256}
-int4=$(bash scripts/fetch_default_model.sh "$fineserve" | tail -n 1)
-dense=${int4%-int4*}  # the imported fp16 checkpoint beside it
+exact=$(bash scripts/fetch_default_model.sh "$fineserve" | tail -n 1)
+dense=${exact%-q4_1}  # the imported fp16 checkpoint beside it
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 

@@ -41,8 +41,8 @@ fineserve=${FINESERVE:-build/fineserve}
 ctx=${PPL_CTX:-512}
 stride=${PPL_STRIDE:-256}
 rows=${ROWS:-"reference llama-Q4_0 int4-g32 target-4.5 int4-adaptive int8 llama-Q4_1 llama-Q5_0 llama-Q4_K_M"}
-int4=$(bash scripts/fetch_default_model.sh "$fineserve" | tail -n 1)
-dense=${int4%-int4*}  # the imported fp16 checkpoint beside it
+exact=$(bash scripts/fetch_default_model.sh "$fineserve" | tail -n 1)
+dense=${exact%-q4_1}  # the imported fp16 checkpoint beside it
 gguf=models-cache/SmolLM2-135M-Instruct.Q4_1.gguf
 work=${WORK:-$(mktemp -d)}
 mkdir -p "$work"

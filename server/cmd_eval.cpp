@@ -9,6 +9,7 @@
 
 #include "kernels/base.h"
 #include "models/model.h"
+#include "quant/gguf_convert.h"
 #include "models/perplexity.h"
 #include "models/tokenizer/tokenizer.h"
 #include "server/commands.h"
@@ -39,6 +40,7 @@ void add_eval_command(CLI::App& app) {
                   "A reference checkpoint (e.g. the unquantized model, same tokenizer): also report the mean KL "
                   "divergence KL(reference || model) of the next-token distributions");
   ppl->callback([f] {
+    f->model = quant::model_dir_for(f->model).string();  // a .gguf file: its FineQuant conversion
     std::ifstream in(f->text, std::ios::binary);
     if (!in) throw Error("cannot read " + f->text);
     const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

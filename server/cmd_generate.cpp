@@ -10,6 +10,7 @@
 #include "kernels/base.h"
 #include "models/model.h"
 #include "models/tokenizer/tokenizer.h"
+#include "quant/gguf_convert.h"
 #include "server/commands.h"
 
 namespace fineserve {
@@ -55,6 +56,7 @@ void add_generate_command(CLI::App& app) {
   cmd->add_option("--tp-timeout", f->tp_timeout_s, "Seconds a tensor-parallel collective may wait for the other ranks")
       ->check(CLI::PositiveNumber);
   cmd->callback([f] {
+    f->model = quant::model_dir_for(f->model).string();  // a .gguf file: its FineQuant conversion
     if (f->prompts.empty()) {
       std::string text((std::istreambuf_iterator<char>(std::cin)), std::istreambuf_iterator<char>());
       f->prompts.push_back(text);

@@ -17,6 +17,7 @@
 #include "configs/server_env.h"
 #include "engine/tp_launch.h"
 #include "kernels/base.h"
+#include "quant/gguf_convert.h"
 #include "server/commands.h"
 #include "server/serve.h"
 
@@ -42,7 +43,7 @@ void add_serve_command(CLI::App& app) {
   auto f = std::make_shared<Flags>();
   CLI::App* cmd = app.add_subcommand("serve", "Serve a model over HTTP (TGI and OpenAI-compatible routes)");
   auto* config = cmd->add_option("--config", f->config, "Server defaults (JSON); flags override them")->capture_default_str();
-  cmd->add_option("--model", f->o.model, "Checkpoint to serve (dense or FineQuant)");
+  cmd->add_option("--model", f->o.model, "Checkpoint to serve (dense or FineQuant directory, or a llama.cpp .gguf file)");
   auto* name = cmd->add_option("--served-model-name", f->o.served_model_name, "Model id for /v1 routes (default: the checkpoint folder's name)");
   auto* device = cmd->add_option("--device", f->o.device, kDeviceHelp);
   auto* host = cmd->add_option("--host", f->o.http.host, "Address to listen on (0.0.0.0: every interface)");
@@ -85,12 +86,12 @@ void add_serve_command(CLI::App& app) {
   cmd->callback([f, config, name, device, host, port, mbt, seqs, kv, queue, timeout, drain, body, chat_template, max_conn,
                  keepalive, header_to, body_to, key_file, cors] {
     if (f->o.model.empty())
-      throw Error("no --model given: pass --model CHECKPOINT_DIR (scripts/serve.sh fetches, quantizes and "
+      throw Error("no --model given: pass --model CHECKPOINT_DIR or FILE.gguf (scripts/serve.sh fetches and "
                   "serves the embedded default model, SmolLM2-135M-Instruct int4)");
     // The config first, then every flag the user gave on top of it.
     const ServeOptions flags = f->o;
     ServeOptions o = default_serve_options();
-    o.model = flags.model;
+    o.model = quant::model_dir_for(flags.model).string();  // a .gguf file: its FineQuant conversion
     if (config->count() > 0 || std::filesystem::exists(f->config)) load_server_config(f->config, o);
     if (name->count()) o.served_model_name = flags.served_model_name;
     if (device->count()) o.device = flags.device;

@@ -397,6 +397,7 @@ json HttpServer::Impl::info_json() const {
           {"model_path", card.path},
           {"architecture", i.architecture},
           {"quantization", i.quantization},
+          {"source_format", i.source_format},
           {"device", card.device},
           {"tp_size", card.tp_size},
           {"max_context", i.max_context},

@@ -99,6 +99,18 @@ Metrics::Metrics(const MetricsOptions& options) : registry_(std::make_shared<pro
 
 Metrics::~Metrics() = default;
 
+void Metrics::set_model_info(const std::string& name, const ModelInfo& info) {
+  prometheus::BuildGauge()
+      .Name("fineserve_model_info")
+      .Help("The served model: name, architecture, quantization and where its quantized weights came from")
+      .Register(*registry_)
+      .Add({{"model", name},
+            {"architecture", info.architecture},
+            {"quantization", info.quantization},
+            {"source_format", info.source_format}})
+      .Set(1);
+}
+
 void Metrics::count_request(std::string_view endpoint, int status) {
   for (Set& s : sets_)
     if (s.requests) s.requests->Add({{"endpoint", std::string(endpoint)}, {"status", std::to_string(status)}}).Increment();

@@ -46,6 +46,8 @@ class Metrics {
   // Engine side, per step.
   void observe_step(int seqs, int tokens);
   void set_engine_state(const EngineStats& stats);
+  // fineserve_model_info{model, architecture, quantization, source_format} = 1 (set once at startup).
+  void set_model_info(const std::string& name, const ModelInfo& info);
 
   // The text exposition format (GET /metrics).
   std::string serialize() const;

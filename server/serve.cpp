@@ -191,6 +191,7 @@ void ServingStack::load() {
   card.device = backend_ && parse_device(options_.device).cuda ? backend_->name() : options_.device;
   card.tp_size = options_.tp;
   card.info = model_->info();
+  metrics_->set_model_info(card.name, card.info);
   card.engine = engine_->config();
   card.loop = options_.loop;
   card.created = static_cast<int64_t>(std::time(nullptr));
