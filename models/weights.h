@@ -43,9 +43,13 @@ class WeightLoader {
   // "none", or the FineQuant format's name for the checkpoint's quantization ("finequant-int4",
   // "finequant-int8,experts-int4"): what ModelInfo::quantization reports.
   std::string quantization_name() const { return format_ ? format_->quantization_name() : "none"; }
+  // Where the quantized matrices came from ("finequant", "gguf:Q4_1", "gguf:Q4_1,gguf:Q8_0", ...;
+  // quant/format.h); "none" for a dense checkpoint: what ModelInfo::source_format reports.
+  std::string source_format() const { return format_ ? format_->source_format_summary() : "none"; }
   const ShardSpec& shard() const { return shard_; }
   bool has(const std::string& name) const;
-  // `stem`.weight (dense) or `stem`.qweight + `stem`.scales (FineQuant), checked to be the full
+  // `stem`.weight (dense) or `stem`.qweight + `stem`.scales (+ `stem`.offsets when asymmetric)
+  // (FineQuant), checked to be the full
   // [rows, cols], and returned as this rank's part of it under `parallel`.
   //
   // Row-parallel FineQuant matrices are cut along K, so the cut must fall between scale groups:
@@ -97,6 +101,8 @@ class WeightLoader {
   std::optional<quant::FormatMetadata> format_;  // FineQuant checkpoints only
   uint64_t bytes_ = 0;
   ckpt::TensorView last_;
+  // Aligned fp32 copies of the offsets stored() read, alive until the backend has copied them.
+  std::vector<std::vector<float>> offsets_;
 };
 
 }  // namespace fineserve
