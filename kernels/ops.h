@@ -13,7 +13,9 @@ namespace fineserve {
 // Quantized (FineQuant): bits 8 -> data = int8 codes [rows, cols];
 //                        bits 4 -> data = packed codes [rows, cols / 2], two per byte, element 2j in
 //                        the low nibble and 2j+1 in the high nibble, each stored as code + 8 (0..15);
-//                        scales = fp16 [rows, cols / group]; w[r][c] = code[r][c] * scales[r][c / group].
+//                        scales = fp16 [rows, cols / group]; w[r][c] = code[r][c] * scales[r][c / group];
+//                        asymmetric (offsets not null): offsets = fp32 [rows, cols / group] and
+//                        w[r][c] = code[r][c] * scales[r][c / group] + offsets[r][c / group].
 struct WeightMatrix {
   int64_t rows = 0;  // N: output features
   int64_t cols = 0;  // K: input features (the reduction dimension; groups run along it)
@@ -22,13 +24,16 @@ struct WeightMatrix {
   int64_t group = 0;         // quantized only: a power of two >= 32 dividing cols, or cols itself
   const void* data = nullptr;
   const uint16_t* scales = nullptr;  // fp16 bit patterns, [rows, cols / group]
+  const float* offsets = nullptr;    // quantized only, optional: fp32 [rows, cols / group]; null = symmetric
+
+  bool asymmetric() const { return offsets != nullptr; }
 
   bool quantized() const { return bits != 0; }
   int64_t groups_per_row() const { return quantized() ? cols / group : 0; }
   // Bytes of weight data (codes + scales, or dense values) a full pass over the matrix reads.
   int64_t bytes() const {
     if (!quantized()) return rows * cols * static_cast<int64_t>(dtype_size(dtype));
-    return rows * cols * bits / 8 + rows * groups_per_row() * 2;
+    return rows * cols * bits / 8 + rows * groups_per_row() * (asymmetric() ? 6 : 2);
   }
 };
 

@@ -150,6 +150,7 @@ LlamaModel::LlamaModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt:
 
   info_.architecture = c_.model_type;
   info_.quantization = ld.quantization_name();
+  info_.source_format = ld.source_format();
   info_.vocab_size = vocab;
   info_.max_context = c_.max_position_embeddings;
   info_.n_layers = static_cast<int>(c_.num_hidden_layers);

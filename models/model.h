@@ -31,6 +31,7 @@ struct StepInput {
 struct ModelInfo {
   std::string architecture;   // "opt", "llama", ...
   std::string quantization;   // "none", "finequant-int8", "finequant-int4"
+  std::string source_format;  // where the quantized weights came from: "none", "finequant", "gguf:Q4_1", ...
   int64_t vocab_size = 0;
   int64_t max_context = 0;    // positions the model can attend to
   int n_layers = 0;

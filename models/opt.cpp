@@ -118,6 +118,7 @@ OptModel::OptModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt::Opt
 
   info_.architecture = "opt";
   info_.quantization = ld.quantization_name();
+  info_.source_format = ld.source_format();
   info_.vocab_size = vocab;
   info_.max_context = c_.max_position_embeddings;
   info_.n_layers = static_cast<int>(c_.num_hidden_layers);

@@ -21,6 +21,12 @@ std::vector<std::byte> copy_block(const void* src, int64_t row_bytes, int64_t r0
   return out;
 }
 
+// out[r][c] += offsets[r][c / group]: the asymmetric part of a dequantized [rows, cols] block.
+void add_offsets(const float* offsets, int64_t rows, int64_t cols, int64_t group, float* out) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) out[r * cols + c] += offsets[r * (cols / group) + c / group];
+}
+
 }  // namespace
 
 WeightLoader::WeightLoader(const ckpt::Checkpoint& checkpoint, Backend& backend, std::string prefix, ShardSpec shard)
@@ -89,6 +95,14 @@ WeightMatrix WeightLoader::stored(const std::string& stem, int64_t rows, int64_t
     host.data = expect(quant::codes_name(stem), {rows, row_bytes}, {host.dtype}).data;
     host.scales = reinterpret_cast<const uint16_t*>(
         expect(quant::scales_name(stem), {rows, f.groups_per_row(cols)}, {DType::F16}).data);
+    if (has(quant::offsets_name(stem))) {
+      // Copied out of the mapping: checkpoint memory need not be 4-byte aligned for fp32 reads.
+      const ckpt::TensorView& o =
+          expect(quant::offsets_name(stem), {rows, f.groups_per_row(cols)}, {quant::kOffsetDType});
+      offsets_.emplace_back(static_cast<size_t>(rows * f.groups_per_row(cols)));
+      std::memcpy(offsets_.back().data(), o.data, offsets_.back().size() * sizeof(float));
+      host.offsets = offsets_.back().data();
+    }
   } else {
     const ckpt::TensorView& w = expect(stem + ".weight", {rows, cols}, {DType::F32, DType::F16, DType::BF16});
     host.dtype = w.dtype();
@@ -120,8 +134,6 @@ WeightMatrix WeightLoader::stored_hf(const std::string& stem, int64_t rows, int6
                   " with a g_idx that reorders its input channels, which this layer does not support");
     input_orders_[stem] = m.k_order;
   }
-  if (!m.offsets.empty())  // TODO(merge wt19): WeightMatrix::offsets
-    throw Error("asymmetric " + q.describe() + " matrices need per-group offsets");
   WeightMatrix host;
   host.rows = rows;
   host.cols = cols;
@@ -131,6 +143,7 @@ WeightMatrix WeightLoader::stored_hf(const std::string& stem, int64_t rows, int6
   host.dtype = f.code_dtype();
   host.data = m.codes.data();
   host.scales = m.scales.data();
+  if (!m.offsets.empty()) host.offsets = m.offsets.data();  // zero points (w = scale · code + offset)
   *row_bytes = f.code_row_bytes(cols);
   return host;
 }
@@ -143,13 +156,15 @@ WeightMatrix WeightLoader::load_linear(const std::string& stem, int64_t rows, in
   int64_t row_bytes = 0;
   WeightMatrix host = stored(stem, rows, cols, &row_bytes);
   const void* scales = host.scales;
+  const void* offsets = host.offsets;
   if (parallel == Parallel::Row && input_orders_.count(stem))
     throw Error("tensor parallelism: cannot split " + prefix_ + stem + " along K across " +
                 std::to_string(part.world) + " ranks: its input channels are in activation order (g_idx), so a "
                 "rank's slice would read channels another rank holds");
 
-  // This rank's shard, copied out of the mapped checkpoint into contiguous buffers.
-  std::vector<std::byte> data, scale_data;
+  // This rank's shard, copied out of the mapped checkpoint into contiguous buffers. Offsets are cut
+  // exactly as scales are (one per (row, group)), 4 bytes each.
+  std::vector<std::byte> data, scale_data, offset_data;
   const int64_t r = part.rank;
   if (parallel == Parallel::Column) {
     const int64_t n = split(stem, rows, "output dimension", part.world);
@@ -157,6 +172,7 @@ WeightMatrix WeightLoader::load_linear(const std::string& stem, int64_t rows, in
     if (host.quantized()) {
       const int64_t sb = host.groups_per_row() * 2;
       scale_data = copy_block(scales, sb, r * n, n, 0, sb);
+      if (offsets) offset_data = copy_block(offsets, 2 * sb, r * n, n, 0, 2 * sb);
     }
     host.rows = n;
   } else if (parallel == Parallel::Row) {
@@ -181,18 +197,23 @@ WeightMatrix WeightLoader::load_linear(const std::string& stem, int64_t rows, in
       if (host.group == cols) {
         // Column-wise: one scale per output row covers all of K, so every slice of K keeps it.
         scale_data = copy_block(scales, sb, 0, rows, 0, sb);
+        if (offsets) offset_data = copy_block(offsets, 2 * sb, 0, rows, 0, 2 * sb);
         host.group = k;
       } else {
         const int64_t per_rank = sb / part.world;
         scale_data = copy_block(scales, sb, 0, rows, r * per_rank, per_rank);
+        if (offsets) offset_data = copy_block(offsets, 2 * sb, 0, rows, 2 * r * per_rank, 2 * per_rank);
       }
     }
     host.cols = k;
   }
   if (!data.empty()) host.data = data.data();
   if (!scale_data.empty()) host.scales = reinterpret_cast<const uint16_t*>(scale_data.data());
+  if (!offset_data.empty()) host.offsets = reinterpret_cast<const float*>(offset_data.data());
   bytes_ += static_cast<uint64_t>(host.bytes());
-  return backend_.upload_weight(host);
+  const WeightMatrix uploaded = backend_.upload_weight(host);
+  offsets_.clear();  // the backend holds its own copy now
+  return uploaded;
 }
 
 WeightMatrix WeightLoader::stacked_linear(const std::string& stem_a, const std::string& stem_b, int64_t rows,
@@ -215,6 +236,7 @@ WeightMatrix WeightLoader::stacked_linear(const std::string& stem_a, const std::
   for (int i = 0; i < 2; ++i) {
     half[i].data = static_cast<const std::byte*>(half[i].data) + r0 * row_bytes[i];
     if (half[i].quantized()) half[i].scales += r0 * half[i].groups_per_row();
+    if (half[i].offsets) half[i].offsets += r0 * half[i].groups_per_row();
     half[i].rows = n;
   }
   auto append_rows = [&](std::vector<std::byte>& out, int i) {
@@ -227,6 +249,7 @@ WeightMatrix WeightLoader::stacked_linear(const std::string& stem_a, const std::
   fused.cols = cols;
   std::vector<std::byte> data;
   std::vector<uint16_t> scales;
+  std::vector<float> offsets;  // when either half is asymmetric (a symmetric half's offsets are 0)
   if (half[0].quantized() && half[1].quantized() && half[0].bits == half[1].bits) {
     fused.bits = half[0].bits;
     fused.dtype = half[0].dtype;
@@ -240,9 +263,12 @@ WeightMatrix WeightLoader::stacked_linear(const std::string& stem_a, const std::
           uint16_t scale;  // memcpy: checkpoint memory need not be 2-byte aligned
           std::memcpy(&scale, reinterpret_cast<const std::byte*>(half[i].scales) + 2 * (r * stored_groups + g / repeat), 2);
           scales.push_back(scale);
+          if (half[0].offsets || half[1].offsets)
+            offsets.push_back(half[i].offsets ? half[i].offsets[r * stored_groups + g / repeat] : 0.0f);
         }
     }
     fused.scales = scales.data();
+    if (!offsets.empty()) fused.offsets = offsets.data();
   } else if (!half[0].quantized() && !half[1].quantized() && half[0].dtype == half[1].dtype) {
     fused.dtype = half[0].dtype;
     for (int i = 0; i < 2; ++i) append_rows(data, i);
@@ -255,6 +281,7 @@ WeightMatrix WeightLoader::stacked_linear(const std::string& stem_a, const std::
         std::memcpy(half_scales.data(), half[i].scales, half_scales.size() * 2);
         quant::dequantize_rows(static_cast<const uint8_t*>(half[i].data), half_scales.data(), n, cols, half[i].bits,
                                half[i].group, out);
+        if (half[i].offsets) add_offsets(half[i].offsets, n, cols, half[i].group, out);
       } else {
         cpu::to_f32(half[i].data, half[i].dtype, n * cols, out);
       }
@@ -265,7 +292,9 @@ WeightMatrix WeightLoader::stacked_linear(const std::string& stem_a, const std::
   }
   fused.data = data.data();
   bytes_ += static_cast<uint64_t>(fused.bytes());
-  return backend_.upload_weight(fused);  // copies: `data` and `scales` may go
+  const WeightMatrix uploaded = backend_.upload_weight(fused);  // copies: `data` and `scales` may go
+  offsets_.clear();
+  return uploaded;
 }
 
 DeviceTensor WeightLoader::embedding(const std::string& stem, int64_t rows, int64_t cols) {
@@ -277,8 +306,10 @@ DeviceTensor WeightLoader::embedding(const std::string& stem, int64_t rows, int6
   for (int64_t r = 0; r < rows; ++r) {
     quant::dequantize_rows(static_cast<const uint8_t*>(q.data) + r * row_bytes, q.scales + r * q.groups_per_row(), 1,
                            cols, q.bits, q.group, row.data());
+    if (q.offsets) add_offsets(q.offsets + r * q.groups_per_row(), 1, cols, q.group, row.data());
     for (int64_t c = 0; c < cols; ++c) table[static_cast<size_t>(r * cols + c)] = float_to_half(row[static_cast<size_t>(c)]);
   }
+  offsets_.clear();
   return {backend_.upload(table.data(), table.size() * sizeof(uint16_t)), DType::F16, {rows, cols}};
 }
 

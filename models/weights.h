@@ -49,9 +49,17 @@ class WeightLoader {
     if (hf_quant_) return hf_quant_->method_name() + "-int" + std::to_string(hf_quant_->bits);
     return format_ ? format_->quantization_name() : "none";
   }
+  // Where the quantized matrices came from ("finequant", "gguf:Q4_1", "gguf:Q4_1,gguf:Q8_0", ...;
+  // quant/format.h; "gptq", "awq", "compressed-tensors" for a Hugging Face quantized checkpoint);
+  // "none" for a dense checkpoint: what ModelInfo::source_format reports.
+  std::string source_format() const {
+    if (hf_quant_) return hf_quant_->method_name();
+    return format_ ? format_->source_format_summary() : "none";
+  }
   const ShardSpec& shard() const { return shard_; }
   bool has(const std::string& name) const;
-  // `stem`.weight (dense) or `stem`.qweight + `stem`.scales (FineQuant), checked to be the full
+  // `stem`.weight (dense) or `stem`.qweight + `stem`.scales (+ `stem`.offsets when asymmetric)
+  // (FineQuant), checked to be the full
   // [rows, cols], and returned as this rank's part of it under `parallel`.
   //
   // Row-parallel FineQuant matrices are cut along K, so the cut must fall between scale groups:
@@ -117,6 +125,8 @@ class WeightLoader {
   std::map<std::string, std::vector<int32_t>> input_orders_;  // stem -> order, permuted matrices only
   uint64_t bytes_ = 0;
   ckpt::TensorView last_;
+  // Aligned fp32 copies of the offsets stored() read, alive until the backend has copied them.
+  std::vector<std::vector<float>> offsets_;
 };
 
 }  // namespace fineserve

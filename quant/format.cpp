@@ -1,5 +1,9 @@
 #include "quant/format.h"
 
+#include <algorithm>
+#include <charconv>
+#include <vector>
+
 #include "kernels/base.h"
 
 namespace fineserve::quant {
@@ -23,6 +27,20 @@ bool FormatMetadata::mixed_bits() const {
   return false;
 }
 
+std::string FormatMetadata::source_format_summary() const {
+  std::map<std::string, size_t> count;
+  for (const auto& [stem, g] : groups) ++count[source_format_of(stem)];
+  for (const auto& [stem, f] : source_formats)
+    if (!groups.count(stem)) ++count[f];
+  if (count.empty()) return kFineQuantSource;
+  std::vector<std::pair<size_t, std::string>> order;
+  for (const auto& [f, n] : count) order.emplace_back(n, f);
+  std::stable_sort(order.begin(), order.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  std::string out;
+  for (const auto& [n, f] : order) out += (out.empty() ? "" : ",") + f;
+  return out;
+}
+
 std::string FormatMetadata::quantization_name() const {
   std::string name = "finequant-int" + std::to_string(bits);
   if (expert_bits && expert_bits != bits) name += ",experts-int" + std::to_string(expert_bits);
@@ -33,6 +51,7 @@ ckpt::Metadata to_header_metadata(const FormatMetadata& m) {
   nlohmann::json groups = nlohmann::json::object();
   for (const auto& [stem, g] : m.groups) groups[stem] = g;
   ckpt::Metadata out{{"format", kFormatName},
+                     {"format_version", std::to_string(kFormatVersion)},
                      {"quantizer_version", std::to_string(kQuantizerVersion)},
                      {"bits", std::to_string(m.bits)},
                      {"group_mode", m.group_mode},
@@ -42,9 +61,10 @@ ckpt::Metadata to_header_metadata(const FormatMetadata& m) {
   if (!m.scale_rule.empty()) out["scale_rule"] = m.scale_rule;
   if (m.target_bits > 0) out["target_bits"] = std::to_string(m.target_bits);
   if (m.mixed_bits()) {
-    out["expert_bits"] = std::to_string(m.expert_bits);
+    if (m.expert_bits) out["expert_bits"] = std::to_string(m.expert_bits);  // 0: not split by experts (GGUF)
     out["matrix_bits"] = nlohmann::json(m.matrix_bits).dump();
   }
+  if (!m.source_formats.empty()) out["source_formats"] = nlohmann::json(m.source_formats).dump();
   for (const auto& [k, v] : m.extra) out[k] = v;
   return out;
 }
@@ -54,15 +74,17 @@ nlohmann::json to_quantization_config(const FormatMetadata& m) {
   for (const auto& [stem, g] : m.groups) groups[stem] = g;
   nlohmann::json out = {{"quant_method", "finequant"},
                         {"format", kFormatName},
+                        {"format_version", kFormatVersion},
                         {"quantizer_version", kQuantizerVersion},
                         {"bits", m.bits},
                         {"group_mode", m.group_mode},
                         {"groups", groups},
                         {"source_fingerprint", m.source_fingerprint}};
   if (m.mixed_bits()) {
-    out["expert_bits"] = m.expert_bits;
+    if (m.expert_bits) out["expert_bits"] = m.expert_bits;
     out["matrix_bits"] = nlohmann::json(m.matrix_bits);
   }
+  if (!m.source_formats.empty()) out["source_formats"] = nlohmann::json(m.source_formats);
   return out;
 }
 
@@ -74,6 +96,15 @@ bool is_finequant(const ckpt::Metadata& header) {
 std::optional<FormatMetadata> read_header_metadata(const ckpt::Metadata& header, const std::string& where) {
   if (!is_finequant(header)) return std::nullopt;
   FormatMetadata m;
+  if (auto it = header.find("format_version"); it != header.end()) {
+    int version = 0;
+    const auto [end, ec] = std::from_chars(it->second.data(), it->second.data() + it->second.size(), version);
+    if (ec != std::errc() || end != it->second.data() + it->second.size() || version < 1)
+      throw Error(where + ": metadata 'format_version' is '" + it->second + "' (a positive integer expected)");
+    if (version > kFormatVersion)
+      throw Error(where + ": FineQuant format version " + it->second + " is newer than this FineServe reads (" +
+                  std::to_string(kFormatVersion) + "): upgrade FineServe");
+  }
   const auto b = header.find("bits");
   if (b == header.end() || (b->second != "8" && b->second != "4"))
     throw Error(where + ": FineQuant metadata has no valid 'bits'");
@@ -99,6 +130,12 @@ std::optional<FormatMetadata> read_header_metadata(const ckpt::Metadata& header,
     if (!v.is_number_integer() || v.get<int64_t>() <= 0)
       throw Error(where + ": metadata 'groups' gives " + stem + " the group " + v.dump() + " (a positive integer expected)");
     m.groups[stem] = v.get<int64_t>();
+  }
+  const nlohmann::json sources = json_object_entry(header, "source_formats", where);
+  for (const auto& [stem, v] : sources.items()) {
+    if (!v.is_string() || v.get<std::string>().empty())
+      throw Error(where + ": metadata 'source_formats' gives " + stem + " " + v.dump() + " (a format name expected)");
+    m.source_formats[stem] = v.get<std::string>();
   }
   return m;
 }

@@ -217,6 +217,10 @@ std::vector<float> dequantize(const QuantizedMatrix& q) {
   FS_ASSERT(q.scales.size() == static_cast<size_t>(q.rows * (q.cols / q.group)), "dequantize: scales size");
   std::vector<float> w(static_cast<size_t>(q.rows * q.cols));
   dequantize_rows(q.codes.data(), q.scales.data(), q.rows, q.cols, q.bits, q.group, w.data());
+  if (!q.offsets.empty()) {  // asymmetric: w = scale · code + offset
+    FS_ASSERT(q.offsets.size() == q.scales.size(), "dequantize: offsets size");
+    for (size_t i = 0; i < w.size(); ++i) w[i] += q.offsets[i / static_cast<size_t>(q.group)];
+  }
   return w;
 }
 

@@ -64,6 +64,9 @@ struct QuantizedMatrix {
   int64_t group = 0;
   std::vector<uint8_t> codes;    // see "Storage" above
   std::vector<uint16_t> scales;  // [rows, cols / group]
+  // Empty (symmetric, what quantize() writes) or fp32 [rows, cols / group] for an asymmetric matrix:
+  // w = scale · code + offset (GGUF Q4_1's minimum, GPTQ / AWQ's -scale · zero; quant/format.h).
+  std::vector<float> offsets;
   double rel_error = 0;          // ||W - Q(W)||_F / ||W||_F (0 for an all-zero W)
   double max_err_over_scale = 0;  // max over elements of |w - q| / |scale| (<= 0.5 for Absmax)
   ScaleRule rule = ScaleRule::Search;
@@ -82,7 +85,7 @@ void dequantize_row(const int8_t* codes, const uint16_t* scales, int64_t cols, i
 // scales [rows, cols / group]; e.g. a checkpoint's tensors in place) to fp32 out[rows, cols].
 void dequantize_rows(const uint8_t* codes, const uint16_t* scales, int64_t rows, int64_t cols, int bits, int64_t group,
                      float* out);
-// Dequantizes a stored QuantizedMatrix to fp32 [rows, cols].
+// Dequantizes a stored QuantizedMatrix to fp32 [rows, cols], offsets included.
 std::vector<float> dequantize(const QuantizedMatrix& q);
 
 // int4 packing (see "Storage"): n must be even.

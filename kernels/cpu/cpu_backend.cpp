@@ -70,6 +70,8 @@ class CpuBackend final : public Backend {
     w.data = keep(host.data, static_cast<size_t>(code_bytes));
     if (host.quantized())
       w.scales = static_cast<const uint16_t*>(keep(host.scales, static_cast<size_t>(host.rows * host.groups_per_row() * 2)));
+    if (host.offsets)
+      w.offsets = static_cast<const float*>(keep(host.offsets, static_cast<size_t>(host.rows * host.groups_per_row() * 4)));
     return w;
   }
 

@@ -12,16 +12,19 @@
 //    ANDed with a per-lane mask then yields columns 8s..8s+7 of step s in order, each nibble still
 //    at bit 4j of its lane. Nibbles 0..6 hold code + 8 (0..15), nibble 7 (bits 28..31, columns
 //    28..31) holds the code in two's complement, so that an AND keeps its sign.
-// Scales: fp16 [tile][group][4 rows].
+// Scales: fp16 [tile][group][4 rows]; offsets of an asymmetric matrix: fp32 [tile][group][4 rows].
 //
 // GEMV (m <= 3, the decode hot spot, memory-bound): per step AND + int->float convert + FMA, with
 // no per-element shift: the 2^(4j) left in each masked lane is folded into a copy of x scaled by
 // 2^-(4j) once per call (exact: a power-of-two scaling), and the +8 offset is removed once per
 // group as 8 * (sum of x over the group's offset columns), also precomputed per call. Each group's
-// partial dot products are reduced and multiplied by the group scale once.
+// partial dot products are reduced and multiplied by the group scale once. An asymmetric matrix's
+// offsets add Σ_group offset · (sum of x over the group): one 4-row FMA per group and tile with the
+// group sums of x computed once per call; a symmetric one skips that branch.
 // GEMM (m > 3): a 16-row x 256-column tile of W is dequantized once into an L1-resident fp32
-// buffer (exactly: code * scale has at most 19 significant bits) and reused by every row of x
-// through a 3 x 4 register-blocked FMA microkernel.
+// buffer (exactly: code * scale has at most 19 significant bits; code * scale + offset rounded
+// once more when asymmetric) and reused by every row of x through a 3 x 4 register-blocked FMA
+// microkernel.
 #include "kernels/cpu/gemm.h"
 
 #include <omp.h>
@@ -84,6 +87,8 @@ struct GemvArgs {
   int64_t blocks = 0, groups = 1, blocks_per_group = 0;
   const float* x = nullptr;     // [M, blocks * 32], padded (and scaled per column for int4)
   const float* xsum = nullptr;  // [M, groups]: int4 only, sum of x over each group's +8 columns
+  const float* offsets = nullptr;  // fp32 [tiles][groups][4] (asymmetric only) or null
+  const float* gsum = nullptr;     // [M, groups]: with offsets, the sum of x over each whole group
   const float* bias = nullptr;  // [tiles * 4] fp32, zero padded, or null
   float* y = nullptr;           // [M, rows]
   int64_t rows = 0;
@@ -111,7 +116,15 @@ FS_AVX2 void gemv_tiles(const GemvArgs& a, int64_t t0, int64_t t1) {
     // form: no horizontal reduction per group (that cost ~20% at group 128), one per tile.
     __m256 tot1[kTileRows];
     for (int r = 0; r < kTileRows; ++r) tot1[r] = _mm256_setzero_ps();
+    __m128 otot[M];  // Σ_group offset · gsum (asymmetric only)
+    for (int i = 0; i < M; ++i) otot[i] = _mm_setzero_ps();
     for (int64_t g = 0; g < a.groups; ++g) {
+      if constexpr (quantized) {
+        if (a.offsets) {
+          const __m128 off = _mm_load_ps(a.offsets + (t * a.groups + g) * kTileRows);
+          for (int i = 0; i < M; ++i) otot[i] = _mm_fmadd_ps(off, _mm_set1_ps(a.gsum[i * a.groups + g]), otot[i]);
+        }
+      }
       __m256 acc[M][kTileRows][NA];
       for (int i = 0; i < M; ++i)
         for (int r = 0; r < kTileRows; ++r)
@@ -180,6 +193,7 @@ FS_AVX2 void gemv_tiles(const GemvArgs& a, int64_t t0, int64_t t1) {
     if constexpr (M == 1 && quantized) tot[0] = _mm_sub_ps(simd::hsum4(tot1[0], tot1[1], tot1[2], tot1[3]), tot[0]);
     const int64_t row0 = t * kTileRows;
     for (int i = 0; i < M; ++i) {
+      if (a.offsets) tot[i] = _mm_add_ps(tot[i], otot[i]);
       if (a.bias) tot[i] = _mm_add_ps(tot[i], _mm_loadu_ps(a.bias + row0));
       float* yi = a.y + i * a.rows + row0;
       if (row0 + kTileRows <= a.rows) {
@@ -251,6 +265,7 @@ FS_AVX2 void dequant_tile(const PackedWeight& p, int64_t t, int64_t b0, int64_t 
   constexpr int64_t BB = block_bytes(KD);
   const uint8_t* tile = p.codes.get() + t * p.blocks * kTileRows * BB;
   const uint16_t* scales = reinterpret_cast<const uint16_t*>(p.scales.get());
+  const float* offsets = reinterpret_cast<const float*>(p.offsets.get());  // null when symmetric
   const __m256i mask0 = _mm256_setr_epi32(0xf, 0xf, 0xf, 0xf, 0xf0, 0xf0, 0xf0, 0xf0);
   const __m256i mask[4] = {mask0, _mm256_slli_epi32(mask0, 8), _mm256_slli_epi32(mask0, 16),
                            _mm256_slli_epi32(mask0, 24)};
@@ -263,6 +278,7 @@ FS_AVX2 void dequant_tile(const PackedWeight& p, int64_t t, int64_t b0, int64_t 
     float* out = wbuf + r * kGemmCols;
     int64_t group = -1;
     __m256 sc[4] = {}, off = _mm256_setzero_ps(), off_last = _mm256_setzero_ps(), scale = _mm256_setzero_ps();
+    __m256 offset = _mm256_setzero_ps();  // the group's offset (asymmetric), else 0
     for (int64_t b = b0; b < b0 + nb; ++b) {
       const uint8_t* rb = tile + (b * kTileRows + r) * BB;
       if constexpr (KD == Kind::Q4 || KD == Kind::Q8) {
@@ -271,8 +287,10 @@ FS_AVX2 void dequant_tile(const PackedWeight& p, int64_t t, int64_t b0, int64_t 
           group = g;
           scale = _mm256_set1_ps(half_to_float(scales[(t * p.groups + g) * kTileRows + r]));
           for (int s = 0; s < 4; ++s) sc[s] = _mm256_mul_ps(scale, pow[s]);
-          off = _mm256_mul_ps(scale, _mm256_set1_ps(-8.0f));
-          off_last = _mm256_mul_ps(scale, offset_last);
+          if (offsets) offset = _mm256_set1_ps(offsets[(t * p.groups + g) * kTileRows + r]);
+          // The int4 +8 and the asymmetric offset fold into the FMA's addend (exact when symmetric).
+          off = _mm256_fmadd_ps(scale, _mm256_set1_ps(-8.0f), offset);
+          off_last = _mm256_fmadd_ps(scale, offset_last, offset);
         }
       }
       __m256i v = _mm256_setzero_si256();
@@ -283,7 +301,8 @@ FS_AVX2 void dequant_tile(const PackedWeight& p, int64_t t, int64_t b0, int64_t 
           // (n * 2^4j) * (scale * 2^-4j) - 8 * scale = code * scale, exact in one FMA.
           w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, mask[s])), sc[s], s == 3 ? off_last : off);
         } else if constexpr (KD == Kind::Q8) {
-          w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rb + 8 * s)))), scale);
+          w = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rb + 8 * s)))),
+                              scale, offset);
         } else if constexpr (KD == Kind::F16) {
           w = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb + 16 * s)));
         } else if constexpr (KD == Kind::BF16) {
@@ -372,6 +391,17 @@ void gemm(Kind kind, const PackedWeight& p, const float* x, int64_t m, const flo
 
 }  // namespace
 
+void group_sums(const float* x, int64_t m, int64_t k, int64_t groups, std::vector<float>& out) {
+  const int64_t group = k / groups;
+  out.assign(static_cast<size_t>(m * groups), 0.0f);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t g = 0; g < groups; ++g) {
+      float s = 0.0f;
+      for (int64_t c = g * group; c < (g + 1) * group; ++c) s += x[i * k + c];
+      out[static_cast<size_t>(i * groups + g)] = s;
+    }
+}
+
 PackedWeight pack_weight(const WeightMatrix& w) {
   validate_weight(w, "linear weight");
   const Kind kind = kind_of(w);
@@ -387,6 +417,10 @@ PackedWeight pack_weight(const WeightMatrix& w) {
     p.blocks_per_group = p.groups == 1 ? p.blocks : w.group / kBlockCols;
     p.scale_bytes = p.tiles * p.groups * kTileRows * 2;
     p.scales = aligned_zeros(static_cast<size_t>(p.scale_bytes));
+    if (w.offsets) {
+      p.offset_bytes = p.tiles * p.groups * kTileRows * 4;
+      p.offsets = aligned_zeros(static_cast<size_t>(p.offset_bytes));
+    }
   } else {
     p.groups = 1;
     p.blocks_per_group = p.blocks;
@@ -418,10 +452,15 @@ PackedWeight pack_weight(const WeightMatrix& w) {
     if (w.quantized()) {
       auto* sc = reinterpret_cast<uint16_t*>(p.scales.get());
       for (int64_t g = 0; g < p.groups; ++g) sc[(t * p.groups + g) * kTileRows + rr] = w.scales[r * p.groups + g];
+      if (w.offsets) {
+        auto* off = reinterpret_cast<float*>(p.offsets.get());
+        for (int64_t g = 0; g < p.groups; ++g) off[(t * p.groups + g) * kTileRows + rr] = w.offsets[r * p.groups + g];
+      }
     }
   }
   p.shape.data = p.codes.get();
   p.shape.scales = w.quantized() ? reinterpret_cast<const uint16_t*>(p.scales.get()) : nullptr;
+  p.shape.offsets = w.offsets ? reinterpret_cast<const float*>(p.offsets.get()) : nullptr;
   return p;
 }
 
@@ -452,13 +491,14 @@ void linear(const PackedWeight& p, const float* x, int64_t m, const void* bias, 
   if (m <= 3) {
     // x padded to whole blocks; for int4 each column scaled by 2^-(4j) of its nibble position, and
     // the sum of x over each group's +8-offset columns (all but the two's complement nibble 7).
-    thread_local std::vector<float> xs, xsum;
+    thread_local std::vector<float> xs, xsum, gsum;
     xs.assign(static_cast<size_t>(m * kp), 0.0f);
     for (int64_t i = 0; i < m; ++i) std::memcpy(xs.data() + i * kp, x + i * K, static_cast<size_t>(K) * 4);
     if (kind == Kind::Q4) {
       xsum.assign(static_cast<size_t>(m * p.groups), 0.0f);
       for (int64_t i = 0; i < m; ++i) prepare_q4_x(xs.data() + i * kp, K, p.blocks_per_group, xsum.data() + i * p.groups);
     }
+    if (p.asymmetric()) group_sums(x, m, K, p.groups, gsum);
     GemvArgs a;
     a.codes = p.codes.get();
     a.scales = reinterpret_cast<const uint16_t*>(p.scales.get());
@@ -467,6 +507,10 @@ void linear(const PackedWeight& p, const float* x, int64_t m, const void* bias, 
     a.blocks_per_group = p.blocks_per_group;
     a.x = xs.data();
     a.xsum = xsum.data();
+    if (p.asymmetric()) {
+      a.offsets = reinterpret_cast<const float*>(p.offsets.get());
+      a.gsum = gsum.data();
+    }
     a.bias = bias_ptr;
     a.y = y;
     a.rows = N;

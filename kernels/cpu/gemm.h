@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "kernels/cpu/aligned.h"
 #include "kernels/ops.h"
@@ -22,7 +23,10 @@ struct PackedWeight {
   int64_t blocks_per_group = 0;
   AlignedBytes codes;   // [tiles][blocks][4 rows][block bytes]
   AlignedBytes scales;  // fp16 [tiles][groups][4 rows] (quantized only)
-  int64_t code_bytes = 0, scale_bytes = 0;
+  AlignedBytes offsets;  // fp32 [tiles][groups][4 rows] (asymmetric only; rows past N are 0)
+  int64_t code_bytes = 0, scale_bytes = 0, offset_bytes = 0;
+
+  bool asymmetric() const { return offset_bytes > 0; }
 };
 
 // Re-lays out a checkpoint-layout weight (validated first; throws fineserve::Error when malformed).
@@ -32,5 +36,9 @@ PackedWeight pack_weight(const WeightMatrix& w);
 // threads <= 0 uses OpenMP's default.
 void linear(const PackedWeight& w, const float* x, int64_t m, const void* bias, DType bias_dtype, float* y,
             int threads);
+
+// out[i, g] = Σ x[i, c] over the columns c of group g (k / groups columns each): what an
+// asymmetric matrix's offsets multiply (w = scale · code + offset).
+void group_sums(const float* x, int64_t m, int64_t k, int64_t groups, std::vector<float>& out);
 
 }  // namespace fineserve::cpu

@@ -15,7 +15,10 @@
 //    the same way. On AVX2, vpmaddubsw's int16 pair sums would overflow with 255 · 127 · 2, so
 //    |code| (0..128) meets x with code's sign moved onto it (x never is -128: act_quant.h).
 // Every integer sum is exact; per block it is converted once and multiplied by the activation
-// scale, per group by the weight scale (fp32).
+// scale, per group by the weight scale (fp32). An asymmetric matrix's offsets add
+// Σ_group offset · gx, gx being the group's sum of the quantized activations (Σ_blocks scale_x ·
+// code sum, known from quantization): one 4-row FMA per group and tile, when the tile's results
+// are stored.
 #include "kernels/cpu/gemm_a8.h"
 
 // GCC 12's AVX-512 intrinsics headers start some wrappers (_mm512_broadcast_i32x4,
@@ -119,6 +122,18 @@ void quantize_acts(const float* x, int64_t m, int64_t k, int64_t blocks, bool q4
   }
 }
 
+// gx[i][g] = Σ over group g's blocks of scale · code sum: the group's sum of the quantized x.
+void group_act_sums(const QuantizedActs& q, int64_t m, int64_t blocks, int64_t groups, int64_t blocks_per_group,
+                    std::vector<float>& gx) {
+  gx.assign(static_cast<size_t>(m * groups), 0.0f);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const size_t ib = static_cast<size_t>(i * blocks + b);
+      gx[static_cast<size_t>(i * groups + std::min(b / blocks_per_group, groups - 1))] +=
+          q.scale[ib] * static_cast<float>(q.sum[ib]);
+    }
+}
+
 struct A8Args {
   const uint8_t* codes = nullptr;    // packed weight codes
   const uint16_t* scales = nullptr;  // fp16 [tiles][groups][4]
@@ -127,12 +142,24 @@ struct A8Args {
   const float* xs = nullptr;         // [m][blocks]
   const int32_t* xsum = nullptr;     // [m][blocks]
   const float* bias = nullptr;       // [tiles * 4] or null
+  const float* offsets = nullptr;    // fp32 [tiles][groups][4] (asymmetric only) or null
+  const float* gx = nullptr;         // [m][groups]: with offsets, Σ_blocks of the group xs · xsum
   float* y = nullptr;                // [m][rows]
   int64_t rows = 0;
 };
 
-// Writes a tile's 4 row results of token i (bias added, rows past N dropped).
-inline void store_tile(const A8Args& a, int64_t t, int64_t i, const float* out4) {
+// Σ_g offsets[t][g][0..3] · gx[i][g]: the asymmetric part of a tile's 4 results for token i.
+FS_AVX2 void add_offset_term(const A8Args& a, int64_t t, int64_t i, float* out4) {
+  __m128 acc = _mm_loadu_ps(out4);
+  const float* off = a.offsets + t * a.groups * kTileRows;
+  const float* gx = a.gx + i * a.groups;
+  for (int64_t g = 0; g < a.groups; ++g) acc = _mm_fmadd_ps(_mm_load_ps(off + g * kTileRows), _mm_set1_ps(gx[g]), acc);
+  _mm_storeu_ps(out4, acc);
+}
+
+// Writes a tile's 4 row results of token i (offsets and bias added, rows past N dropped).
+inline void store_tile(const A8Args& a, int64_t t, int64_t i, float* out4) {
+  if (a.offsets) add_offset_term(a, t, i, out4);
   const int64_t row0 = t * kTileRows;
   float* yi = a.y + i * a.rows + row0;
   for (int64_t r = 0; r < std::min(kTileRows, a.rows - row0); ++r) yi[r] = out4[r] + (a.bias ? a.bias[row0 + r] : 0.0f);
@@ -397,6 +424,12 @@ void linear_int8_act(const PackedWeight& p, const float* x, int64_t m, const voi
   a.xq = q.codes.data();
   a.xs = q.scale.data();
   a.xsum = q.sum.data();
+  thread_local std::vector<float> gx;
+  if (p.asymmetric()) {
+    group_act_sums(q, m, p.blocks, p.groups, p.blocks_per_group, gx);
+    a.offsets = reinterpret_cast<const float*>(p.offsets.get());
+    a.gx = gx.data();
+  }
   thread_local std::vector<float> bias_f32;
   if (bias) {
     bias_f32.resize(static_cast<size_t>(N));
@@ -463,6 +496,13 @@ void linear_int8_act(const WeightMatrix& w, const float* x, int64_t m, const voi
           group_sum += static_cast<double>(q.scale[static_cast<size_t>(i * blocks + blk)]) * static_cast<double>(dot);
         }
         total += static_cast<double>(half_to_float(w.scales[n * w.groups_per_row() + g])) * group_sum;
+        if (w.offsets) {  // asymmetric: offset times the group's sum of the quantized x
+          double gx = 0;
+          for (int64_t blk = g * blocks_per_group; blk < std::min(blocks, (g + 1) * blocks_per_group); ++blk)
+            gx += static_cast<double>(q.scale[static_cast<size_t>(i * blocks + blk)]) *
+                  q.sum[static_cast<size_t>(i * blocks + blk)];
+          total += static_cast<double>(w.offsets[n * w.groups_per_row() + g]) * gx;
+        }
       }
       y[i * N + n] = static_cast<float>(total + b[static_cast<size_t>(n)]);
     }

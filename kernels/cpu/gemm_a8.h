@@ -30,7 +30,8 @@ Int8Weight quantize_dense_int8(const WeightMatrix& w);
 
 namespace ref {
 // The same numerics from the checkpoint layout, scalar, sums in double: for token i and output n,
-// y = bias + Σ_groups scale_w · Σ_blocks scale_x · Σ_block code_w · code_x.
+// y = bias + Σ_groups (scale_w · Σ_blocks scale_x · Σ_block code_w · code_x
+//                      + offset_w · Σ_blocks scale_x · Σ_block code_x)   (offset_w = 0 when symmetric).
 void linear_int8_act(const WeightMatrix& w, const float* x, int64_t m, const void* bias, DType bias_dtype, float* y);
 }  // namespace ref
 

@@ -59,7 +59,9 @@ float weight_at(const WeightMatrix& w, int64_t r, int64_t c) {
     const uint8_t byte = static_cast<const uint8_t*>(w.data)[(r * w.cols + c) / 2];
     code = static_cast<int>(c % 2 == 0 ? byte & 0xf : byte >> 4) - 8;  // element 2j low, 2j+1 high
   }
-  const float scale = half_to_float(w.scales[r * w.groups_per_row() + c / w.group]);
+  const int64_t g = r * w.groups_per_row() + c / w.group;
+  const float scale = half_to_float(w.scales[g]);
+  if (w.offsets) return std::fma(static_cast<float>(code), scale, w.offsets[g]);  // one rounding
   return static_cast<float>(code) * scale;  // exact: <= 8 + 11 significant bits
 }
 

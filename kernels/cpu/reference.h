@@ -11,7 +11,8 @@
 
 namespace fineserve::cpu::ref {
 
-// w[r][c] as the op sees it: the dense value, or code * scale for FineQuant codes.
+// w[r][c] as the op sees it: the dense value, or code * scale (+ offset, rounded once, when
+// asymmetric) for FineQuant codes.
 float weight_at(const WeightMatrix& w, int64_t r, int64_t c);
 
 // y[m, w.rows] = x[m, w.cols] · wᵀ (+ bias[w.rows] of bias_dtype when not null).

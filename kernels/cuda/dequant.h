@@ -12,8 +12,8 @@ namespace fineserve::cuda {
 // True when a CUDA device is present and usable (tests skip otherwise).
 bool device_available();
 
-// out[rows, cols] (fp16 bit patterns) = codes * scales for a FineQuant WeightMatrix whose
-// data and scales point to device memory. Synchronous; throws fineserve::Error on a CUDA error.
+// out[rows, cols] (fp16 bit patterns) = codes * scales (+ offsets when asymmetric) for a FineQuant
+// WeightMatrix whose data, scales and offsets point to device memory. Synchronous; throws fineserve::Error on a CUDA error.
 void dequantize_f16(const WeightMatrix& w, uint16_t* out);
 
 }  // namespace fineserve::cuda

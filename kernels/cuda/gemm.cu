@@ -14,6 +14,10 @@
 //  - DequantCublas (large M): dequantize the matrix to the activation dtype, one cublasGemmEx over
 //    all of it (slabs of rows only when the device lacks the memory for the whole matrix).
 // Dense weights (converted to the activation dtype at upload) always go to cuBLAS.
+// Asymmetric matrices (per-group offsets, w = code · scale + offset) add offset · (sum of x over the
+// group) once per group: the GEMV sums its chunk of x next to the products; the tensor-core kernel
+// reads the group sums from a small pre-pass (group_sum_kernel) where a group truly ends; the
+// dequantization of the large-M path adds the offset in its one FMA per element.
 #include "kernels/cuda/gemm.h"
 
 #include <cublas_v2.h>
@@ -153,6 +157,7 @@ __global__ void splitk_reduce_kernel(int splits, Epilogue e) {
 struct DeviceWeights {
   const uint8_t* codes = nullptr;  // [padded_rows, row_bytes]
   const __half* scales = nullptr;  // [groups, padded_rows]
+  const float* offsets = nullptr;  // [groups, padded_rows] fp32, asymmetric only (else null)
   int64_t padded_rows = 0, row_bytes = 0, group_eff = 0;
   int64_t n = 0, k = 0;  // logical rows, cols
   int group_shift = 0;   // k >> group_shift == k / group_eff (layout::group_shift): no division in kernels
@@ -214,7 +219,9 @@ __device__ __forceinline__ void gemv_load_x(const uint16_t* xrow, int64_t k, int
 // grid (ceil(n / 32), splits, ceil(m / kGemvTokens)), block kGemvWarps warps.
 // Built for kGemvMinCtasPerSm CTAs per SM. The loop counts chunks in 32-bit ints (a row has fewer
 // than 2^27 of them) and finds a chunk's group with a shift: no 64-bit division or modulo inside.
-template <typename T, int BITS>
+// ASYM: the matrix has offsets; each chunk also sums its x per token (kPerWord adds per word) and
+// adds offset · that sum once (a symmetric matrix compiles without either).
+template <typename T, int BITS, bool ASYM>
 __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinCtasPerSm) gemv_kernel(GemvArgs a) {
   constexpr int kElems = BITS == 4 ? 32 : 16;  // k per 16-byte chunk
   constexpr int kPerWord = BITS == 4 ? 8 : 4;
@@ -247,6 +254,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinCtasPerSm) gemv_kerne
                             __half2float(__ushort_as_half(static_cast<uint16_t>(sraw.y >> 16)))};
     const bool full = a.x_vec && kc + kElems <= a.w.k;
     float part[kGemvRows][kGemvTokens] = {};
+    float xsum[kGemvTokens] = {};  // ASYM only
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       float wv[kGemvRows][kPerWord];
@@ -262,6 +270,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinCtasPerSm) gemv_kerne
         if (t < mc) {
           float xv[kPerWord];
           gemv_load_x<T, BITS>(x + (m0 + t) * a.w.k, a.w.k, kc, j, full, xv);
+          if constexpr (ASYM) {
+#pragma unroll
+            for (int p = 0; p < kPerWord; ++p) xsum[t] += xv[p];
+          }
 #pragma unroll
           for (int r = 0; r < kGemvRows; ++r)
 #pragma unroll
@@ -273,6 +285,16 @@ __global__ void __launch_bounds__(kGemvWarps * 32, kGemvMinCtasPerSm) gemv_kerne
     for (int r = 0; r < kGemvRows; ++r)
 #pragma unroll
       for (int t = 0; t < kGemvTokens; ++t) acc[r][t] = fmaf(scale[r], part[r][t], acc[r][t]);
+    if constexpr (ASYM) {
+      // The 4 rows' offsets of this chunk's group: 16 contiguous bytes of the transposed offsets.
+      const float4 o = __ldg(reinterpret_cast<const float4*>(
+          a.w.offsets + static_cast<int64_t>(c >> a.chunk_group_shift) * a.w.padded_rows + r0));
+      const float off[4] = {o.x, o.y, o.z, o.w};
+#pragma unroll
+      for (int r = 0; r < kGemvRows; ++r)
+#pragma unroll
+        for (int t = 0; t < kGemvTokens; ++t) acc[r][t] = fmaf(off[r], xsum[t], acc[r][t]);
+    }
   }
 #pragma unroll
   for (int r = 0; r < kGemvRows; ++r)
@@ -298,8 +320,28 @@ struct TcArgs {
   bool x_vec = false;  // x rows 16-byte aligned and k % 8 == 0: cp.async for x
   int64_t k_tiles = 0, tiles_per_split = 0;
   layout::TcGroupEnds group_ends;  // which k-steps end a group, without dividing by the group size
+  const float* gsum = nullptr;  // asymmetric only: [m, groups] sums of x per group (group_sum_kernel)
+  int64_t groups = 0;
   Epilogue out;
 };
+
+// gsum[i, g] = Σ x[i, k] over the k < K of group g (group_eff wide), fp32: what an asymmetric
+// matrix's offsets multiply. One warp per (token, group).
+template <typename T>
+__global__ void group_sum_kernel(const void* xp, int64_t m, int64_t k, int64_t group_eff, int64_t groups,
+                                 float* gsum) {
+  const int64_t wi = (blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x) / 32;
+  const int lane = static_cast<int>(threadIdx.x % 32);
+  if (wi >= m * groups) return;  // whole warp
+  const int64_t i = wi / groups, g = wi % groups;
+  const auto* x = static_cast<const uint16_t*>(xp) + i * k;
+  const int64_t k_end = min(k, (g + 1) * group_eff);
+  float s = 0.0f;
+  for (int64_t kk = g * group_eff + lane; kk < k_end; kk += 32) s += ActOps<T>::bits_to_float(x[kk]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  if (lane == 0) gsum[wi] = s;
+}
 
 template <int BITS>
 struct TcSmem {
@@ -404,7 +446,7 @@ __device__ __forceinline__ void tc_load_a(const uint8_t* ws, int row_lo, int s, 
 
 // grid (ceil(m / 64), padded_rows / 128, splits), block 256, dynamic smem TcSmem<BITS>::kBytes.
 // Warp w computes weight rows [16w, 16w + 16) of the CTA's 128 against its 64 tokens (8 n8 tiles).
-template <typename T, int BITS>
+template <typename T, int BITS, bool ASYM>
 __global__ void __launch_bounds__(kTcWarps * 32, 2) tc_kernel(TcArgs a) {
   using S = TcSmem<BITS>;
   extern __shared__ __align__(16) uint8_t smem[];
@@ -514,6 +556,28 @@ __global__ void __launch_bounds__(kTcWarps * 32, 2) tc_kernel(TcArgs a) {
           acc[j][3] = fmaf(s_hi, gacc[j][3], acc[j][3]);
           gacc[j][0] = gacc[j][1] = gacc[j][2] = gacc[j][3] = 0.0f;
         }
+        if constexpr (ASYM) {
+          // The offsets' part, once per group: where the group truly ends (a split boundary inside
+          // a group only ends that slice's part of the sum; the slice holding its last step adds it).
+          const int64_t kt = kt_begin + i;
+          const bool true_end = s == 1 || ((kt + 1) & a.group_ends.tile_mask) == 0 || kt + 1 == a.k_tiles;
+          if (true_end) {
+            const int64_t gi = (kt * kTcBK + 32 * h) >> a.w.group_shift;
+            const float o_lo = a.w.offsets[gi * a.w.padded_rows + n0 + row_lo];
+            const float o_hi = a.w.offsets[gi * a.w.padded_rows + n0 + row_lo + 8];
+#pragma unroll
+            for (int j = 0; j < 8; ++j) {
+              if (8 * j >= m_rows) break;
+#pragma unroll
+              for (int c = 0; c < 2; ++c) {
+                const int64_t tk = m0 + 8 * j + 2 * t + c;
+                const float gs = tk < a.m ? a.gsum[tk * a.groups + gi] : 0.0f;
+                acc[j][c] = fmaf(o_lo, gs, acc[j][c]);
+                acc[j][2 + c] = fmaf(o_hi, gs, acc[j][2 + c]);
+              }
+            }
+          }
+        }
       }
     }
   }
@@ -534,7 +598,7 @@ __global__ void __launch_bounds__(kTcWarps * 32, 2) tc_kernel(TcArgs a) {
 
 // ---- DequantCublas: dequantize a slab of rows ------------------------------------------------------
 
-// out[r - r_begin][padded_cols] = code * scale (rounded once to T) for rows [r_begin, r_end);
+// out[r - r_begin][padded_cols] = code * scale (+ offset) (rounded once to T) for rows [r_begin, r_end);
 // one thread per 16-byte chunk of codes.
 template <typename T, int BITS>
 __global__ void dequant_rows_kernel(DeviceWeights w, int64_t r_begin, int64_t r_end, T* __restrict__ out) {
@@ -546,7 +610,9 @@ __global__ void dequant_rows_kernel(DeviceWeights w, int64_t r_begin, int64_t r_
   const uint4 raw = *reinterpret_cast<const uint4*>(w.codes + r * w.row_bytes + c * 16);
   const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
   const int64_t kc = c * kElems;
-  const float scale = __half2float(w.scales[(kc >> w.group_shift) * w.padded_rows + r]);
+  const int64_t gi = (kc >> w.group_shift) * w.padded_rows + r;
+  const float scale = __half2float(w.scales[gi]);
+  const float offset = w.offsets ? w.offsets[gi] : 0.0f;  // code * scale + offset, rounded once to T
   uint16_t vals[kElems];
 #pragma unroll
   for (int j = 0; j < 4; ++j) {
@@ -554,12 +620,12 @@ __global__ void dequant_rows_kernel(DeviceWeights w, int64_t r_begin, int64_t r_
 #pragma unroll
       for (int p = 0; p < 8; ++p)
         vals[8 * j + layout::int4_nibble_element(p)] =
-            to_bits(ActOps<T>::from_float(layout::int4_code_f32(words[j], p) * scale));
+            to_bits(ActOps<T>::from_float(fmaf(layout::int4_code_f32(words[j], p), scale, offset)));
     } else {
 #pragma unroll
       for (int b = 0; b < 4; ++b)
         vals[layout::int8_byte_element(4 * j + b)] =
-            to_bits(ActOps<T>::from_float(layout::int8_code_f32(words[j], b) * scale));
+            to_bits(ActOps<T>::from_float(fmaf(layout::int8_code_f32(words[j], b), scale, offset)));
     }
   }
   T* dst = out + rr * (w.row_bytes * 8 / BITS) + kc;
@@ -583,7 +649,9 @@ unsigned blocks_for(int64_t n, int threads) { return static_cast<unsigned>((n + 
 
 template <typename T, int BITS>
 void set_tc_smem_limit() {
-  check(cudaFuncSetAttribute(tc_kernel<T, BITS>, cudaFuncAttributeMaxDynamicSharedMemorySize, TcSmem<BITS>::kBytes),
+  check(cudaFuncSetAttribute(tc_kernel<T, BITS, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, TcSmem<BITS>::kBytes),
+        "cudaFuncSetAttribute (tensor-core GEMM shared memory)");
+  check(cudaFuncSetAttribute(tc_kernel<T, BITS, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, TcSmem<BITS>::kBytes),
         "cudaFuncSetAttribute (tensor-core GEMM shared memory)");
 }
 
@@ -598,6 +666,8 @@ struct Gemm::Impl {
   std::vector<void*> owned;                               // uploaded weights
   std::unordered_map<const void*, QuantLayout> uploads;  // data pointer -> layout (bits 0: dense)
   float* split_ws = nullptr;                              // kSplitWorkspaceBytes, on first use
+  float* gsum_ws = nullptr;                               // group sums of x (asymmetric), grown on demand
+  size_t gsum_bytes = 0;
   void* dequant_ws = nullptr;                             // dequant_bytes, grown on demand
   size_t dequant_bytes = 0;
 
@@ -610,6 +680,17 @@ struct Gemm::Impl {
   void poison(void* p, size_t bytes) {
     // 0xFF bytes: NaN in fp32, fp16 and bf16.
     if (options.poison_workspaces) check(cudaMemsetAsync(p, 0xFF, bytes, stream), "cudaMemsetAsync (poison)");
+  }
+  float* gsum_workspace(size_t bytes) {
+    if (bytes > gsum_bytes) {
+      if (gsum_ws) check(cudaFree(gsum_ws), "cudaFree (GEMM group-sum workspace)");
+      gsum_ws = nullptr;
+      gsum_bytes = 0;
+      check(cudaMalloc(&gsum_ws, bytes), "cudaMalloc (GEMM group-sum workspace)");
+      gsum_bytes = bytes;
+    }
+    poison(gsum_ws, gsum_bytes);
+    return gsum_ws;
   }
   float* split_workspace() {
     if (!split_ws) check(cudaMalloc(&split_ws, kSplitWorkspaceBytes), "cudaMalloc (GEMM split-K workspace)");
@@ -693,10 +774,13 @@ void Gemm::Impl::run_gemv(const QuantLayout& l, const DeviceWeights& dw, const v
   FS_ASSERT(row_blocks <= INT32_MAX && plan.splits <= 65535 && token_blocks <= 65535, "GEMV grid too large");
   const dim3 grid(static_cast<unsigned>(row_blocks), static_cast<unsigned>(plan.splits),
                   static_cast<unsigned>(token_blocks));
+  const bool asym = dw.offsets != nullptr;
   if (l.bits == 4)
-    gemv_kernel<T, 4><<<grid, kGemvWarps * 32, 0, stream>>>(a);
+    asym ? gemv_kernel<T, 4, true><<<grid, kGemvWarps * 32, 0, stream>>>(a)
+         : gemv_kernel<T, 4, false><<<grid, kGemvWarps * 32, 0, stream>>>(a);
   else
-    gemv_kernel<T, 8><<<grid, kGemvWarps * 32, 0, stream>>>(a);
+    asym ? gemv_kernel<T, 8, true><<<grid, kGemvWarps * 32, 0, stream>>>(a)
+         : gemv_kernel<T, 8, false><<<grid, kGemvWarps * 32, 0, stream>>>(a);
   check(cudaGetLastError(), "GEMV launch");
   if (plan.splits > 1) reduce_splits<T>(static_cast<int>(plan.splits), a.out);
 }
@@ -721,10 +805,20 @@ void Gemm::Impl::run_tc(const QuantLayout& l, const DeviceWeights& dw, const voi
   if (plan.splits > 1) a.out.partial = split_workspace();
   FS_ASSERT(n_tiles <= 65535 && plan.splits <= 65535 && m_tiles <= INT32_MAX, "tensor-core GEMM grid too large");
   const dim3 grid(static_cast<unsigned>(m_tiles), static_cast<unsigned>(n_tiles), static_cast<unsigned>(plan.splits));
+  const bool asym = dw.offsets != nullptr;
+  if (asym) {
+    a.groups = l.groups;
+    a.gsum = gsum_workspace(static_cast<size_t>(m * l.groups) * sizeof(float));
+    group_sum_kernel<T><<<blocks_for(m * l.groups * 32, 256), 256, 0, stream>>>(x, m, l.cols, l.group_eff, l.groups,
+                                                                              const_cast<float*>(a.gsum));
+    check(cudaGetLastError(), "group-sum launch");
+  }
   if (l.bits == 4)
-    tc_kernel<T, 4><<<grid, kTcWarps * 32, TcSmem<4>::kBytes, stream>>>(a);
+    asym ? tc_kernel<T, 4, true><<<grid, kTcWarps * 32, TcSmem<4>::kBytes, stream>>>(a)
+         : tc_kernel<T, 4, false><<<grid, kTcWarps * 32, TcSmem<4>::kBytes, stream>>>(a);
   else
-    tc_kernel<T, 8><<<grid, kTcWarps * 32, TcSmem<8>::kBytes, stream>>>(a);
+    asym ? tc_kernel<T, 8, true><<<grid, kTcWarps * 32, TcSmem<8>::kBytes, stream>>>(a)
+         : tc_kernel<T, 8, false><<<grid, kTcWarps * 32, TcSmem<8>::kBytes, stream>>>(a);
   check(cudaGetLastError(), "tensor-core GEMM launch");
   if (plan.splits > 1) reduce_splits<T>(static_cast<int>(plan.splits), a.out);
 }
@@ -790,6 +884,7 @@ Gemm::~Gemm() {
   if (impl_->cublas) cublasDestroy(impl_->cublas);
   for (void* p : impl_->owned) cudaFree(p);
   if (impl_->split_ws) cudaFree(impl_->split_ws);
+  if (impl_->gsum_ws) cudaFree(impl_->gsum_ws);
   if (impl_->dequant_ws) cudaFree(impl_->dequant_ws);
 }
 
@@ -805,6 +900,13 @@ WeightMatrix Gemm::upload(const WeightMatrix& host) {
           "cudaMemcpy (GEMM scales)");
     d.data = codes;
     d.scales = static_cast<const uint16_t*>(scales);
+    d.offsets = nullptr;
+    if (!img.offsets.empty()) {
+      void* offsets = impl_->alloc(img.offsets.size() * sizeof(float));
+      check(cudaMemcpy(offsets, img.offsets.data(), img.offsets.size() * sizeof(float), cudaMemcpyHostToDevice),
+            "cudaMemcpy (GEMM offsets)");
+      d.offsets = static_cast<const float*>(offsets);
+    }
     impl_->uploads[codes] = img.layout;
   } else {
     const size_t n = static_cast<size_t>(host.rows * host.cols);
@@ -822,6 +924,7 @@ WeightMatrix Gemm::upload(const WeightMatrix& host) {
     d.data = data;
     d.dtype = impl_->act;
     d.scales = nullptr;
+    d.offsets = nullptr;
     QuantLayout dense;
     dense.rows = host.rows;
     dense.cols = host.cols;
@@ -870,6 +973,7 @@ void Gemm::linear(const WeightMatrix& w, const void* x, int64_t m, const void* b
   DeviceWeights dw;
   dw.codes = static_cast<const uint8_t*>(w.data);
   dw.scales = reinterpret_cast<const __half*>(w.scales);
+  dw.offsets = w.offsets;
   dw.padded_rows = l.padded_rows;
   dw.row_bytes = l.row_bytes();
   dw.group_eff = l.group_eff;

@@ -22,6 +22,9 @@
 //    scales of a tile's rows for one group are contiguous (one cp.async), and a GEMV lane reads the
 //    scales of its 4 consecutive rows with one 8-byte load. Column-wise matrices (group == K) get
 //    group_eff = padded_cols: one group still covers the whole (padded) row. Padding scales are 0.
+//  - offsets (asymmetric matrices only) are fp32 and transposed the same way, [groups, padded_rows],
+//    padding 0: w = code · scale + offset. The kernels add offset · (sum of x over the group) once
+//    per group (gemm.cu), so the codes' path is the symmetric one.
 #pragma once
 
 #include <algorithm>
@@ -107,6 +110,7 @@ struct DeviceImage {
   QuantLayout layout;
   std::vector<uint8_t> codes;    // [padded_rows, row_bytes]
   std::vector<uint16_t> scales;  // [groups, padded_rows], fp16 bits
+  std::vector<float> offsets;    // [groups, padded_rows] fp32; empty for a symmetric matrix
 };
 
 inline DeviceImage relayout(const WeightMatrix& w) {
@@ -117,6 +121,7 @@ inline DeviceImage relayout(const WeightMatrix& w) {
   // Padding: code 0 everywhere (nibble 8 / byte 128), scale 0.
   img.codes.assign(static_cast<size_t>(l.code_bytes()), l.bits == 4 ? uint8_t{0x88} : uint8_t{0x80});
   img.scales.assign(static_cast<size_t>(l.scale_count()), 0);
+  if (w.offsets) img.offsets.assign(static_cast<size_t>(l.scale_count()), 0.0f);
   const int64_t rb = l.row_bytes();
   for (int64_t r = 0; r < w.rows; ++r) {
     uint8_t* dst = img.codes.data() + r * rb;
@@ -139,8 +144,10 @@ inline DeviceImage relayout(const WeightMatrix& w) {
         dst[(k >> 4) * 16 + int8_element_byte(static_cast<int>(k & 15))] = static_cast<uint8_t>(row[k] + 128);
     }
     const int64_t g_src = w.cols / w.group;
-    for (int64_t g = 0; g < g_src; ++g)
+    for (int64_t g = 0; g < g_src; ++g) {
       img.scales[static_cast<size_t>(g * l.padded_rows + r)] = w.scales[r * g_src + g];
+      if (w.offsets) img.offsets[static_cast<size_t>(g * l.padded_rows + r)] = w.offsets[r * g_src + g];
+    }
   }
   return img;
 }

@@ -79,14 +79,6 @@ class Meta {
   std::string label_;
 };
 
-// One GGUF tensor's place in the HF checkpoint.
-struct Mapping {
-  const gguf::TensorInfo* src = nullptr;
-  std::string name;             // HF name
-  std::vector<int64_t> shape;   // HF shape
-  bool rotary = false;          // q or k: undo llama.cpp's rotary row permutation
-};
-
 int64_t layer_of(const std::string& hf_name) {
   static const std::regex re(R"(^model\.layers\.(\d{1,9})\.)");
   std::smatch m;
@@ -385,32 +377,28 @@ GgufTokenizerFiles gguf_tokenizer_files(const gguf::File& file) {
   return out;
 }
 
-GgufImportReport import_gguf(const GgufImportOptions& o,
-                             const std::function<void(size_t, size_t, const std::string&)>& progress) {
-  const auto t0 = std::chrono::steady_clock::now();
-  if (o.dtype != DType::F16 && o.dtype != DType::BF16 && o.dtype != DType::F32)
-    throw Error("import-gguf: the output dtype must be F16, BF16 or F32");
-  const auto file = gguf::File::open(o.gguf);
-  const std::string label = o.gguf.string();
-  const Meta meta(*file);
-  json config = gguf_llama_config(*file);
-  config["torch_dtype"] = o.dtype == DType::F16 ? "float16" : o.dtype == DType::BF16 ? "bfloat16" : "float32";
-  const LlamaConfig c = parse_llama_config(config, label);
-  const GgufTokenizerFiles tok = gguf_tokenizer_files(*file);
-
-  GgufImportReport report;
-  report.architecture = "llama";
-  report.model_name = meta.string("general.name");
+GgufImportPlan plan_gguf_import(const std::filesystem::path& path) {
+  GgufImportPlan plan;
+  plan.file = gguf::File::open(path);
+  const gguf::File& file = *plan.file;
+  const std::string label = path.string();
+  const Meta meta(file);
+  plan.config = gguf_llama_config(file);
+  const LlamaConfig c = parse_llama_config(plan.config, label);
+  plan.tokenizer = gguf_tokenizer_files(file);
+  plan.head_dim = c.head_dim;
+  plan.architecture = "llama";
+  plan.model_name = meta.string("general.name");
 
   // Every GGUF tensor gets an HF name and the shape config.json implies; nothing may be missing.
   const int64_t h = c.hidden_size, f = c.intermediate_size, hd = c.head_dim;
   const int64_t q_dim = c.num_attention_heads * hd, kv_dim = c.num_key_value_heads * hd;
-  std::vector<Mapping> maps;
-  std::map<std::string, const Mapping*> by_name;
-  for (const gguf::TensorInfo& t : file->header().tensors) {
+  std::vector<GgufTensorPlan>& maps = plan.tensors;
+  std::map<std::string, const GgufTensorPlan*> by_name;
+  for (const gguf::TensorInfo& t : file.header().tensors) {
     // Old files' precomputed rotary table nobody reads; rope frequency divisors (in config.json).
     if (t.name.ends_with(".attn_rot_embd") || t.name == "rope_freqs.weight") continue;
-    Mapping m;
+    GgufTensorPlan m;
     m.src = &t;
     m.name = gguf_to_hf_name(t.name);
     if (m.name.empty()) meta.fail("tensor '" + t.name.substr(0, 96) + "' has no Llama counterpart");
@@ -448,10 +436,10 @@ GgufImportReport import_gguf(const GgufImportOptions& o,
                 format_shape(m.shape));
     if (!gguf::can_dequantize(t.type))
       gguf::dequantize(t.type, {}, 0, nullptr, label + ": tensor " + t.name);  // throws, naming the type
-    ++report.source_types[gguf::ggml_type_name(t.type)];
+    ++plan.source_types[gguf::ggml_type_name(t.type)];
     maps.push_back(std::move(m));
   }
-  for (const Mapping& m : maps) by_name[m.name] = &m;
+  for (const GgufTensorPlan& m : maps) by_name[m.name] = &m;
   std::vector<std::string> required = {"model.embed_tokens.weight", "model.norm.weight"};
   if (!c.tie_word_embeddings) required.push_back("lm_head.weight");
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
@@ -471,16 +459,54 @@ GgufImportReport import_gguf(const GgufImportOptions& o,
   if (by_name.size() != required.size())
     meta.fail("holds " + std::to_string(by_name.size()) + " Llama tensors where " + std::to_string(required.size()) +
               " are expected (biases on some projections only?)");
+  return plan;
+}
+
+int64_t GgufImportPlan::hf_row(const GgufTensorPlan& t, int64_t r) const {
+  return t.rotary && t.shape.size() == 2 ? hf_row_of(r, head_dim) : r;
+}
+
+int64_t GgufImportPlan::hf_element(const GgufTensorPlan& t, int64_t j) const {
+  return t.rotary && t.shape.size() == 1 ? hf_row_of(j, head_dim) : j;
+}
+
+void write_gguf_side_files(const GgufImportPlan& plan, const nlohmann::json& config, const std::filesystem::path& dir) {
+  const std::string label = plan.file->path().string();
+  write_json(dir / "config.json", config, label);
+  json gen = {{"bos_token_id", config["bos_token_id"]}, {"eos_token_id", config["eos_token_id"]}};
+  if (!config["pad_token_id"].is_null()) gen["pad_token_id"] = config["pad_token_id"];
+  write_json(dir / "generation_config.json", gen, label);
+  write_json(dir / "tokenizer.json", plan.tokenizer.tokenizer, label);
+  write_json(dir / "tokenizer_config.json", plan.tokenizer.tokenizer_config, label);
+}
+
+GgufImportReport import_gguf(const GgufImportOptions& o,
+                             const std::function<void(size_t, size_t, const std::string&)>& progress) {
+  const auto t0 = std::chrono::steady_clock::now();
+  if (o.dtype != DType::F16 && o.dtype != DType::BF16 && o.dtype != DType::F32)
+    throw Error("import-gguf: the output dtype must be F16, BF16 or F32");
+  const GgufImportPlan plan = plan_gguf_import(o.gguf);
+  const gguf::File* file = plan.file.get();
+  const std::string label = o.gguf.string();
+  const Meta meta(*file);
+  json config = plan.config;
+  config["torch_dtype"] = o.dtype == DType::F16 ? "float16" : o.dtype == DType::BF16 ? "bfloat16" : "float32";
+
+  GgufImportReport report;
+  report.architecture = plan.architecture;
+  report.model_name = plan.model_name;
+  report.source_types = plan.source_types;
+  const std::vector<GgufTensorPlan>& maps = plan.tensors;
 
   AtomicDirectory out(o.out, o.overwrite);
   std::vector<std::string> names;
-  for (const Mapping& m : maps) names.push_back(m.name);
+  for (const GgufTensorPlan& m : maps) names.push_back(m.name);
   CheckpointWriter writer(out.path(), names, {{"format", "pt"}}, o.max_shard_bytes);
   const size_t esize = dtype_size(o.dtype);
   std::vector<float> row;
   std::vector<std::byte> buf;
   for (size_t i = 0; i < maps.size(); ++i) {
-    const Mapping& m = maps[i];
+    const GgufTensorPlan& m = maps[i];
     const gguf::TensorInfo& t = *m.src;
     if (progress) progress(i, maps.size(), m.name);
     const std::string what = label + ": tensor " + t.name;
@@ -493,12 +519,10 @@ GgufImportReport import_gguf(const GgufImportOptions& o,
     for (int64_t r = 0; r < rows; ++r) {
       gguf::dequantize(t.type, data.subspan(static_cast<size_t>(r) * row_bytes, row_bytes), cols, row.data(), what);
       // A bias is one "row" of all its elements; its rotary permutation runs over elements.
-      int64_t dst_row = r;
-      if (m.rotary && m.shape.size() == 2) dst_row = hf_row_of(r, hd);
-      std::byte* dst = buf.data() + static_cast<size_t>(dst_row * cols) * esize;
+      std::byte* dst = buf.data() + static_cast<size_t>(plan.hf_row(m, r) * cols) * esize;
       for (int64_t j = 0; j < cols; ++j) {
         const float x = row[static_cast<size_t>(j)];
-        const int64_t at = m.rotary && m.shape.size() == 1 ? hf_row_of(j, hd) : j;
+        const int64_t at = plan.hf_element(m, j);
         if (o.dtype == DType::F32) {
           std::memcpy(dst + at * 4, &x, 4);
           continue;
@@ -518,12 +542,7 @@ GgufImportReport import_gguf(const GgufImportOptions& o,
   writer.finish();
   report.tensors = maps.size();
 
-  write_json(out.path() / "config.json", config, label);
-  json gen = {{"bos_token_id", config["bos_token_id"]}, {"eos_token_id", config["eos_token_id"]}};
-  if (!config["pad_token_id"].is_null()) gen["pad_token_id"] = config["pad_token_id"];
-  write_json(out.path() / "generation_config.json", gen, label);
-  write_json(out.path() / "tokenizer.json", tok.tokenizer, label);
-  write_json(out.path() / "tokenizer_config.json", tok.tokenizer_config, label);
+  write_gguf_side_files(plan, config, out.path());
   out.commit();
   report.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (progress) progress(maps.size(), maps.size(), "");

@@ -12,13 +12,19 @@
 //   tokenizer_config.json    bos / eos / unk / pad tokens, add_bos_token, chat_template
 //   generation_config.json   bos / eos ids
 // The result is a dense checkpoint that `fineserve quantize` takes like any HF checkpoint.
+//
+// The exact import (GGUF's Q4_0 / Q8_0 / Q4_1 blocks re-laid as FineQuant codes, no dequantization)
+// is quant/gguf_convert.h: it writes a FineQuant checkpoint, so it lives above quant/'s format
+// module; it reads the GGUF through plan_gguf_import() below.
 #pragma once
 
 #include <cstdint>
 #include <filesystem>
 #include <functional>
 #include <map>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
@@ -59,6 +65,35 @@ struct GgufTokenizerFiles {
   nlohmann::json tokenizer_config;
 };
 GgufTokenizerFiles gguf_tokenizer_files(const gguf::File& file);
+
+// One GGUF tensor's place in the HF checkpoint.
+struct GgufTensorPlan {
+  const gguf::TensorInfo* src = nullptr;
+  std::string name;            // HF name ("model.layers.0.self_attn.q_proj.weight")
+  std::vector<int64_t> shape;  // HF shape
+  bool rotary = false;         // q or k: llama.cpp's rotary row permutation is undone
+};
+
+// A GGUF file opened and checked for import: config.json, tokenizer files, and every tensor's HF
+// name and shape (all present, none unexpected). Throws as import_gguf does.
+struct GgufImportPlan {
+  std::unique_ptr<gguf::File> file;
+  nlohmann::json config;  // config.json (torch_dtype float16)
+  GgufTokenizerFiles tokenizer;
+  std::vector<GgufTensorPlan> tensors;  // in file order
+  std::map<std::string, int> source_types;  // ggml type name -> tensors of that type
+  std::string architecture, model_name;
+  int64_t head_dim = 0;
+
+  // The HF row of GGUF row `r` of a matrix (rotary rows permuted back), and of element `j` of a
+  // vector (a q / k bias); identity for everything else.
+  int64_t hf_row(const GgufTensorPlan& t, int64_t r) const;
+  int64_t hf_element(const GgufTensorPlan& t, int64_t j) const;
+};
+GgufImportPlan plan_gguf_import(const std::filesystem::path& gguf);
+// Writes config.json (as given), generation_config.json and the tokenizer files of `plan` into dir.
+void write_gguf_side_files(const GgufImportPlan& plan, const nlohmann::json& config, const std::filesystem::path& dir);
+
 // The HF name of a GGUF tensor of a Llama-family model ("blk.3.attn_q.weight" ->
 // "model.layers.3.self_attn.q_proj.weight"); empty for names with no HF counterpart.
 std::string gguf_to_hf_name(const std::string& gguf_name);

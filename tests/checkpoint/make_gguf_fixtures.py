@@ -11,6 +11,10 @@ tests/data/gguf/tiny-llama.gguf
     llama.* metadata, q/k rows permuted for ggml's rotary layout, F16 matrices and F32 norms, and the
     byte-level BPE tokenizer (tokens, token types, merges, bos/eos, add_bos_token, a chat template).
     Importing it must give back the fixture's tensors exactly.
+tests/data/gguf/tiny-llama-q.gguf
+    The same model with its matrices quantized by gguf-py (quants.quantize): Q4_1, Q4_0 and Q8_0
+    (what `import-gguf` re-lays exactly, q/k rows permuted before quantizing as llama.cpp does) and
+    one Q5_0 matrix (re-quantized, with a warning), token_embd Q8_0, output Q4_1, norms F32.
 
 Usage: python tests/checkpoint/make_gguf_fixtures.py   (needs: gguf, numpy, safetensors)
 """
@@ -78,7 +82,7 @@ def permute(weights, n_head, n_head_kv):
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def write_tiny_llama(path):
+def write_tiny_llama(path, quantized=False):
     src = os.path.join(DATA, "golden", "llama-gqa")
     cfg = json.load(open(os.path.join(src, "config.json")))
     tok = json.load(open(os.path.join(src, "tokenizer.json")))
@@ -97,7 +101,7 @@ def write_tiny_llama(path):
     w.add_rope_freq_base(cfg["rope_parameters"]["rope_theta"])
     w.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     w.add_vocab_size(cfg["vocab_size"])
-    w.add_file_type(1)  # mostly F16
+    w.add_file_type(3 if quantized else 1)  # mostly Q4_1, or mostly F16
 
     vocab = tok["model"]["vocab"]
     tokens = [None] * len(vocab)
@@ -131,18 +135,36 @@ def write_tiny_llama(path):
             data = permute(data, heads, heads)
         elif hf_name.endswith("k_proj.weight"):
             data = permute(data, heads, kv_heads)
-        # llama.cpp keeps 1-D tensors (norms) in F32 and stores matrices as F16.
-        w.add_tensor(names[hf_name], data if data.ndim == 1 else data.astype(np.float16))
+        qtype = qtype_for(hf_name) if quantized and data.ndim == 2 else None
+        if qtype is not None:
+            w.add_tensor(names[hf_name], quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            # llama.cpp keeps 1-D tensors (norms) in F32 and stores matrices as F16.
+            w.add_tensor(names[hf_name], data if data.ndim == 1 else data.astype(np.float16))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
+def qtype_for(hf_name):
+    """The quantized fixture's type per matrix: every exact type on several shapes, one re-quantized."""
+    if hf_name == "model.embed_tokens.weight":
+        return T.Q8_0
+    if hf_name == "model.layers.1.mlp.up_proj.weight":
+        return T.Q5_0
+    for part, qtype in (("q_proj", T.Q4_1), ("k_proj", T.Q4_0), ("v_proj", T.Q8_0), ("o_proj", T.Q4_1),
+                        ("gate_proj", T.Q4_1), ("up_proj", T.Q4_0), ("down_proj", T.Q8_0), ("lm_head", T.Q4_1)):
+        if part in hf_name:
+            return qtype
+    return None
+
+
 def main():
     os.makedirs(OUT, exist_ok=True)
     write_dequant(os.path.join(OUT, "dequant.gguf"))
     write_tiny_llama(os.path.join(OUT, "tiny-llama.gguf"))
+    write_tiny_llama(os.path.join(OUT, "tiny-llama-q.gguf"), quantized=True)
     for f in sorted(os.listdir(OUT)):
         print(f, os.path.getsize(os.path.join(OUT, f)), "bytes")
 

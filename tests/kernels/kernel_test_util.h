@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "kernels/half.h"
+#include "kernels/ops.h"
 
 namespace fineserve::testing {
 
@@ -26,6 +27,24 @@ inline std::vector<uint16_t> to_half_bits(const std::vector<float>& v, bool bf16
   std::vector<uint16_t> out(v.size());
   for (size_t i = 0; i < v.size(); ++i) out[i] = bf16 ? float_to_bf16(v[i]) : float_to_half(v[i]);
   return out;
+}
+
+// Makes a quantized test weight asymmetric (kernels/ops.h: w = code * scale + offset): one random
+// fp32 offset per (row, group) of the order of 4 group scales either way, some exactly 0, in
+// `offsets` (w.offsets points at it). `dense` ([rows, cols], code * scale, when not null) gets each
+// element's offset added: one rounding of code * scale + offset, as the reference does (code *
+// scale is exact in fp32).
+inline void make_asymmetric(WeightMatrix& w, std::vector<float>& offsets, std::vector<float>* dense, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> d(-4.0f, 4.0f);
+  const int64_t groups = w.cols / w.group;
+  offsets.resize(static_cast<size_t>(w.rows * groups));
+  for (size_t i = 0; i < offsets.size(); ++i)
+    offsets[i] = i % 7 == 3 ? 0.0f : d(rng) * half_to_float(w.scales[i]);
+  w.offsets = offsets.data();
+  if (dense)
+    for (int64_t r = 0; r < w.rows; ++r)
+      for (int64_t c = 0; c < w.cols; ++c) (*dense)[static_cast<size_t>(r * w.cols + c)] += offsets[static_cast<size_t>(r * groups + c / w.group)];
 }
 
 inline void poison(std::vector<float>& v) { std::fill(v.begin(), v.end(), std::numeric_limits<float>::quiet_NaN()); }

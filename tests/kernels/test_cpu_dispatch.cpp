@@ -30,7 +30,20 @@ struct QWeight {
   WeightMatrix w;
   std::vector<uint8_t> data;
   std::vector<uint16_t> scales;
+  std::vector<float> offsets;  // asymmetric only
   std::vector<float> dense;  // [rows, cols]
+
+  // |w| per element, plus |offset| when asymmetric (the kernels carry the offset apart): what the
+  // fp32 rounding bounds scale with.
+  std::vector<float> magnitudes() const {
+    std::vector<float> m(dense.size());
+    const int64_t groups = w.cols / w.group;
+    for (size_t i = 0; i < m.size(); ++i) {
+      const int64_t r = static_cast<int64_t>(i) / w.cols, c = static_cast<int64_t>(i) % w.cols;
+      m[i] = std::fabs(dense[i]) + (w.offsets ? std::fabs(offsets[static_cast<size_t>(r * groups + c / w.group)]) : 0.0f);
+    }
+    return m;
+  }
 };
 
 QWeight make_qweight(int64_t rows, int64_t cols, int bits, int64_t group, uint32_t seed) {
@@ -154,7 +167,9 @@ const int64_t kRows[] = {1, 2, 3, 5, 17, 129};
 TEST_P(ForcedIsa, Int8ActivationsMatchTheReferenceAndStayWithinTheQuantizationBound) {
   auto f = fast(true), r = reference(true), exact = reference(false);
   uint32_t seed = 10;
-  for (int bits : {4, 8}) {
+  for (int variant = 0; variant < 4; ++variant) {  // int4 / int8, symmetric / asymmetric
+    const int bits = variant % 2 ? 8 : 4;
+    const bool asym = variant >= 2;
     std::vector<Shape> shapes(std::begin(kShapes), std::end(kShapes));
     if (bits == 8) shapes.push_back({9, 99, 0});  // int8 allows an odd K
     for (const Shape& s : shapes) {
@@ -162,8 +177,9 @@ TEST_P(ForcedIsa, Int8ActivationsMatchTheReferenceAndStayWithinTheQuantizationBo
         if (m * s.n * s.k > 1'200'000) continue;  // quick under ASan
         const int64_t group = s.group ? s.group : s.k;
         SCOPED_TRACE("bits=" + std::to_string(bits) + " m=" + std::to_string(m) + " N=" + std::to_string(s.n) +
-                     " K=" + std::to_string(s.k) + " group=" + std::to_string(group));
-        const QWeight t = make_qweight(s.n, s.k, bits, group, seed++);
+                     " K=" + std::to_string(s.k) + " group=" + std::to_string(group) + (asym ? " asymmetric" : ""));
+        QWeight t = make_qweight(s.n, s.k, bits, group, seed++);
+        if (asym) testing::make_asymmetric(t.w, t.offsets, &t.dense, seed++);
         const std::vector<float> x = make_acts(m, s.k, seed++);
         std::vector<float> bias = testing::random_floats(static_cast<size_t>(s.n), seed++);
         const bool with_bias = (m + s.n) % 2 == 0;
@@ -174,7 +190,7 @@ TEST_P(ForcedIsa, Int8ActivationsMatchTheReferenceAndStayWithinTheQuantizationBo
         r->linear(r->upload_weight(t.w), x.data(), m, with_bias ? bias.data() : nullptr, DType::F32, yr.data());
         exact->linear(exact->upload_weight(t.w), x.data(), m, with_bias ? bias.data() : nullptr, DType::F32, ye.data());
 
-        const Bounds b = bounds(t.dense, s.n, s.k, x, m);
+        const Bounds b = bounds(t.magnitudes(), s.n, s.k, x, m);
         std::vector<double> tight(yf.size()), loose(yf.size());
         for (size_t i = 0; i < yf.size(); ++i) {
           // Same integer sums; only fp32 rounding of the per-block and per-group scaling differs.
@@ -191,20 +207,23 @@ TEST_P(ForcedIsa, Int8ActivationsMatchTheReferenceAndStayWithinTheQuantizationBo
 TEST_P(ForcedIsa, ExactPathMatchesTheReference) {
   auto f = fast(false), r = reference(false);
   uint32_t seed = 500;
-  for (int bits : {4, 8}) {
+  for (int variant = 0; variant < 4; ++variant) {  // int4 / int8, symmetric / asymmetric
+    const int bits = variant % 2 ? 8 : 4;
+    const bool asym = variant >= 2;
     for (const Shape& s : kShapes) {
       for (int64_t m : kRows) {
         if (m * s.n * s.k > 1'200'000) continue;
         const int64_t group = s.group ? s.group : s.k;
         SCOPED_TRACE("bits=" + std::to_string(bits) + " m=" + std::to_string(m) + " N=" + std::to_string(s.n) +
-                     " K=" + std::to_string(s.k) + " group=" + std::to_string(group));
-        const QWeight t = make_qweight(s.n, s.k, bits, group, seed++);
+                     " K=" + std::to_string(s.k) + " group=" + std::to_string(group) + (asym ? " asymmetric" : ""));
+        QWeight t = make_qweight(s.n, s.k, bits, group, seed++);
+        if (asym) testing::make_asymmetric(t.w, t.offsets, &t.dense, seed++);
         const std::vector<float> x = make_acts(m, s.k, seed++);
         std::vector<float> yf(static_cast<size_t>(m * s.n)), yr(yf.size());
         testing::poison(yf);
         f->linear(f->upload_weight(t.w), x.data(), m, nullptr, DType::F32, yf.data());
         r->linear(r->upload_weight(t.w), x.data(), m, nullptr, DType::F32, yr.data());
-        const Bounds b = bounds(t.dense, s.n, s.k, x, m);
+        const Bounds b = bounds(t.magnitudes(), s.n, s.k, x, m);
         std::vector<double> tol(yf.size());
         // fp32 accumulation in any order, including the int4 kernel's +8 offset carried per group.
         for (size_t i = 0; i < yf.size(); ++i) tol[i] = 1e-5 * b.mag[i] * (bits == 4 ? 8 : 1) + 1e-6;

@@ -19,6 +19,7 @@
 #include "kernels/cuda/gemm_layout.h"
 #include "kernels/half.h"
 #include "quant/quantizer.h"
+#include "tests/kernels/kernel_test_util.h"
 #endif
 
 namespace fineserve {
@@ -57,7 +58,8 @@ struct HostWeight {
   WeightMatrix w;
   std::vector<uint8_t> codes;
   std::vector<uint16_t> scales;
-  std::vector<float> dense;  // [n, k]: code * scale, or the dense weight
+  std::vector<float> offsets;  // asymmetric only
+  std::vector<float> dense;  // [n, k]: code * scale (+ offset), or the dense weight
   std::vector<uint16_t> dense_bits;  // dense weights of F16/BF16 only
   std::vector<float> dense_f32;
 };
@@ -163,8 +165,12 @@ void check_linear(Gemm& gemm, const HostWeight& h, const WeightMatrix& dev_w, DT
   for (int64_t i = 0; i < m; ++i)
     for (int64_t r = 0; r < n; ++r) {
       double s = bias ? std::fabs(bias->values[static_cast<size_t>(r)]) : 0.0;
-      for (int64_t c = 0; c < k; ++c)
-        s += std::fabs(static_cast<double>(h.dense[static_cast<size_t>(r * k + c)]) * x[static_cast<size_t>(i * k + c)]);
+      for (int64_t c = 0; c < k; ++c) {
+        // An asymmetric matrix's offsets are summed apart from the codes (offset · Σ x per group).
+        const double o = h.w.offsets ? std::fabs(h.offsets[static_cast<size_t>(r * (k / h.w.group) + c / h.w.group)]) : 0.0;
+        s += (std::fabs(static_cast<double>(h.dense[static_cast<size_t>(r * k + c)])) + o) *
+             std::fabs(x[static_cast<size_t>(i * k + c)]);
+      }
       abs_sum[static_cast<size_t>(i * n + r)] = static_cast<float>(s);
     }
 
@@ -396,6 +402,42 @@ TEST(CudaGemm, SplitKBoundaryInsideAGroup) {
       for (int64_t m : {1, 3, 17})
         check_linear(gemm, h, dev_w, act, m, m == 17 ? &bias : nullptr, {GemmPath::Gemv, GemmPath::TensorCore},
                      m == 3, seed * 7 + static_cast<uint32_t>(m));
+    }
+  }
+#endif
+}
+
+// Asymmetric matrices (per-group offsets) on every path and both activation dtypes, including
+// split-K slices that end inside a group (the offsets' part must be added once per group, by the
+// slice holding the group's end) and column-wise groups, with poisoned workspaces.
+TEST(CudaGemm, AsymmetricEveryPathMatchesReference) {
+  REQUIRE_GPU();
+#ifdef FINESERVE_HAVE_CUDA
+  const QuantCase cases[] = {{4, 8, 96, 32},     {8, 8, 96, 32},      {4, 131, 200, 0}, {8, 131, 200, 0},
+                             {4, 520, 256, 64},  {4, 131, 4096, 128}, {8, 131, 4096, 32}, {4, 1, 64, 32}};
+  for (int64_t splits : {0, 5}) {
+    cuda::GemmOptions o;
+    o.force_splits = splits;
+    o.poison_workspaces = true;
+    for (DType act : {DType::F16, DType::BF16}) {
+      Gemm gemm(act, nullptr, o);
+      uint32_t seed = 4500 + static_cast<uint32_t>(splits) * 100 + (act == DType::F16 ? 0 : 50);
+      for (const QuantCase& c : cases) {
+        const int64_t group = c.group ? c.group : c.k;
+        SCOPED_TRACE("asymmetric int" + std::to_string(c.bits) + " n " + std::to_string(c.n) + " k " +
+                     std::to_string(c.k) + " group " + std::to_string(group) + " act " +
+                     std::string(dtype_name(act)) + " splits " + std::to_string(splits));
+        HostWeight h = make_quantized(c.bits, c.n, c.k, group, seed++);
+        testing::make_asymmetric(h.w, h.offsets, &h.dense, seed++);
+        const WeightMatrix dev_w = gemm.upload(h.w);
+        ASSERT_NE(dev_w.offsets, nullptr);
+        const Bias bias = make_bias(DType::F32, c.n, seed);
+        for (int64_t m : {1, 3, 17, 70})
+          check_linear(gemm, h, dev_w, act, m, m == 17 ? &bias : nullptr,
+                       {GemmPath::Gemv, GemmPath::TensorCore, GemmPath::DequantCublas}, m == 3,
+                       seed * 7 + static_cast<uint32_t>(m));
+        if (::testing::Test::HasFatalFailure()) return;
+      }
     }
   }
 #endif

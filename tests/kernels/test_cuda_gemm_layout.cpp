@@ -11,6 +11,7 @@
 
 #include "kernels/cuda/gemm_layout.h"
 #include "kernels/half.h"
+#include "tests/kernels/kernel_test_util.h"
 
 namespace fineserve {
 namespace {
@@ -154,6 +155,29 @@ TEST(CudaGemmLayout, RelayoutKeepsEveryCodeAndScale) {
         const uint16_t want = real ? h.scales[static_cast<size_t>(r * (s.cols / s.group) + gi)] : uint16_t{0};
         ASSERT_EQ(got, want) << "r " << r << " group " << gi;
       }
+  }
+}
+
+// An asymmetric matrix's offsets land transposed like its scales ([groups, padded_rows]), padding 0.
+TEST(CudaGemmLayout, RelayoutKeepsEveryOffset) {
+  uint32_t seed = 300;
+  for (const Shape& s : kShapes) {
+    HostMatrix h = random_matrix(s.rows, s.cols, s.bits, s.group, seed++);
+    std::vector<float> offsets;
+    testing::make_asymmetric(h.w, offsets, nullptr, seed++);
+    const L::DeviceImage img = L::relayout(h.w);
+    const L::QuantLayout& l = img.layout;
+    SCOPED_TRACE(name(s));
+    ASSERT_EQ(static_cast<int64_t>(img.offsets.size()), l.scale_count());
+    for (int64_t r = 0; r < l.padded_rows; ++r)
+      for (int64_t gi = 0; gi < l.groups; ++gi) {
+        const float got = img.offsets[static_cast<size_t>(L::scale_index(l.padded_rows, l.group_eff, r, gi * l.group_eff))];
+        const bool real = r < s.rows && gi < s.cols / s.group;
+        const float want = real ? offsets[static_cast<size_t>(r * (s.cols / s.group) + gi)] : 0.0f;
+        ASSERT_EQ(got, want) << "r " << r << " group " << gi;
+      }
+    h.w.offsets = nullptr;
+    EXPECT_TRUE(L::relayout(h.w).offsets.empty());  // symmetric: no offsets at all
   }
 }
 

@@ -23,6 +23,7 @@ struct TestWeight {
   WeightMatrix w;
   std::vector<uint8_t> data;
   std::vector<uint16_t> scales;
+  std::vector<float> offsets;  // asymmetric only
   std::vector<float> dense;  // the exact fp32 value of every element, [rows, cols], computed here
 };
 
@@ -104,7 +105,11 @@ Expected expected_product(const TestWeight& t, const std::vector<float>& x, int6
   for (int64_t n = 0; n < N; ++n)
     for (int64_t k = 0; k < K; ++k) {
       double a = std::fabs(t.dense[static_cast<size_t>(n * K + k)]);
-      if (t.w.bits == 4) a += 8.0 * half_to_float(t.scales[static_cast<size_t>(n * (K / t.w.group) + k / t.w.group)]);
+      if (t.w.quantized()) {
+        const size_t gi = static_cast<size_t>(n * (K / t.w.group) + k / t.w.group);
+        if (t.w.bits == 4) a += 8.0 * half_to_float(t.scales[gi]);
+        if (t.w.offsets) a += std::fabs(t.offsets[gi]) + 8.0 * half_to_float(t.scales[gi]);  // offset carried apart
+      }
       wmag[static_cast<size_t>(n * K + k)] = a;
     }
   for (int64_t i = 0; i < m; ++i) {
@@ -131,17 +136,19 @@ struct Case {
   int64_t group;  // 0: K itself
   DType dtype;
   bool bias;
+  bool asymmetric = false;
 };
 
 std::string describe(const Case& c) {
   return "m=" + std::to_string(c.m) + " N=" + std::to_string(c.n) + " K=" + std::to_string(c.k) +
          " bits=" + std::to_string(c.bits) + " group=" + std::to_string(c.group ? c.group : c.k) + " dtype=" +
-         std::string(dtype_name(c.dtype)) + (c.bias ? " bias" : "");
+         std::string(dtype_name(c.dtype)) + (c.bias ? " bias" : "") + (c.asymmetric ? " asymmetric" : "");
 }
 
 void run_case(Backend& fast, Backend& ref, const Case& c, uint32_t seed) {
   SCOPED_TRACE(describe(c));
-  const TestWeight t = make_weight(c.n, c.k, c.bits, c.group ? c.group : c.k, c.dtype, seed);
+  TestWeight t = make_weight(c.n, c.k, c.bits, c.group ? c.group : c.k, c.dtype, seed);
+  if (c.asymmetric) testing::make_asymmetric(t.w, t.offsets, &t.dense, seed + 3);
   const std::vector<float> x = testing::random_floats(static_cast<size_t>(c.m * c.k), seed + 1);
   std::vector<float> bias_f;
   std::vector<uint16_t> bias_h;
@@ -191,6 +198,37 @@ TEST_F(LinearTest, QuantizedAllGroupsAndShapes) {
   }
   // int8 allows an odd K (column-wise group).
   run_case(*fast, *ref, {3, 9, 99, 8, 0, DType::I8, true}, seed++);
+}
+
+// Per-group offsets (w = code * scale + offset) on every fast path (GEMV m <= 3, GEMM) and the
+// reference, int4 and int8, all group kinds.
+TEST_F(LinearTest, AsymmetricAllGroupsAndShapes) {
+  uint32_t seed = 500;
+  for (int bits : {4, 8}) {
+    for (int64_t m : {1, 2, 3, 8, 17}) {
+      for (auto [n, k, g] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+               {96, 96, 32}, {96, 96, 0}, {37, 768, 32}, {37, 768, 128}, {5, 5120, 1024}, {21, 100, 0}, {3, 770, 0},
+               {130, 256, 64}}) {
+        run_case(*fast, *ref, {m, n, k, bits, g, DType::I8, (n + m) % 2 == 0, true}, seed++);
+      }
+    }
+  }
+  run_case(*fast, *ref, {3, 9, 99, 8, 0, DType::I8, true, true}, seed++);
+}
+
+// A matrix whose offsets are all zero computes exactly what the symmetric matrix does.
+TEST_F(LinearTest, ZeroOffsetsEqualTheSymmetricMatrix) {
+  TestWeight t = make_weight(37, 768, 4, 32, DType::U8, 77);
+  const std::vector<float> x = testing::random_floats(static_cast<size_t>(5 * 768), 78);
+  std::vector<float> zeros(static_cast<size_t>(37 * 768 / 32), 0.0f);
+  WeightMatrix asym = t.w;
+  asym.offsets = zeros.data();
+  for (int64_t m : {1, 5}) {
+    std::vector<float> ys(static_cast<size_t>(m * 37)), ya(ys.size());
+    fast->linear(fast->upload_weight(t.w), x.data(), m, ys.data());
+    fast->linear(fast->upload_weight(asym), x.data(), m, ya.data());
+    testing::expect_close(ya, ys, 0, 1e-6, "zero offsets vs symmetric, m=" + std::to_string(m));
+  }
 }
 
 TEST_F(LinearTest, DenseAllDtypes) {

@@ -65,6 +65,41 @@ TEST(FineQuantFormat, MatrixLayoutFollowsTheBits) {
   EXPECT_EQ((MatrixFormat{4, 64}.groups_per_row(256)), 4);
   EXPECT_EQ(codes_name("x.fc1"), "x.fc1.qweight");
   EXPECT_EQ(scales_name("x.fc1"), "x.fc1.scales");
+  EXPECT_EQ(offsets_name("x.fc1"), "x.fc1.offsets");
+  EXPECT_EQ(kOffsetDType, DType::F32);
+  EXPECT_FALSE((MatrixFormat{4, 64}.asymmetric));  // symmetric is the default
+}
+
+TEST(FineQuantFormat, SourceFormatsRoundTripAndSummarise) {
+  FormatMetadata m = mixed();
+  EXPECT_EQ(m.source_format_summary(), "finequant");  // nothing listed: FineQuant's own quantizer
+  m.groups = {{"a", 32}, {"b", 32}, {"c", 32}};
+  m.source_formats = {{"a", "gguf:Q4_1"}, {"b", "gguf:Q4_1"}, {"c", "gguf:Q8_0"}};
+  const ckpt::Metadata header = to_header_metadata(m);
+  EXPECT_EQ(header.at("format_version"), std::to_string(kFormatVersion));
+  const std::optional<FormatMetadata> back = read_header_metadata(header, "ckpt");
+  ASSERT_TRUE(back.has_value());
+  EXPECT_EQ(back->source_formats, m.source_formats);
+  EXPECT_EQ(back->source_format_of("a"), "gguf:Q4_1");
+  EXPECT_EQ(back->source_format_of("zzz"), "finequant");
+  EXPECT_EQ(back->source_format_summary(), "gguf:Q4_1,gguf:Q8_0");  // most matrices first
+  EXPECT_EQ(to_quantization_config(m).at("source_formats").at("c"), "gguf:Q8_0");
+  EXPECT_EQ(to_quantization_config(m).at("format_version"), kFormatVersion);
+}
+
+TEST(FineQuantFormat, OldCheckpointsLoadAndNewerVersionsAreRefused) {
+  ckpt::Metadata header = to_header_metadata(mixed());
+  header.erase("format_version");  // written before version 2: symmetric, no source formats
+  const std::optional<FormatMetadata> old = read_header_metadata(header, "ckpt");
+  ASSERT_TRUE(old.has_value());
+  EXPECT_TRUE(old->source_formats.empty());
+  EXPECT_EQ(old->source_format_summary(), "finequant");
+  header["format_version"] = "1";
+  EXPECT_TRUE(read_header_metadata(header, "ckpt").has_value());
+  header["format_version"] = std::to_string(kFormatVersion + 1);
+  EXPECT_THROW(read_header_metadata(header, "ckpt"), Error);
+  header["format_version"] = "two";
+  EXPECT_THROW(read_header_metadata(header, "ckpt"), Error);
 }
 
 TEST(FineQuantFormat, DenseAndBadMetadata) {
@@ -101,6 +136,12 @@ TEST(FineQuantFormat, DenseAndBadMetadata) {
   bad = good;
   bad["expert_bits"] = "16";
   expect_error(bad, "'expert_bits' is '16'");
+  bad = good;
+  bad["source_formats"] = R"({"a": 3})";
+  expect_error(bad, "'source_formats' gives a 3");
+  bad = good;
+  bad["format_version"] = "99";
+  expect_error(bad, "newer than this FineServe reads");
 }
 
 }  // namespace
