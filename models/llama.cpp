@@ -61,7 +61,7 @@ LlamaModel::Activations LlamaModel::activations(int n_tokens, int n_logits) {
   size_t scratch = 0, gathered = 0;
   for (const LlamaLayer& Ly : w_.layers) {
     scratch = std::max(scratch, Ly.ffn->scratch_bytes(n_tokens));
-    for (const auto* g : {Ly.qkv_gather.get(), Ly.o_gather.get()})
+    for (const auto* g : {Ly.q_gather.get(), Ly.k_gather.get(), Ly.v_gather.get(), Ly.o_gather.get()})
       if (g) gathered = std::max(gathered, T * static_cast<size_t>(g->k()) * a);
   }
   return carve_in(arena_, [&](ScratchCarver& sc) {
@@ -124,13 +124,19 @@ LlamaModel::LlamaModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt:
     L.v_proj = ld.linear_part(p + "self_attn.v_proj", kv_dim, h, kv_part);
     L.o_proj = ld.linear(p + "self_attn.o_proj", h, q_dim, Parallel::Row);
     ld.accept_input_order(false);
-    const std::vector<int32_t> qkv_order = ld.input_order(p + "self_attn.q_proj");
-    if (ld.input_order(p + "self_attn.k_proj") != qkv_order || ld.input_order(p + "self_attn.v_proj") != qkv_order)
-      throw Error("checkpoint " + checkpoint_->dir().string() + ": the q/k/v projections of layer " +
-                  std::to_string(i) + " read their shared input in different activation orders (g_idx)");
-    if (!qkv_order.empty()) L.qkv_gather = std::make_unique<InputGather>(be_, qkv_order);
+    std::vector<std::shared_ptr<InputGather>> qkv_gathers;  // distinct orders of q, k, v
+    auto gather_for = [&](const std::string& stem) -> std::shared_ptr<InputGather> {
+      std::vector<int32_t> order = ld.input_order(p + stem);
+      if (order.empty()) return nullptr;
+      for (const auto& g : qkv_gathers)
+        if (g->order() == order) return g;
+      return qkv_gathers.emplace_back(std::make_shared<InputGather>(be_, std::move(order)));
+    };
+    L.q_gather = gather_for("self_attn.q_proj");
+    L.k_gather = gather_for("self_attn.k_proj");
+    L.v_gather = gather_for("self_attn.v_proj");
     if (auto o_order = ld.input_order(p + "self_attn.o_proj"); !o_order.empty())
-      L.o_gather = std::make_unique<InputGather>(be_, std::move(o_order));
+      L.o_gather = std::make_shared<InputGather>(be_, std::move(o_order));
     if (qkv_bias) {
       L.q_bias = ld.dense_split(p + "self_attn.q_proj.bias", {q_dim});
       L.k_bias = ld.dense_part(p + "self_attn.k_proj.bias", {kv_dim}, kv_part);
@@ -288,23 +294,22 @@ void LlamaModel::forward(const StepInput& s, float* logits) {
     const LlamaLayer& Ly = w_.layers[li];
     // Attention block: x = RMSNorm(h); h += o_proj(attention(rotary(q), rotary(k), v)).
     be_.rms_norm(b.h, T, h, Ly.input_norm, eps, b.x);
-    const void* qkv_in = b.x;
-    if (Ly.qkv_gather) {
-      Ly.qkv_gather->forward(b.x, T, b.gathered);
-      qkv_in = b.gathered;
-    }
-    be_.linear(Ly.q_proj, qkv_in, T, Ly.q_bias, b.q);
-    be_.linear(Ly.k_proj, qkv_in, T, Ly.k_bias, b.k);
-    be_.linear(Ly.v_proj, qkv_in, T, Ly.v_bias, b.v);
+    // x as each projection reads it: itself, or gathered in the projection's order (once per order).
+    const InputGather* gathered_as = nullptr;
+    auto input = [&](const std::shared_ptr<InputGather>& g, const void* x) -> const void* {
+      if (!g) return x;
+      if (gathered_as != g.get()) g->forward(x, T, b.gathered);
+      gathered_as = g.get();
+      return b.gathered;
+    };
+    be_.linear(Ly.q_proj, input(Ly.q_gather, b.x), T, Ly.q_bias, b.q);
+    be_.linear(Ly.k_proj, input(Ly.k_gather, b.x), T, Ly.k_bias, b.k);
+    be_.linear(Ly.v_proj, input(Ly.v_gather, b.x), T, Ly.v_bias, b.v);
     be_.rotary(b.q, b.k, index_.positions(), T, pa.n_heads, pa.n_kv_heads, pa.head_dim, pa.head_dim, w_.inv_freq);
     be_.write_kv(pa, b.k, b.v, kv_->k(li), kv_->v(li));
     be_.attention(pa, b.q, kv_->k(li), kv_->v(li), b.attn);
-    const void* o_in = b.attn;
-    if (Ly.o_gather) {
-      Ly.o_gather->forward(b.attn, T, b.gathered);
-      o_in = b.gathered;
-    }
-    be_.linear(Ly.o_proj, o_in, T, Ly.o_bias, b.x);
+    gathered_as = nullptr;  // a new input
+    be_.linear(Ly.o_proj, input(Ly.o_gather, b.attn), T, Ly.o_bias, b.x);
     all_reduce(b.x);
     be_.add(b.h, b.x, T * h);
 

@@ -77,9 +77,10 @@ struct LlamaLayer {
   WeightMatrix o_proj;            // [hidden, heads * head_dim] row-parallel
   DeviceTensor o_bias;            // [hidden] (attention_bias; rank 0 only)
   DeviceTensor post_attn_norm;    // [hidden] post_attention_layernorm
-  // Activation order (models/llama_act_order.h): the input of q/k/v (one order for all three) and
-  // of o_proj gathered in their matrices' K order; null for matrices in plain order.
-  std::unique_ptr<InputGather> qkv_gather, o_gather;
+  // Activation order (models/llama_act_order.h): the inputs of q/k/v and o_proj gathered in their
+  // matrices' K order; null for matrices in plain order. Projections whose orders are equal (GPTQ's
+  // q/k/v, quantized from the same inputs) share one gather, which then runs once.
+  std::shared_ptr<InputGather> q_gather, k_gather, v_gather, o_gather;
   std::unique_ptr<LlamaFfn> ffn;  // dense SwiGLU MLP or sparse MoE
 };
 

@@ -10,8 +10,8 @@
 // gate/up are the RMSNorm of the residual stream, whose channel order every layer shares (each
 // layer's matrices have their own order), and o_proj's input mixes heads after attention; only a
 // copy of the activation in the matrix's order is exact for all of them. It costs one pass over
-// [T, K] activations per gathered input — q/k/v share one, gate/up share one — small next to the
-// GEMM that follows, and nothing at all for checkpoints without activation order.
+// [T, K] activations per distinct order (q/k/v usually share one, gate/up must), small next to
+// the GEMMs that follow, and nothing at all for checkpoints without activation order.
 #pragma once
 
 #include <cstdint>
@@ -27,6 +27,7 @@ class InputGather {
   // `order`: [K], a permutation of 0..K-1.
   InputGather(Backend& backend, std::vector<int32_t> order);
   int64_t k() const { return static_cast<int64_t>(order_.size()); }
+  const std::vector<int32_t>& order() const { return order_; }
   // out[t, j] = x[t, order[j]] for t < n_tokens; x and out are [n_tokens, K] activations.
   void forward(const void* x, int64_t n_tokens, void* out);
 

@@ -40,12 +40,12 @@ NEW_TOKENS = 8
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def make_model(arch, seed, tied, hidden=64, intermediate=128):
+def make_model(arch, seed, tied, hidden=64, intermediate=128, **extra):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
     torch.manual_seed(seed)
     common = dict(vocab_size=512, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, bos_token_id=1,
-                  eos_token_id=2, initializer_range=0.1, tie_word_embeddings=tied)
+                  eos_token_id=2, initializer_range=0.1, tie_word_embeddings=tied, **extra)
     if arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
     else:
@@ -180,10 +180,29 @@ def make_ct(root, name, arch, seed, tied, bits, group, symmetric, shard=None, dt
 
 # ---- GPTQ (gptqmodel) --------------------------------------------------------------------------
 
+def gptq_golden(out):
+    """The reference: gptqmodel's own dequantize_weight of every packed module, in fp32."""
+    from gptqmodel import BACKEND, GPTQModel
+    loaded = GPTQModel.load(out, device="cpu", backend=BACKEND.GPTQ_TORCH)  # plain torch: no JIT kernels
+    state = read_state(out)
+    deq = {}
+    for mod_name, mod in loaded.model.named_modules():
+        if hasattr(mod, "dequantize_weight") and hasattr(mod, "qweight"):
+            # gptqmodel's CPU loader casts the model, scales included, to bf16; the file's scales
+            # are fp16, and they are what the checkpoint means.
+            mod.scales = state[mod_name + ".scales"].float()
+            deq[mod_name] = mod.dequantize_weight().T.float()
+    write_golden(reference_model(out, deq), out, "gptqmodel GPTQ quantize on CPU; gptqmodel dequantize_weight "
+                                                 "in fp32 with the file's scales")
+    return deq
+
+
 def make_gptq(root, name, arch, seed, tied, bits, group, sym, desc_act):
-    from gptqmodel import GPTQModel, QuantizeConfig
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
     tmp = tempfile.mkdtemp()
-    dense = make_model(arch, seed, tied)
+    # gptqmodel's tokenizer helper fills in an unset pad id with the architecture's own (Qwen2's is
+    # outside this vocabulary): name one.
+    dense = make_model(arch, seed, tied, pad_token_id=0)
     save_dense(dense.half(), tmp)
     tok_src = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "golden", "llama-gqa")
     for f in ("tokenizer.json", "tokenizer_config.json"):
@@ -191,26 +210,28 @@ def make_gptq(root, name, arch, seed, tied, bits, group, sym, desc_act):
     g = torch.Generator().manual_seed(seed)
     calibration = [{"input_ids": torch.randint(3, 512, (1, 32), generator=g),
                     "attention_mask": torch.ones(1, 32, dtype=torch.long)} for _ in range(16)]
-    qcfg = QuantizeConfig(bits=bits, group_size=group, sym=sym, desc_act=desc_act)
+    # gptqmodel's group-aware reordering (on by default) needs groups; off for one group over K.
+    extra = {"act_group_aware": False} if group == -1 else {}
+    qcfg = QuantizeConfig(bits=bits, group_size=group, sym=sym, desc_act=desc_act, **extra)
     model = GPTQModel.load(tmp, qcfg, device="cpu")
     model.quantize(calibration, batch_size=1)
     out = fixture_dir(root, name)
     model.save(out)
-    for f in os.listdir(out):
-        if f not in ("config.json", "model.safetensors", "model.safetensors.index.json") and \
-                not f.startswith("model-"):
-            os.remove(os.path.join(out, f))
-    # The reference: gptqmodel's own dequantize_weight of every packed module, in fp32.
-    loaded = GPTQModel.load(out, device="cpu")
-    deq = {}
-    for mod_name, mod in loaded.model.named_modules():
-        if hasattr(mod, "dequantize_weight") and hasattr(mod, "qweight"):
-            mod.scales = mod.scales.float()
-            deq[mod_name] = mod.dequantize_weight().T.float()
-    write_golden(reference_model(out, deq), out, "gptqmodel GPTQ quantize on CPU; gptqmodel dequantize_weight "
-                                                 "in fp32")
+    for f in ("tokenizer.json", "tokenizer_config.json"):  # gptqmodel's loader wants them
+        shutil.copy(os.path.join(tok_src, f), out)
+    gptq_golden(out)
     shutil.rmtree(tmp)
-    print(name, "done", sorted(deq)[:2])
+    for f in os.listdir(out):  # gptqmodel also saves the tokenizer and its own notes
+        if not (f in ("config.json", "model.safetensors.index.json") or f.startswith("model") or
+                f.startswith("golden")):
+            os.remove(os.path.join(out, f))
+    # gptqmodel records its temporary offload directory: no machine paths in the fixture.
+    config_path = os.path.join(out, "config.json")
+    config = json.load(open(config_path))
+    config["quantization_config"].get("meta", {}).pop("offload_to_disk_path", None)
+    with open(config_path, "w") as f:
+        json.dump(config, f, indent=2)
+    print(name, "done")
 
 
 # ---- AWQ (AutoAWQ packing) -----------------------------------------------------------------------
@@ -267,11 +288,17 @@ def make_qwen2_dense(root, name, seed, tied):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--which", required=True, choices=["ct", "gptq", "awq", "qwen2"])
+    ap.add_argument("--which", required=True, choices=["ct", "gptq", "gptq-golden", "awq", "qwen2"])
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "data", "hf_quant"))
     ap.add_argument("--awq-src", help="the unpacked autoawq sdist (for --which awq)")
+    ap.add_argument("--only", help="make only the fixture of this name")
     args = ap.parse_args()
     torch.set_num_threads(2)
+    if args.only:  # every make_* call below names its fixture second
+        for fn in ("make_ct", "make_gptq", "make_awq", "make_qwen2_dense"):
+            real = globals()[fn]
+            globals()[fn] = (lambda real: lambda root, name, *a, **k: real(root, name, *a, **k)
+                             if name == args.only else None)(real)
     os.makedirs(args.out, exist_ok=True)
     if args.which == "qwen2":
         make_qwen2_dense(args.out, "qwen2-tied", 21, True)
@@ -283,8 +310,19 @@ def main():
         make_ct(args.out, "ct-w8a16-asym-g32-qwen2", "qwen2", 34, False, 8, 32, False, dtype=torch.bfloat16)
     elif args.which == "gptq":
         make_gptq(args.out, "gptq-4bit-g32-asym-llama", "llama", 41, False, 4, 32, False, False)
-        make_gptq(args.out, "gptq-4bit-g64-sym-actorder-qwen2", "qwen2", 42, False, 4, 64, True, True)
+        make_gptq(args.out, "gptq-4bit-g32-sym-actorder-qwen2", "qwen2", 42, False, 4, 32, True, True)
         make_gptq(args.out, "gptq-8bit-gK-sym-llama", "llama", 43, True, 8, -1, True, False)
+    elif args.which == "gptq-golden":  # only the expected logits of the GPTQ fixtures already made
+        for name in sorted(os.listdir(args.out)):
+            if name.startswith("gptq-") and (not args.only or name == args.only):
+                out = os.path.join(args.out, name)
+                tok_src = os.path.join(os.path.dirname(__file__), "..", "tests", "data", "golden", "llama-gqa")
+                for f in ("tokenizer.json", "tokenizer_config.json"):
+                    shutil.copy(os.path.join(tok_src, f), out)
+                gptq_golden(out)
+                for f in ("tokenizer.json", "tokenizer_config.json"):
+                    os.remove(os.path.join(out, f))
+                print(name, "golden done")
     elif args.which == "awq":
         make_awq(args.out, "awq-g32-qwen2", "qwen2", 51, False, 32, args.awq_src)
         make_awq(args.out, "awq-g64-llama", "llama", 52, True, 64, args.awq_src)
