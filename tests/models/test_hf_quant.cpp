@@ -3,6 +3,7 @@
 // fixture quantized and packed by its format's own package); and the errors for what is not
 // supported.
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <functional>
 #include <filesystem>
@@ -11,7 +12,9 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "engine/tp.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/cpu_backend.h"
 #include "kernels/base.h"
 #include "models/checkpoint/config.h"
 #include "models/checkpoint/hf_quant.h"
@@ -164,6 +167,31 @@ TEST(HfQuantErrors, TruncatedFilesAreRefusedWithoutACrash) {
     const fs::path file = dir / "model.safetensors";
     fs::resize_file(file, fs::file_size(file) - 1000);
     expect_error(dir, {"model.safetensors"});
+  }
+}
+
+// Tensor parallelism cuts the re-laid matrices like FineQuant ones (offsets with their scales).
+// A row-parallel matrix in activation order cannot be cut: refused by name.
+TEST(HfQuantTp, ShardsMatchOneRankAndActOrderRowParallelIsRefused) {
+  using namespace std::chrono_literals;
+  InprocTpOptions o;
+  o.world = 2;
+  o.timeout = 30s;
+  o.make_backend = [](int) { return make_cpu_backend(CpuOptions{.reference = false, .threads = 1}); };
+  for (const char* name : {"ct-w4a16-asym-g32-qwen2", "awq-g32-qwen2", "gptq-4bit-g32-asym-llama"}) {
+    const fs::path dir = kDir / name;
+    auto backend = make_cpu_backend();
+    auto single = load_model(dir, *backend);
+    auto tp = load_model_tp_inproc(dir, o);
+    for (const auto& ids : testing::golden_prompt_ids(dir))
+      EXPECT_LE(testing::rel_max_error(testing::prefill_logits(*tp, ids), testing::prefill_logits(*single, ids)), 1e-5)
+          << name;
+  }
+  try {
+    load_model_tp_inproc(kDir / "gptq-4bit-g32-sym-actorder-qwen2", o);
+    ADD_FAILURE() << "an activation-order row-parallel matrix was split";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("activation order"), std::string::npos) << e.what();
   }
 }
 
