@@ -8,7 +8,7 @@
 
 namespace fineserve {
 
-enum class DType : uint8_t { F32, F16, BF16, I8, U8, I32 };
+enum class DType : uint8_t { F32, F16, BF16, I8, U8, I32, I64 };  // I64: read from checkpoints only
 
 constexpr size_t dtype_size(DType t) {
   switch (t) {
@@ -18,6 +18,7 @@ constexpr size_t dtype_size(DType t) {
     case DType::I8: return 1;
     case DType::U8: return 1;
     case DType::I32: return 4;
+    case DType::I64: return 8;
   }
   return 0;
 }
@@ -30,12 +31,13 @@ constexpr std::string_view dtype_name(DType t) {
     case DType::I8: return "I8";
     case DType::U8: return "U8";
     case DType::I32: return "I32";
+    case DType::I64: return "I64";
   }
   return "?";
 }
 
 constexpr std::optional<DType> dtype_from_name(std::string_view s) {
-  for (DType t : {DType::F32, DType::F16, DType::BF16, DType::I8, DType::U8, DType::I32})
+  for (DType t : {DType::F32, DType::F16, DType::BF16, DType::I8, DType::U8, DType::I32, DType::I64})
     if (dtype_name(t) == s) return t;
   return std::nullopt;
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numbers>
+#include <tuple>
 
 #include "kernels/base.h"
 #include "kernels/cpu/convert.h"
@@ -49,6 +50,7 @@ struct LlamaModel::Activations {
   void *k, *v;    // [T, kv_dim]
   void* attn;     // [T, q_dim]
   void* scratch;  // the FFNs' working memory (LlamaFfn::scratch_bytes)
+  void* gathered; // [T, max K of a gathered input] (activation order only)
   void* last;     // [L, hidden] hidden states of the logit rows
 };
 
@@ -56,8 +58,12 @@ LlamaModel::Activations LlamaModel::activations(int n_tokens, int n_logits) {
   const size_t a = dtype_size(be_.act_dtype()), T = static_cast<size_t>(n_tokens), L = static_cast<size_t>(n_logits);
   const auto h = static_cast<size_t>(c_.hidden_size), head_dim = static_cast<size_t>(c_.head_dim);
   const size_t q_dim = static_cast<size_t>(heads_) * head_dim, kv_dim = static_cast<size_t>(kv_heads_) * head_dim;
-  size_t scratch = 0;
-  for (const LlamaLayer& Ly : w_.layers) scratch = std::max(scratch, Ly.ffn->scratch_bytes(n_tokens));
+  size_t scratch = 0, gathered = 0;
+  for (const LlamaLayer& Ly : w_.layers) {
+    scratch = std::max(scratch, Ly.ffn->scratch_bytes(n_tokens));
+    for (const auto* g : {Ly.q_gather.get(), Ly.k_gather.get(), Ly.v_gather.get(), Ly.o_gather.get()})
+      if (g) gathered = std::max(gathered, T * static_cast<size_t>(g->k()) * a);
+  }
   return carve_in(arena_, [&](ScratchCarver& sc) {
     Activations b;
     b.h = sc.take(T * h * a);
@@ -67,6 +73,7 @@ LlamaModel::Activations LlamaModel::activations(int n_tokens, int n_logits) {
     b.v = sc.take(T * kv_dim * a);
     b.attn = sc.take(T * q_dim * a);
     b.scratch = sc.take(scratch);
+    b.gathered = sc.take(gathered);
     b.last = sc.take(L * h * a);
     return b;
   });
@@ -106,22 +113,37 @@ LlamaModel::LlamaModel(std::unique_ptr<ckpt::Checkpoint> checkpoint, const ckpt:
   const LlamaLoadContext ctx{*checkpoint_, ld, be_, c_};
   w_.embed_tokens = ld.embedding("embed_tokens", vocab, h);
   w_.final_norm = ld.dense("norm.weight", {h});
-  const bool bias = c_.attention_bias;
+  const bool qkv_bias = c_.attention_bias || c_.qkv_bias;  // Qwen2: q/k/v only
   for (int64_t i = 0; i < c_.num_hidden_layers; ++i) {
     const std::string p = "layers." + std::to_string(i) + ".";
     LlamaLayer L;
     L.input_norm = ld.dense(p + "input_layernorm.weight", {h});
+    ld.accept_input_order(true);  // the attention block gathers its inputs (models/llama_act_order.h)
     L.q_proj = ld.linear(p + "self_attn.q_proj", q_dim, h, Parallel::Column);
     L.k_proj = ld.linear_part(p + "self_attn.k_proj", kv_dim, h, kv_part);
     L.v_proj = ld.linear_part(p + "self_attn.v_proj", kv_dim, h, kv_part);
     L.o_proj = ld.linear(p + "self_attn.o_proj", h, q_dim, Parallel::Row);
-    if (bias) {
+    ld.accept_input_order(false);
+    std::vector<std::shared_ptr<InputGather>> qkv_gathers;  // distinct orders of q, k, v
+    auto gather_for = [&](const std::string& stem) -> std::shared_ptr<InputGather> {
+      std::vector<int32_t> order = ld.input_order(p + stem);
+      if (order.empty()) return nullptr;
+      for (const auto& g : qkv_gathers)
+        if (g->order() == order) return g;
+      return qkv_gathers.emplace_back(std::make_shared<InputGather>(be_, std::move(order)));
+    };
+    L.q_gather = gather_for("self_attn.q_proj");
+    L.k_gather = gather_for("self_attn.k_proj");
+    L.v_gather = gather_for("self_attn.v_proj");
+    if (auto o_order = ld.input_order(p + "self_attn.o_proj"); !o_order.empty())
+      L.o_gather = std::make_shared<InputGather>(be_, std::move(o_order));
+    if (qkv_bias) {
       L.q_bias = ld.dense_split(p + "self_attn.q_proj.bias", {q_dim});
       L.k_bias = ld.dense_part(p + "self_attn.k_proj.bias", {kv_dim}, kv_part);
       L.v_bias = ld.dense_part(p + "self_attn.v_proj.bias", {kv_dim}, kv_part);
-      // Row-parallel: added once, by rank 0, before the all-reduce sums the ranks.
-      if (shard_.rank == 0) L.o_bias = ld.dense(p + "self_attn.o_proj.bias", {h});
     }
+    // Row-parallel: added once, by rank 0, before the all-reduce sums the ranks.
+    if (c_.attention_bias && shard_.rank == 0) L.o_bias = ld.dense(p + "self_attn.o_proj.bias", {h});
     L.post_attn_norm = ld.dense(p + "post_attention_layernorm.weight", {h});
     L.ffn = c_.is_moe() ? load_sparse_moe(ctx, p) : load_dense_mlp(ctx, p);
     w_.layers.push_back(std::move(L));
@@ -163,7 +185,10 @@ class DenseMlp final : public LlamaFfn {
     const ckpt::LlamaConfig& c = ctx.config;
     const ShardSpec shard = ctx.loader.shard();
     const std::string p = layer + "mlp.";
+    ctx.loader.accept_input_order(true);  // gathered below (models/llama_act_order.h)
     gate_up_ = ctx.loader.stacked_linear(p + "gate_proj", p + "up_proj", c.intermediate_size, hidden_);
+    if (auto order = ctx.loader.input_order(p + "gate_proj"); !order.empty())
+      gate_up_gather_ = std::make_unique<InputGather>(be_, std::move(order));
     if (c.mlp_bias) {
       // [gate bias | up bias] in fp32, this rank's slice of each.
       std::vector<float> both(static_cast<size_t>(2 * ffn_));
@@ -182,6 +207,9 @@ class DenseMlp final : public LlamaFfn {
       if (shard.rank == 0) down_bias_ = ctx.loader.dense(p + "down_proj.bias", {hidden_});
     }
     down_ = ctx.loader.linear(p + "down_proj", hidden_, c.intermediate_size, Parallel::Row);
+    ctx.loader.accept_input_order(false);
+    if (auto order = ctx.loader.input_order(p + "down_proj"); !order.empty())
+      down_gather_ = std::make_unique<InputGather>(be_, std::move(order));
   }
 
   size_t scratch_bytes(int64_t n_tokens) const override {
@@ -192,20 +220,34 @@ class DenseMlp final : public LlamaFfn {
 
   void forward(const void* x, int64_t n_tokens, void* out, const FfnWorkspace& ws) override {
     ScratchCarver sc{static_cast<char*>(ws.scratch)};
-    const auto [gate_up, act] = carve(sc, n_tokens);
-    be_.linear(gate_up_, x, n_tokens, gate_up_bias_, gate_up);
+    const auto [gate_up, act, gathered] = carve(sc, n_tokens);
+    const void* gate_up_in = x;
+    if (gate_up_gather_) {
+      gate_up_gather_->forward(x, n_tokens, gathered);
+      gate_up_in = gathered;
+    }
+    be_.linear(gate_up_, gate_up_in, n_tokens, gate_up_bias_, gate_up);
     be_.gated_activation(act_, gate_up, n_tokens, ffn_, act);
-    be_.linear(down_, act, n_tokens, down_bias_, out);
+    const void* down_in = act;
+    if (down_gather_) {
+      down_gather_->forward(act, n_tokens, gathered);
+      down_in = gathered;
+    }
+    be_.linear(down_, down_in, n_tokens, down_bias_, out);
   }
 
   uint64_t weight_bytes() const override { return static_cast<uint64_t>(gate_up_.bytes() + down_.bytes()); }
 
  private:
-  std::pair<void*, void*> carve(ScratchCarver& sc, int64_t n_tokens) const {
+  std::tuple<void*, void*, void*> carve(ScratchCarver& sc, int64_t n_tokens) const {
     const size_t a = dtype_size(be_.act_dtype()), T = static_cast<size_t>(n_tokens);
     void* gate_up = sc.take(T * 2 * static_cast<size_t>(ffn_) * a);  // [T, 2 * ffn]
     void* act = sc.take(T * static_cast<size_t>(ffn_) * a);          // [T, ffn]
-    return {gate_up, act};
+    size_t gathered_k = 0;  // [T, K] of the largest gathered input (activation order only)
+    if (gate_up_gather_) gathered_k = static_cast<size_t>(hidden_);
+    if (down_gather_) gathered_k = std::max(gathered_k, static_cast<size_t>(down_gather_->k()));
+    void* gathered = sc.take(T * gathered_k * a);
+    return {gate_up, act, gathered};
   }
 
   Backend& be_;
@@ -215,6 +257,7 @@ class DenseMlp final : public LlamaFfn {
   DeviceTensor gate_up_bias_;  // [2 * ffn] (mlp_bias)
   WeightMatrix down_;          // [hidden, ffn] row-parallel
   DeviceTensor down_bias_;     // [hidden] (rank 0 only)
+  std::unique_ptr<InputGather> gate_up_gather_, down_gather_;  // activation order only
 };
 
 }  // namespace
@@ -251,13 +294,22 @@ void LlamaModel::forward(const StepInput& s, float* logits) {
     const LlamaLayer& Ly = w_.layers[li];
     // Attention block: x = RMSNorm(h); h += o_proj(attention(rotary(q), rotary(k), v)).
     be_.rms_norm(b.h, T, h, Ly.input_norm, eps, b.x);
-    be_.linear(Ly.q_proj, b.x, T, Ly.q_bias, b.q);
-    be_.linear(Ly.k_proj, b.x, T, Ly.k_bias, b.k);
-    be_.linear(Ly.v_proj, b.x, T, Ly.v_bias, b.v);
+    // x as each projection reads it: itself, or gathered in the projection's order (once per order).
+    const InputGather* gathered_as = nullptr;
+    auto input = [&](const std::shared_ptr<InputGather>& g, const void* x) -> const void* {
+      if (!g) return x;
+      if (gathered_as != g.get()) g->forward(x, T, b.gathered);
+      gathered_as = g.get();
+      return b.gathered;
+    };
+    be_.linear(Ly.q_proj, input(Ly.q_gather, b.x), T, Ly.q_bias, b.q);
+    be_.linear(Ly.k_proj, input(Ly.k_gather, b.x), T, Ly.k_bias, b.k);
+    be_.linear(Ly.v_proj, input(Ly.v_gather, b.x), T, Ly.v_bias, b.v);
     be_.rotary(b.q, b.k, index_.positions(), T, pa.n_heads, pa.n_kv_heads, pa.head_dim, pa.head_dim, w_.inv_freq);
     be_.write_kv(pa, b.k, b.v, kv_->k(li), kv_->v(li));
     be_.attention(pa, b.q, kv_->k(li), kv_->v(li), b.attn);
-    be_.linear(Ly.o_proj, b.attn, T, Ly.o_bias, b.x);
+    gathered_as = nullptr;  // a new input
+    be_.linear(Ly.o_proj, input(Ly.o_gather, b.attn), T, Ly.o_bias, b.x);
     all_reduce(b.x);
     be_.add(b.h, b.x, T * h);
 

@@ -1,5 +1,6 @@
-// Llama (Touvron et al. 2023), Mistral (Jiang et al. 2023) and Mixtral (Jiang et al. 2024), as
-// Hugging Face's LlamaForCausalLM, MistralForCausalLM and MixtralForCausalLM: pre-RMSNorm decoder
+// Llama (Touvron et al. 2023), Mistral (Jiang et al. 2023), Mixtral (Jiang et al. 2024) and Qwen2
+// (Yang et al. 2024), as Hugging Face's LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM
+// and Qwen2ForCausalLM (Llama with q/k/v biases and no o_proj bias): pre-RMSNorm decoder
 // layers, rotary position embeddings (with linear or Llama-3 frequency scaling), grouped-query
 // attention (optionally over a sliding window), a feed-forward block that is a SwiGLU MLP (Llama,
 // Mistral) or a sparse mixture of SwiGLU experts (Mixtral, models/mixtral.h), and an LM head tied
@@ -24,6 +25,7 @@
 #include "kernels/communicator.h"
 #include "models/checkpoint/config.h"
 #include "models/checkpoint/safetensors.h"
+#include "models/llama_act_order.h"
 #include "models/lm_head.h"
 #include "models/model.h"
 #include "models/step_buffers.h"
@@ -70,11 +72,15 @@ struct LlamaLayer {
   DeviceTensor input_norm;        // [hidden] input_layernorm
   WeightMatrix q_proj;            // [heads * head_dim, hidden] column-parallel
   WeightMatrix k_proj, v_proj;    // [kv_heads * head_dim, hidden] column-parallel
-  DeviceTensor q_bias;            // [heads * head_dim] (attention_bias)
+  DeviceTensor q_bias;            // [heads * head_dim] (attention_bias or qkv_bias)
   DeviceTensor k_bias, v_bias;    // [kv_heads * head_dim]
   WeightMatrix o_proj;            // [hidden, heads * head_dim] row-parallel
-  DeviceTensor o_bias;            // [hidden] (rank 0 only)
+  DeviceTensor o_bias;            // [hidden] (attention_bias; rank 0 only)
   DeviceTensor post_attn_norm;    // [hidden] post_attention_layernorm
+  // Activation order (models/llama_act_order.h): the inputs of q/k/v and o_proj gathered in their
+  // matrices' K order; null for matrices in plain order. Projections whose orders are equal (GPTQ's
+  // q/k/v, quantized from the same inputs) share one gather, which then runs once.
+  std::shared_ptr<InputGather> q_gather, k_gather, v_gather, o_gather;
   std::unique_ptr<LlamaFfn> ffn;  // dense SwiGLU MLP or sparse MoE
 };
 

@@ -18,9 +18,10 @@ std::vector<TensorSpec> llama_tensor_specs(const ckpt::LlamaConfig& c) {
   add("model.embed_tokens.weight", {c.vocab_size, h}, Init::Normal);
   for (int64_t i = 0; i < c.num_hidden_layers; ++i) {
     const std::string p = "model.layers." + std::to_string(i) + ".";
-    add_linear(p + "self_attn.q_proj", q_dim, h, c.attention_bias);
-    add_linear(p + "self_attn.k_proj", kv_dim, h, c.attention_bias);
-    add_linear(p + "self_attn.v_proj", kv_dim, h, c.attention_bias);
+    const bool qkv_bias = c.attention_bias || c.qkv_bias;
+    add_linear(p + "self_attn.q_proj", q_dim, h, qkv_bias);
+    add_linear(p + "self_attn.k_proj", kv_dim, h, qkv_bias);
+    add_linear(p + "self_attn.v_proj", kv_dim, h, qkv_bias);
     add_linear(p + "self_attn.o_proj", h, q_dim, c.attention_bias);
     if (c.is_moe()) {
       // Mixtral: the router, then per expert w1 (gate), w2 (down), w3 (up).

@@ -17,6 +17,7 @@ const Registered kRegistry[] = {
     {"llama", &kLlamaArchitecture},
     {"mistral", &kLlamaArchitecture},
     {"mixtral", &kLlamaArchitecture},
+    {"qwen2", &kLlamaArchitecture},
 };
 
 }  // namespace

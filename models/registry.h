@@ -50,12 +50,12 @@ struct Architecture {
 
 // The entries, each defined next to its model.
 extern const Architecture kOptArchitecture;    // models/opt.cpp
-extern const Architecture kLlamaArchitecture;  // models/llama.cpp: Llama, Mistral, Mixtral
+extern const Architecture kLlamaArchitecture;  // models/llama.cpp: Llama, Mistral, Mixtral, Qwen2
 
 // The architecture of config.json's model_type; fineserve::Error naming `source`, the type and the
 // supported types when there is none.
 const Architecture& find_architecture(const nlohmann::json& config, const std::string& source);
-// The registered model types, comma-separated ("opt, llama, mistral, mixtral").
+// The registered model types, comma-separated ("opt, llama, mistral, mixtral, qwen2").
 std::string supported_model_types();
 
 }  // namespace fineserve

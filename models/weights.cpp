@@ -33,6 +33,7 @@ WeightLoader::WeightLoader(const ckpt::Checkpoint& checkpoint, Backend& backend,
     : ckpt_(checkpoint), backend_(backend), prefix_(std::move(prefix)), shard_(shard) {
   FS_ASSERT(shard_.world >= 1 && shard_.rank >= 0 && shard_.rank < shard_.world);
   format_ = quant::read_header_metadata(ckpt_.metadata(), "checkpoint " + ckpt_.dir().string());
+  if (!format_) hf_quant_ = ckpt::read_hf_quant_config(ckpt_);
 }
 
 bool WeightLoader::has(const std::string& name) const { return ckpt_.has(prefix_ + name); }
@@ -73,6 +74,8 @@ WeightMatrix WeightLoader::stored(const std::string& stem, int64_t rows, int64_t
   host.rows = rows;
   host.cols = cols;
   int64_t row_bytes = 0;  // of the stored codes / values
+  if (hf_quant_ && ckpt::has_hf_quantized(ckpt_, *hf_quant_, prefix_ + stem))
+    return stored_hf(stem, rows, cols, row_bytes_out);
   if (has(quant::codes_name(stem))) {
     if (!format_)
       throw Error("checkpoint " + ckpt_.dir().string() + ": " + quant::codes_name(stem) + " without FineQuant metadata");
@@ -111,14 +114,53 @@ WeightMatrix WeightLoader::stored(const std::string& stem, int64_t rows, int64_t
   return host;
 }
 
+std::vector<int32_t> WeightLoader::input_order(const std::string& stem) const {
+  const auto it = input_orders_.find(stem);
+  return it == input_orders_.end() ? std::vector<int32_t>{} : it->second;
+}
+
+WeightMatrix WeightLoader::stored_hf(const std::string& stem, int64_t rows, int64_t cols, int64_t* row_bytes) {
+  const ckpt::HfQuantConfig& q = *hf_quant_;
+  const int64_t group = q.group_size == -1 ? cols : q.group_size;
+  if (!quant::is_allowed_group(cols, group))
+    throw Error("checkpoint " + ckpt_.dir().string() + ": " + prefix_ + stem + " is " + q.describe() +
+                ": quantization_config group_size " + std::to_string(q.group_size) +
+                " is not a group FineServe's kernels run for K = " + std::to_string(cols) +
+                " (K itself, -1, or a power of two >= 32 dividing K)");
+  ckpt::RelaidMatrix& m = relaid_.emplace_back(ckpt::relay_hf_matrix(ckpt_, q, prefix_ + stem, rows, cols));
+  if (!m.k_order.empty()) {
+    if (!accept_input_order_)
+      throw Error("checkpoint " + ckpt_.dir().string() + ": " + prefix_ + stem + " is " + q.describe() +
+                  " with a g_idx that reorders its input channels, which this layer does not support");
+    input_orders_[stem] = m.k_order;
+  }
+  WeightMatrix host;
+  host.rows = rows;
+  host.cols = cols;
+  host.bits = m.bits;
+  host.group = m.group;
+  const quant::MatrixFormat f{m.bits, m.group};
+  host.dtype = f.code_dtype();
+  host.data = m.codes.data();
+  host.scales = m.scales.data();
+  if (!m.offsets.empty()) host.offsets = m.offsets.data();  // zero points (w = scale · code + offset)
+  *row_bytes = f.code_row_bytes(cols);
+  return host;
+}
+
 // `part` is the cut: rank part.rank of part.world (the loader's shard, except for linear_part).
 WeightMatrix WeightLoader::load_linear(const std::string& stem, int64_t rows, int64_t cols, Parallel parallel,
                                        ShardSpec part) {
   if (part.world == 1) parallel = Parallel::Replicated;
+  relaid_.clear();
   int64_t row_bytes = 0;
   WeightMatrix host = stored(stem, rows, cols, &row_bytes);
   const void* scales = host.scales;
   const void* offsets = host.offsets;
+  if (parallel == Parallel::Row && input_orders_.count(stem))
+    throw Error("tensor parallelism: cannot split " + prefix_ + stem + " along K across " +
+                std::to_string(part.world) + " ranks: its input channels are in activation order (g_idx), so a "
+                "rank's slice would read channels another rank holds");
 
   // This rank's shard, copied out of the mapped checkpoint into contiguous buffers. Offsets are cut
   // exactly as scales are (one per (row, group)), 4 bytes each.
@@ -176,10 +218,14 @@ WeightMatrix WeightLoader::load_linear(const std::string& stem, int64_t rows, in
 
 WeightMatrix WeightLoader::stacked_linear(const std::string& stem_a, const std::string& stem_b, int64_t rows,
                                           int64_t cols) {
+  relaid_.clear();
   const std::string stems[2] = {stem_a, stem_b};
   WeightMatrix half[2];
   int64_t row_bytes[2] = {0, 0};
   for (int i = 0; i < 2; ++i) half[i] = stored(stems[i], rows, cols, &row_bytes[i]);
+  if (input_order(stem_a) != input_order(stem_b))
+    throw Error("checkpoint " + ckpt_.dir().string() + ": " + prefix_ + stem_a + " and " + prefix_ + stem_b +
+                " read their shared input in different activation orders (g_idx), so they cannot run as one GEMM");
 
   // This rank's rows of each half (column-parallel): [r0, r0 + n).
   if (rows % shard_.world != 0)

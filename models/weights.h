@@ -3,11 +3,14 @@
 // rank's shard at load time (Megatron style, DESIGN: Tensor parallelism).
 #pragma once
 
+#include <deque>
+#include <map>
 #include <optional>
 #include <string>
 #include <vector>
 
 #include "kernels/backend.h"
+#include "models/checkpoint/hf_quant.h"
 #include "models/checkpoint/safetensors.h"
 #include "models/model.h"  // ShardSpec
 #include "quant/format.h"
@@ -42,10 +45,17 @@ class WeightLoader {
   int bits() const { return format_ ? format_->bits : 0; }
   // "none", or the FineQuant format's name for the checkpoint's quantization ("finequant-int4",
   // "finequant-int8,experts-int4"): what ModelInfo::quantization reports.
-  std::string quantization_name() const { return format_ ? format_->quantization_name() : "none"; }
+  std::string quantization_name() const {
+    if (hf_quant_) return hf_quant_->method_name() + "-int" + std::to_string(hf_quant_->bits);
+    return format_ ? format_->quantization_name() : "none";
+  }
   // Where the quantized matrices came from ("finequant", "gguf:Q4_1", "gguf:Q4_1,gguf:Q8_0", ...;
-  // quant/format.h); "none" for a dense checkpoint: what ModelInfo::source_format reports.
-  std::string source_format() const { return format_ ? format_->source_format_summary() : "none"; }
+  // quant/format.h; "gptq", "awq", "compressed-tensors" for a Hugging Face quantized checkpoint);
+  // "none" for a dense checkpoint: what ModelInfo::source_format reports.
+  std::string source_format() const {
+    if (hf_quant_) return hf_quant_->method_name();
+    return format_ ? format_->source_format_summary() : "none";
+  }
   const ShardSpec& shard() const { return shard_; }
   bool has(const std::string& name) const;
   // `stem`.weight (dense) or `stem`.qweight + `stem`.scales (+ `stem`.offsets when asymmetric)
@@ -83,6 +93,13 @@ class WeightLoader {
   DeviceTensor dense_split(const std::string& name, const std::vector<int64_t>& shape);
   // Part part.rank of part.world of a dense tensor along its first dimension (linear_part's bias).
   DeviceTensor dense_part(const std::string& name, const std::vector<int64_t>& shape, ShardSpec part);
+  // Activation order (models/llama_act_order.h): whether the caller multiplies matrices whose K the
+  // loader permuted by their input gathered in input_order(stem). Off (the default), such a matrix
+  // is refused with a clear error instead of being served wrong.
+  void accept_input_order(bool accept) { accept_input_order_ = accept; }
+  // The input channel each column of the loaded matrix `stem` reads (stacked_linear: `stem_a`);
+  // empty when K was not permuted.
+  std::vector<int32_t> input_order(const std::string& stem) const;
   // Bytes of all weights loaded so far that a full forward reads (this rank's shards).
   uint64_t bytes_loaded() const { return bytes_; }
 
@@ -92,6 +109,8 @@ class WeightLoader {
   // `stem` as stored, the full [rows, cols] matrix in checkpoint memory, checked; `row_bytes` gets
   // the stored bytes per row (of codes or values).
   WeightMatrix stored(const std::string& stem, int64_t rows, int64_t cols, int64_t* row_bytes);
+  // stored() for a matrix of a GPTQ / AWQ / compressed-tensors checkpoint: re-laid into relaid_.
+  WeightMatrix stored_hf(const std::string& stem, int64_t rows, int64_t cols, int64_t* row_bytes);
   WeightMatrix load_linear(const std::string& stem, int64_t rows, int64_t cols, Parallel parallel, ShardSpec part);
   int64_t split(const std::string& what, int64_t n, const char* dim, int parts) const;
   const ckpt::Checkpoint& ckpt_;
@@ -99,6 +118,11 @@ class WeightLoader {
   std::string prefix_;
   ShardSpec shard_;
   std::optional<quant::FormatMetadata> format_;  // FineQuant checkpoints only
+  std::optional<ckpt::HfQuantConfig> hf_quant_;  // GPTQ / AWQ / compressed-tensors checkpoints only
+  // The matrices stored_hf re-laid, alive until the backend has copied them (cleared per load).
+  std::deque<ckpt::RelaidMatrix> relaid_;
+  bool accept_input_order_ = false;
+  std::map<std::string, std::vector<int32_t>> input_orders_;  // stem -> order, permuted matrices only
   uint64_t bytes_ = 0;
   ckpt::TensorView last_;
   // Aligned fp32 copies of the offsets stored() read, alive until the backend has copied them.

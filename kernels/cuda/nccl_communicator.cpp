@@ -24,6 +24,7 @@ ncclDataType_t nccl_type(DType t) {
     case DType::I8: return ncclInt8;
     case DType::U8: return ncclUint8;
     case DType::I32: return ncclInt32;
+    case DType::I64: return ncclInt64;
   }
   FS_ASSERT(false, "unknown dtype");
   return ncclFloat32;

@@ -234,9 +234,23 @@ LlamaConfig parse_llama_config(const nlohmann::json& config, const std::string& 
   const FieldReader r(config, source);
   LlamaConfig c;
   r.read("model_type", c.model_type);
-  if (c.model_type != "llama" && c.model_type != "mistral" && c.model_type != "mixtral")
-    r.fail("model_type", "is '" + c.model_type + "', expected 'llama', 'mistral' or 'mixtral'");
+  if (c.model_type != "llama" && c.model_type != "mistral" && c.model_type != "mixtral" && c.model_type != "qwen2")
+    r.fail("model_type", "is '" + c.model_type + "', expected 'llama', 'mistral', 'mixtral' or 'qwen2'");
   const bool mixtral = c.model_type == "mixtral";
+  const bool qwen2 = c.model_type == "qwen2";
+  if (qwen2) {  // HF Qwen2Config's defaults where they differ from Llama's
+    c.vocab_size = 151936;
+    c.intermediate_size = 22016;
+    c.max_position_embeddings = 32768;
+    c.qkv_bias = true;
+    c.bos_token_id = -1;
+    c.eos_token_ids.clear();
+    // Qwen2 may restrict attention to a window from layer max_window_layers on; no released
+    // checkpoint turns it on, and serving it as full attention would be silently wrong.
+    bool use_sliding_window = false;
+    r.read("use_sliding_window", use_sliding_window);
+    if (use_sliding_window) r.fail("use_sliding_window", "is true: Qwen2's per-layer sliding window is not supported");
+  }
   // Mixtral shares Mistral's attention (no biases, optional sliding window, 8 KV heads by default).
   const bool mistral = c.model_type == "mistral" || mixtral;
   if (mistral) {  // HF MistralConfig's defaults
@@ -271,7 +285,7 @@ LlamaConfig parse_llama_config(const nlohmann::json& config, const std::string& 
   r.read("head_dim", c.head_dim);
   r.read("max_position_embeddings", c.max_position_embeddings);
   r.read("rms_norm_eps", c.rms_norm_eps);
-  if (!mistral) {  // Mistral's projections never have biases
+  if (!mistral && !qwen2) {  // Mistral's projections never have biases; Qwen2's q/k/v always do
     r.read("attention_bias", c.attention_bias);
     r.read("mlp_bias", c.mlp_bias);
   }
@@ -359,9 +373,10 @@ nlohmann::json to_json(const LlamaConfig& c) {
   const bool mistral = c.model_type == "mistral" || mixtral;
   json j{
       {"model_type", c.model_type},
-      {"architectures", json::array({mixtral   ? "MixtralForCausalLM"
-                                     : mistral ? "MistralForCausalLM"
-                                               : "LlamaForCausalLM"})},
+      {"architectures", json::array({mixtral                   ? "MixtralForCausalLM"
+                                     : mistral                 ? "MistralForCausalLM"
+                                     : c.model_type == "qwen2" ? "Qwen2ForCausalLM"
+                                                               : "LlamaForCausalLM"})},
       {"vocab_size", c.vocab_size},
       {"hidden_size", c.hidden_size},
       {"intermediate_size", c.intermediate_size},
@@ -390,6 +405,8 @@ nlohmann::json to_json(const LlamaConfig& c) {
   }
   if (mistral) {
     j["sliding_window"] = c.sliding_window > 0 ? json(c.sliding_window) : json(nullptr);
+  } else if (c.model_type == "qwen2") {
+    j["use_sliding_window"] = false;
   } else {
     j["attention_bias"] = c.attention_bias;
     j["mlp_bias"] = c.mlp_bias;

@@ -68,11 +68,12 @@ struct RopeScaling {
   bool operator==(const RopeScaling&) const = default;
 };
 
-// Every Llama / Mistral / Mixtral config.json field that changes the graph (HF LlamaConfig /
-// MistralConfig / MixtralConfig defaults where a field is absent). Mixtral is Mistral with each
-// layer's MLP replaced by a sparse mixture of SwiGLU experts (num_local_experts > 0).
+// Every Llama / Mistral / Mixtral / Qwen2 config.json field that changes the graph (HF LlamaConfig /
+// MistralConfig / MixtralConfig / Qwen2Config defaults where a field is absent). Mixtral is Mistral
+// with each layer's MLP replaced by a sparse mixture of SwiGLU experts (num_local_experts > 0);
+// Qwen2 is Llama with biases on the q/k/v projections (none on o_proj).
 struct LlamaConfig {
-  std::string model_type = "llama";  // "llama", "mistral" or "mixtral"
+  std::string model_type = "llama";  // "llama", "mistral", "mixtral" or "qwen2"
   int64_t vocab_size = 32000;
   int64_t hidden_size = 4096;
   int64_t intermediate_size = 11008;
@@ -85,6 +86,7 @@ struct LlamaConfig {
   double rope_theta = 10000.0;
   RopeScaling rope_scaling;
   bool attention_bias = false;  // q/k/v/o projections have biases
+  bool qkv_bias = false;        // q/k/v projections have biases, o_proj none (Qwen2, always)
   bool mlp_bias = false;        // gate/up/down projections have biases
   bool tie_word_embeddings = false;
   std::string hidden_act = "silu";
@@ -102,8 +104,8 @@ struct LlamaConfig {
   bool operator==(const LlamaConfig&) const = default;
 };
 
-// Parses and checks a Llama, Mistral or Mixtral config (model_type "llama" / "mistral" /
-// "mixtral"): positive sizes, 1 <= num_experts_per_tok <= num_local_experts (Mixtral),
+// Parses and checks a Llama, Mistral, Mixtral or Qwen2 config (model_type "llama" / "mistral" /
+// "mixtral" / "qwen2"; Qwen2's use_sliding_window = true is refused): positive sizes, 1 <= num_experts_per_tok <= num_local_experts (Mixtral),
 // heads dividing hidden_size or an explicit head_dim, num_key_value_heads dividing
 // num_attention_heads, a known activation and rope scaling type. Throws fineserve::Error naming
 // `source` and the field.
