@@ -43,7 +43,11 @@ void reply_error(httplib::Response& res, Endpoint endpoint, const ApiError& e) {
 }
 
 // The error shape of a path: OpenAI's for /v1/ routes, TGI's otherwise.
-Endpoint shape_of(const std::string& path) { return path.rfind("/v1/", 0) == 0 ? Endpoint::Completions : Endpoint::Generate; }
+// The error shape of a path: OpenAI's for /v1/* and vLLM's tokenizer routes, TGI's otherwise.
+Endpoint shape_of(const std::string& path) {
+  const bool openai = path.rfind("/v1/", 0) == 0 || path == "/tokenize" || path == "/detokenize";
+  return openai ? Endpoint::Completions : Endpoint::Generate;
+}
 
 bool is_probe(const std::string& path) { return path == "/health" || path == "/ready" || path == "/metrics"; }
 
