@@ -30,17 +30,19 @@ void add_import_gguf_command(CLI::App& app) {
   cmd->add_option("--shard-gb", f->shard_gb, "Maximum shard size in GB")->check(CLI::PositiveNumber);
   cmd->add_flag("--force", f->force, "Replace an existing output directory");
   cmd->callback([f] {
+    ProgressBar bar("import");
+    // Both imports report progress per tensor the same way.
+    const auto progress = [&bar](size_t done, size_t total, const std::string& tensor) {
+      bar.update(total ? static_cast<double>(done) / static_cast<double>(total) : 1.0,
+                 std::to_string(done) + "/" + std::to_string(total) + " " + tensor);
+    };
     if (f->dtype == "native") {
       quant::GgufConvertOptions o;
       o.gguf = f->file;
       o.out = f->out;
       o.max_shard_bytes = static_cast<uint64_t>(f->shard_gb * 1e9);
       o.overwrite = f->force;
-      ProgressBar bar("import");
-      const quant::GgufConvertReport r = quant::convert_gguf(o, [&](size_t done, size_t total, const std::string& t) {
-        bar.update(total ? static_cast<double>(done) / static_cast<double>(total) : 1.0,
-                   std::to_string(done) + "/" + std::to_string(total) + " " + t);
-      });
+      const quant::GgufConvertReport r = quant::convert_gguf(o, progress);
       bar.done();
       std::printf("imported %s%s: %zu matrices exact, %zu re-quantized (int8 g32), %zu dense tensors; %.1f MB -> "
                   "%.1f MB in %.1f s\nwrote %s\n",
@@ -56,11 +58,7 @@ void add_import_gguf_command(CLI::App& app) {
     o.dtype = f->dtype == "f16" ? DType::F16 : f->dtype == "bf16" ? DType::BF16 : DType::F32;
     o.max_shard_bytes = static_cast<uint64_t>(f->shard_gb * 1e9);
     o.overwrite = f->force;
-    ProgressBar bar("import");
-    const ckpt::GgufImportReport r = ckpt::import_gguf(o, [&](size_t done, size_t total, const std::string& tensor) {
-      bar.update(total ? static_cast<double>(done) / static_cast<double>(total) : 1.0,
-                 std::to_string(done) + "/" + std::to_string(total) + " " + tensor);
-    });
+    const ckpt::GgufImportReport r = ckpt::import_gguf(o, progress);
     bar.done();
     std::string types;
     for (const auto& [type, count] : r.source_types) types += (types.empty() ? "" : ", ") + std::to_string(count) + " " + type;
