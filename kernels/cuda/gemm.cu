@@ -681,14 +681,18 @@ struct Gemm::Impl {
     // 0xFF bytes: NaN in fp32, fp16 and bf16.
     if (options.poison_workspaces) check(cudaMemsetAsync(p, 0xFF, bytes, stream), "cudaMemsetAsync (poison)");
   }
+  // Frees `ws` and allocates `bytes` in its place (the old contents are not kept).
+  template <typename T>
+  static void reallocate(T*& ws, size_t& ws_bytes, size_t bytes, const char* free_what, const char* malloc_what) {
+    if (ws) check(cudaFree(ws), free_what);
+    ws = nullptr;
+    ws_bytes = 0;
+    check(cudaMalloc(&ws, bytes), malloc_what);
+    ws_bytes = bytes;
+  }
   float* gsum_workspace(size_t bytes) {
-    if (bytes > gsum_bytes) {
-      if (gsum_ws) check(cudaFree(gsum_ws), "cudaFree (GEMM group-sum workspace)");
-      gsum_ws = nullptr;
-      gsum_bytes = 0;
-      check(cudaMalloc(&gsum_ws, bytes), "cudaMalloc (GEMM group-sum workspace)");
-      gsum_bytes = bytes;
-    }
+    if (bytes > gsum_bytes)
+      reallocate(gsum_ws, gsum_bytes, bytes, "cudaFree (GEMM group-sum workspace)", "cudaMalloc (GEMM group-sum workspace)");
     poison(gsum_ws, gsum_bytes);
     return gsum_ws;
   }
@@ -708,13 +712,8 @@ struct Gemm::Impl {
       check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo");
       const bool spare = want <= max_bytes && free_b + dequant_bytes >= want + kDequantKeepFreeBytes;
       const size_t grow = spare ? want : std::max(dequant_bytes, min_bytes);
-      if (grow > dequant_bytes) {
-        if (dequant_ws) check(cudaFree(dequant_ws), "cudaFree (GEMM dequant workspace)");
-        dequant_ws = nullptr;
-        dequant_bytes = 0;
-        check(cudaMalloc(&dequant_ws, grow), "cudaMalloc (GEMM dequant workspace)");
-        dequant_bytes = grow;
-      }
+      if (grow > dequant_bytes)
+        reallocate(dequant_ws, dequant_bytes, grow, "cudaFree (GEMM dequant workspace)", "cudaMalloc (GEMM dequant workspace)");
     }
     poison(dequant_ws, dequant_bytes);
     return dequant_ws;
