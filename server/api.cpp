@@ -380,9 +380,22 @@ ChatMessage read_message(const json& m, size_t index) {
   } else if (msg.role != "assistant") {
     invalid("'" + where + ".content' is required");
   }
-  f.ignored("name");
-  f.ignored("tool_call_id");
-  f.ignored("tool_calls");  // rendered by read_structured_output
+  f.string("name");
+  f.string("tool_call_id");
+  if (const json* calls = f.get("tool_calls")) {  // rendered by read_structured_output; checked here
+    if (!calls->is_array()) bad_request("'" + where + ".tool_calls' must be an array");
+    for (size_t i = 0; i < calls->size(); ++i) {
+      const std::string at = where + ".tool_calls[" + std::to_string(i) + "]";
+      const json& call = (*calls)[i];
+      const auto fn = call.is_object() ? call.find("function") : call.end();
+      if (!call.is_object() || fn == call.end() || !fn->is_object()) bad_request("'" + at + ".function' must be an object");
+      const auto name = fn->find("name");
+      if (name == fn->end() || !name->is_string()) bad_request("'" + at + ".function.name' must be a string");
+      const auto args = fn->find("arguments");
+      if (args != fn->end() && !args->is_string() && !args->is_object())
+        bad_request("'" + at + ".function.arguments' must be a JSON string or an object");
+    }
+  }
   f.warn_unknown();
   return msg;
 }

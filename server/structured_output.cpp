@@ -231,7 +231,7 @@ bool renders_with_tools(const Json& body) {
   const auto messages = body.find("messages");
   if (messages == body.end() || !messages->is_array()) return false;
   for (const Json& m : *messages)
-    if (m.is_object() && (m.value("role", std::string()) == "tool" || present(m, "tool_calls"))) return true;
+    if (m.is_object() && ((present(m, "role") && m["role"] == "tool") || present(m, "tool_calls"))) return true;
   return false;
 }
 

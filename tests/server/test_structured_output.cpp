@@ -175,6 +175,21 @@ TEST(StructuredOutputApi, ToolMessagesRenderBackThroughTheTemplate) {
   EXPECT_THROW(parse_request(Endpoint::ChatCompletions, chat_body().dump(), l), ApiError) << "without tools it raises";
 }
 
+// Messages of the wrong shape are 400s naming the field, never an exception from the JSON
+// library (libFuzzer found a "role" array reaching the tool-message check).
+TEST(StructuredOutputApi, MalformedMessagesAre400s) {
+  const auto chat = [](const std::string& messages) { return R"({"messages":)" + messages + "}"; };
+  EXPECT_EQ(status_of(Endpoint::ChatCompletions, chat(R"([{"role": [{"type": "text", "text": "Hi"}]}])")), 400);
+  EXPECT_EQ(status_of(Endpoint::ChatCompletions, chat(R"([{"role": 7, "content": "Hi"}])")), 400);
+  for (const char* calls : {R"("x")", R"([1])", R"([{"function": 2}])", R"([{"function": {"name": 3}}])",
+                            R"([{"function": {"name": "f", "arguments": 4}}])"}) {
+    const std::string m = std::string(R"([{"role":"assistant","content":null,"tool_calls":)") + calls + "}]";
+    EXPECT_EQ(status_of(Endpoint::ChatCompletions, chat(m)), 400) << calls;
+    EXPECT_NE(error_of(Endpoint::ChatCompletions, chat(m)).find("messages[0].tool_calls"), std::string::npos) << calls;
+  }
+  EXPECT_EQ(status_of(Endpoint::ChatCompletions, chat(R"([{"role":"tool","content":"x","tool_call_id":5}])")), 400);
+}
+
 // ---- Tool-call parsing --------------------------------------------------------------------------
 
 TEST(ToolCalls, ParsesEachFamily) {
