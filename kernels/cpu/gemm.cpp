@@ -12,7 +12,8 @@
 //    ANDed with a per-lane mask then yields columns 8s..8s+7 of step s in order, each nibble still
 //    at bit 4j of its lane. Nibbles 0..6 hold code + 8 (0..15), nibble 7 (bits 28..31, columns
 //    28..31) holds the code in two's complement, so that an AND keeps its sign.
-// Scales: fp16 [tile][group][4 rows]; offsets of an asymmetric matrix: fp32 [tile][group][4 rows].
+// Scales: fp16 [tile][group][4 rows]; offsets of an asymmetric matrix: [tile][group][4 rows], fp16
+// when all are exactly fp16 values, else fp32 (gemm.h).
 //
 // GEMV (m <= 3, the decode hot spot, memory-bound): per step AND + int->float convert + FMA, with
 // no per-element shift: the 2^(4j) left in each masked lane is folded into a copy of x scaled by
@@ -87,7 +88,8 @@ struct GemvArgs {
   int64_t blocks = 0, groups = 1, blocks_per_group = 0;
   const float* x = nullptr;     // [M, blocks * 32], padded (and scaled per column for int4)
   const float* xsum = nullptr;  // [M, groups]: int4 only, sum of x over each group's +8 columns
-  const float* offsets = nullptr;  // fp32 [tiles][groups][4] (asymmetric only) or null
+  const void* offsets = nullptr;   // [tiles][groups][4] (asymmetric only) or null
+  bool offsets_f16 = false;        // offsets are fp16, else fp32
   const float* gsum = nullptr;     // [M, groups]: with offsets, the sum of x over each whole group
   const float* bias = nullptr;  // [tiles * 4] fp32, zero padded, or null
   float* y = nullptr;           // [M, rows]
@@ -121,7 +123,7 @@ FS_AVX2 void gemv_tiles(const GemvArgs& a, int64_t t0, int64_t t1) {
     for (int64_t g = 0; g < a.groups; ++g) {
       if constexpr (quantized) {
         if (a.offsets) {
-          const __m128 off = _mm_load_ps(a.offsets + (t * a.groups + g) * kTileRows);
+          const __m128 off = simd::load4_f16_or_f32(a.offsets, a.offsets_f16, (t * a.groups + g) * kTileRows);
           for (int i = 0; i < M; ++i) otot[i] = _mm_fmadd_ps(off, _mm_set1_ps(a.gsum[i * a.groups + g]), otot[i]);
         }
       }
@@ -265,7 +267,7 @@ FS_AVX2 void dequant_tile(const PackedWeight& p, int64_t t, int64_t b0, int64_t 
   constexpr int64_t BB = block_bytes(KD);
   const uint8_t* tile = p.codes.get() + t * p.blocks * kTileRows * BB;
   const uint16_t* scales = reinterpret_cast<const uint16_t*>(p.scales.get());
-  const float* offsets = reinterpret_cast<const float*>(p.offsets.get());  // null when symmetric
+  const void* offsets = p.offsets.get();  // null when symmetric
   const __m256i mask0 = _mm256_setr_epi32(0xf, 0xf, 0xf, 0xf, 0xf0, 0xf0, 0xf0, 0xf0);
   const __m256i mask[4] = {mask0, _mm256_slli_epi32(mask0, 8), _mm256_slli_epi32(mask0, 16),
                            _mm256_slli_epi32(mask0, 24)};
@@ -287,7 +289,11 @@ FS_AVX2 void dequant_tile(const PackedWeight& p, int64_t t, int64_t b0, int64_t 
           group = g;
           scale = _mm256_set1_ps(half_to_float(scales[(t * p.groups + g) * kTileRows + r]));
           for (int s = 0; s < 4; ++s) sc[s] = _mm256_mul_ps(scale, pow[s]);
-          if (offsets) offset = _mm256_set1_ps(offsets[(t * p.groups + g) * kTileRows + r]);
+          if (offsets) {
+            const int64_t i = (t * p.groups + g) * kTileRows + r;
+            offset = _mm256_set1_ps(p.offsets_f16 ? half_to_float(static_cast<const uint16_t*>(offsets)[i])
+                                                  : static_cast<const float*>(offsets)[i]);
+          }
           // The int4 +8 and the asymmetric offset fold into the FMA's addend (exact when symmetric).
           off = _mm256_fmadd_ps(scale, _mm256_set1_ps(-8.0f), offset);
           off_last = _mm256_fmadd_ps(scale, offset_last, offset);
@@ -418,7 +424,9 @@ PackedWeight pack_weight(const WeightMatrix& w) {
     p.scale_bytes = p.tiles * p.groups * kTileRows * 2;
     p.scales = aligned_zeros(static_cast<size_t>(p.scale_bytes));
     if (w.offsets) {
-      p.offset_bytes = p.tiles * p.groups * kTileRows * 4;
+      const int64_t n = w.rows * p.groups;
+      p.offsets_f16 = std::all_of(w.offsets, w.offsets + n, [](float o) { return half_to_float(float_to_half(o)) == o; });
+      p.offset_bytes = p.tiles * p.groups * kTileRows * (p.offsets_f16 ? 2 : 4);
       p.offsets = aligned_zeros(static_cast<size_t>(p.offset_bytes));
     }
   } else {
@@ -452,14 +460,17 @@ PackedWeight pack_weight(const WeightMatrix& w) {
     if (w.quantized()) {
       auto* sc = reinterpret_cast<uint16_t*>(p.scales.get());
       for (int64_t g = 0; g < p.groups; ++g) sc[(t * p.groups + g) * kTileRows + rr] = w.scales[r * p.groups + g];
-      if (w.offsets) {
-        auto* off = reinterpret_cast<float*>(p.offsets.get());
-        for (int64_t g = 0; g < p.groups; ++g) off[(t * p.groups + g) * kTileRows + rr] = w.offsets[r * p.groups + g];
+      for (int64_t g = 0; w.offsets && g < p.groups; ++g) {
+        const int64_t i = (t * p.groups + g) * kTileRows + rr;
+        const float o = w.offsets[r * p.groups + g];
+        if (p.offsets_f16) reinterpret_cast<uint16_t*>(p.offsets.get())[i] = float_to_half(o);
+        else reinterpret_cast<float*>(p.offsets.get())[i] = o;
       }
     }
   }
   p.shape.data = p.codes.get();
   p.shape.scales = w.quantized() ? reinterpret_cast<const uint16_t*>(p.scales.get()) : nullptr;
+  // Marks the uploaded matrix asymmetric; the kernels read p.offsets (fp16 or fp32) instead.
   p.shape.offsets = w.offsets ? reinterpret_cast<const float*>(p.offsets.get()) : nullptr;
   return p;
 }
@@ -508,7 +519,8 @@ void linear(const PackedWeight& p, const float* x, int64_t m, const void* bias, 
     a.x = xs.data();
     a.xsum = xsum.data();
     if (p.asymmetric()) {
-      a.offsets = reinterpret_cast<const float*>(p.offsets.get());
+      a.offsets = p.offsets.get();
+      a.offsets_f16 = p.offsets_f16;
       a.gsum = gsum.data();
     }
     a.bias = bias_ptr;

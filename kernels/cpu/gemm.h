@@ -23,7 +23,11 @@ struct PackedWeight {
   int64_t blocks_per_group = 0;
   AlignedBytes codes;   // [tiles][blocks][4 rows][block bytes]
   AlignedBytes scales;  // fp16 [tiles][groups][4 rows] (quantized only)
-  AlignedBytes offsets;  // fp32 [tiles][groups][4 rows] (asymmetric only; rows past N are 0)
+  // Asymmetric only, [tiles][groups][4 rows], rows past N are 0: fp16 when every offset is exactly
+  // an fp16 value (GGUF Q4_1 stores its mins so), which halves their share of the decode stream;
+  // else fp32 (a GPTQ / AWQ offset −scale·zero needs more bits than fp16 has).
+  AlignedBytes offsets;
+  bool offsets_f16 = false;
   int64_t code_bytes = 0, scale_bytes = 0, offset_bytes = 0;
 
   bool asymmetric() const { return offset_bytes > 0; }

@@ -142,7 +142,8 @@ struct A8Args {
   const float* xs = nullptr;         // [m][blocks]
   const int32_t* xsum = nullptr;     // [m][blocks]
   const float* bias = nullptr;       // [tiles * 4] or null
-  const float* offsets = nullptr;    // fp32 [tiles][groups][4] (asymmetric only) or null
+  const void* offsets = nullptr;     // [tiles][groups][4] (asymmetric only) or null
+  bool offsets_f16 = false;          // offsets are fp16, else fp32 (PackedWeight)
   const float* gx = nullptr;         // [m][groups]: with offsets, Σ_blocks of the group xs · xsum
   float* y = nullptr;                // [m][rows]
   int64_t rows = 0;
@@ -151,9 +152,9 @@ struct A8Args {
 // Σ_g offsets[t][g][0..3] · gx[i][g]: the asymmetric part of a tile's 4 results for token i.
 FS_AVX2 void add_offset_term(const A8Args& a, int64_t t, int64_t i, float* out4) {
   __m128 acc = _mm_loadu_ps(out4);
-  const float* off = a.offsets + t * a.groups * kTileRows;
   const float* gx = a.gx + i * a.groups;
-  for (int64_t g = 0; g < a.groups; ++g) acc = _mm_fmadd_ps(_mm_load_ps(off + g * kTileRows), _mm_set1_ps(gx[g]), acc);
+  for (int64_t g = 0; g < a.groups; ++g)
+    acc = _mm_fmadd_ps(simd::load4_f16_or_f32(a.offsets, a.offsets_f16, (t * a.groups + g) * kTileRows), _mm_set1_ps(gx[g]), acc);
   _mm_storeu_ps(out4, acc);
 }
 
@@ -427,7 +428,8 @@ void linear_int8_act(const PackedWeight& p, const float* x, int64_t m, const voi
   thread_local std::vector<float> gx;
   if (p.asymmetric()) {
     group_act_sums(q, m, p.blocks, p.groups, p.blocks_per_group, gx);
-    a.offsets = reinterpret_cast<const float*>(p.offsets.get());
+    a.offsets = p.offsets.get();
+    a.offsets_f16 = p.offsets_f16;
     a.gx = gx.data();
   }
   thread_local std::vector<float> bias_f32;

@@ -18,6 +18,12 @@ bool has_avx2();
 
 namespace simd {
 
+// Four consecutive values from i on, stored as fp16 (f16) or fp32, as floats.
+FS_AVX2 inline __m128 load4_f16_or_f32(const void* p, bool f16, int64_t i) {
+  if (f16) return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(p) + i)));
+  return _mm_loadu_ps(static_cast<const float*>(p) + i);
+}
+
 // Sum of the 8 lanes.
 FS_AVX2 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));

@@ -33,14 +33,18 @@ inline std::vector<uint16_t> to_half_bits(const std::vector<float>& v, bool bf16
 // fp32 offset per (row, group) of the order of 4 group scales either way, some exactly 0, in
 // `offsets` (w.offsets points at it). `dense` ([rows, cols], code * scale, when not null) gets each
 // element's offset added: one rounding of code * scale + offset, as the reference does (code *
-// scale is exact in fp32).
-inline void make_asymmetric(WeightMatrix& w, std::vector<float>& offsets, std::vector<float>* dense, uint32_t seed) {
+// scale is exact in fp32). With fp16_exact every offset is rounded to an fp16 value first (as GGUF
+// Q4_1's mins are), which the CPU kernels store as fp16.
+inline void make_asymmetric(WeightMatrix& w, std::vector<float>& offsets, std::vector<float>* dense, uint32_t seed,
+                            bool fp16_exact = false) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> d(-4.0f, 4.0f);
   const int64_t groups = w.cols / w.group;
   offsets.resize(static_cast<size_t>(w.rows * groups));
-  for (size_t i = 0; i < offsets.size(); ++i)
+  for (size_t i = 0; i < offsets.size(); ++i) {
     offsets[i] = i % 7 == 3 ? 0.0f : d(rng) * half_to_float(w.scales[i]);
+    if (fp16_exact) offsets[i] = half_to_float(float_to_half(offsets[i]));
+  }
   w.offsets = offsets.data();
   if (dense)
     for (int64_t r = 0; r < w.rows; ++r)

@@ -176,10 +176,12 @@ TEST_P(ForcedIsa, Int8ActivationsMatchTheReferenceAndStayWithinTheQuantizationBo
       for (int64_t m : kRows) {
         if (m * s.n * s.k > 1'200'000) continue;  // quick under ASan
         const int64_t group = s.group ? s.group : s.k;
+        const bool f16 = asym && seed % 2 == 0;  // every other asymmetric case: offsets stored as fp16
         SCOPED_TRACE("bits=" + std::to_string(bits) + " m=" + std::to_string(m) + " N=" + std::to_string(s.n) +
-                     " K=" + std::to_string(s.k) + " group=" + std::to_string(group) + (asym ? " asymmetric" : ""));
+                     " K=" + std::to_string(s.k) + " group=" + std::to_string(group) + (asym ? " asymmetric" : "") +
+                     (f16 ? " fp16-offsets" : ""));
         QWeight t = make_qweight(s.n, s.k, bits, group, seed++);
-        if (asym) testing::make_asymmetric(t.w, t.offsets, &t.dense, seed++);
+        if (asym) testing::make_asymmetric(t.w, t.offsets, &t.dense, seed++, f16);
         const std::vector<float> x = make_acts(m, s.k, seed++);
         std::vector<float> bias = testing::random_floats(static_cast<size_t>(s.n), seed++);
         const bool with_bias = (m + s.n) % 2 == 0;
@@ -214,10 +216,12 @@ TEST_P(ForcedIsa, ExactPathMatchesTheReference) {
       for (int64_t m : kRows) {
         if (m * s.n * s.k > 1'200'000) continue;
         const int64_t group = s.group ? s.group : s.k;
+        const bool f16 = asym && seed % 2 == 0;  // every other asymmetric case: offsets stored as fp16
         SCOPED_TRACE("bits=" + std::to_string(bits) + " m=" + std::to_string(m) + " N=" + std::to_string(s.n) +
-                     " K=" + std::to_string(s.k) + " group=" + std::to_string(group) + (asym ? " asymmetric" : ""));
+                     " K=" + std::to_string(s.k) + " group=" + std::to_string(group) + (asym ? " asymmetric" : "") +
+                     (f16 ? " fp16-offsets" : ""));
         QWeight t = make_qweight(s.n, s.k, bits, group, seed++);
-        if (asym) testing::make_asymmetric(t.w, t.offsets, &t.dense, seed++);
+        if (asym) testing::make_asymmetric(t.w, t.offsets, &t.dense, seed++, f16);
         const std::vector<float> x = make_acts(m, s.k, seed++);
         std::vector<float> yf(static_cast<size_t>(m * s.n)), yr(yf.size());
         testing::poison(yf);

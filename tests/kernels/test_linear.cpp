@@ -10,6 +10,7 @@
 
 #include "kernels/base.h"
 #include "kernels/cpu/cpu_backend.h"
+#include "kernels/cpu/gemm.h"
 #include "kernels/cpu/reference.h"
 #include "kernels/cpu/simd.h"
 #include "kernels/half.h"
@@ -137,18 +138,20 @@ struct Case {
   DType dtype;
   bool bias;
   bool asymmetric = false;
+  bool fp16_offsets = false;  // asymmetric with offsets that are exactly fp16 values (stored so)
 };
 
 std::string describe(const Case& c) {
   return "m=" + std::to_string(c.m) + " N=" + std::to_string(c.n) + " K=" + std::to_string(c.k) +
          " bits=" + std::to_string(c.bits) + " group=" + std::to_string(c.group ? c.group : c.k) + " dtype=" +
-         std::string(dtype_name(c.dtype)) + (c.bias ? " bias" : "") + (c.asymmetric ? " asymmetric" : "");
+         std::string(dtype_name(c.dtype)) + (c.bias ? " bias" : "") + (c.asymmetric ? " asymmetric" : "") +
+         (c.fp16_offsets ? " fp16-offsets" : "");
 }
 
 void run_case(Backend& fast, Backend& ref, const Case& c, uint32_t seed) {
   SCOPED_TRACE(describe(c));
   TestWeight t = make_weight(c.n, c.k, c.bits, c.group ? c.group : c.k, c.dtype, seed);
-  if (c.asymmetric) testing::make_asymmetric(t.w, t.offsets, &t.dense, seed + 3);
+  if (c.asymmetric) testing::make_asymmetric(t.w, t.offsets, &t.dense, seed + 3, c.fp16_offsets);
   const std::vector<float> x = testing::random_floats(static_cast<size_t>(c.m * c.k), seed + 1);
   std::vector<float> bias_f;
   std::vector<uint16_t> bias_h;
@@ -209,11 +212,24 @@ TEST_F(LinearTest, AsymmetricAllGroupsAndShapes) {
       for (auto [n, k, g] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
                {96, 96, 32}, {96, 96, 0}, {37, 768, 32}, {37, 768, 128}, {5, 5120, 1024}, {21, 100, 0}, {3, 770, 0},
                {130, 256, 64}}) {
-        run_case(*fast, *ref, {m, n, k, bits, g, DType::I8, (n + m) % 2 == 0, true}, seed++);
+        // Every other case has offsets that are exactly fp16 values: the packed fp16 storage.
+        run_case(*fast, *ref, {m, n, k, bits, g, DType::I8, (n + m) % 2 == 0, true, seed % 2 == 0}, seed);
+        ++seed;
       }
     }
   }
   run_case(*fast, *ref, {3, 9, 99, 8, 0, DType::I8, true, true}, seed++);
+}
+
+// The packed matrix keeps offsets as fp16 exactly when every one of them is an fp16 value.
+TEST(PackWeight, OffsetsAreFp16OnlyWhenExact) {
+  for (bool exact : {false, true}) {
+    TestWeight t = make_weight(37, 768, 4, 32, DType::I8, 7);
+    testing::make_asymmetric(t.w, t.offsets, nullptr, 8, exact);
+    const cpu::PackedWeight p = cpu::pack_weight(t.w);
+    EXPECT_EQ(p.offsets_f16, exact);
+    EXPECT_EQ(p.offset_bytes, p.tiles * p.groups * 4 * (exact ? 2 : 4));
+  }
 }
 
 // A matrix whose offsets are all zero computes exactly what the symmetric matrix does.
