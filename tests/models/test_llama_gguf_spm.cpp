@@ -3,6 +3,7 @@
 // golden model's weights (tests/checkpoint/make_gguf_fixtures.py): imported, its tokenizer must
 // give transformers' ids for the original tokenizer.model (tests/data/spm/reference.json), and the
 // model transformers' logits and greedy tokens.
+#include <algorithm>
 #include <filesystem>
 #include <string>
 #include <vector>
@@ -151,6 +152,43 @@ TEST(LlamaGgufSpm, MetadataFlags) {
   const fs::path eos = variant(tmp.path() / "eos.gguf",
                                {{"tokenizer.ggml.add_bos_token", false}, {"tokenizer.ggml.add_eos_token", true}});
   expect_reference(*load_tokenizer(import_to(eos, tmp.path() / "b")), "bos_eos");
+}
+
+// Pieces past the SentencePiece model, as the converter writes them: "[PADn]" placeholders (UNUSED)
+// and tokenizer_config.json's added tokens (CONTROL when special, USER_DEFINED otherwise).
+TEST(LlamaGgufSpm, PaddingAndAddedTokens) {
+  Scratch tmp;
+  ckpt::gguf_testing::Model m = ckpt::gguf_testing::model_of(kSpmGguf);
+  auto list = [&](const char* key) -> std::vector<ckpt::gguf::Value>& {
+    return std::get<std::vector<ckpt::gguf::Value>>(m.find(key)->data);
+  };
+  const std::pair<const char*, int64_t> extra[] = {{"[PAD512]", 5}, {"<|im_start|>", 3}, {"[NEW] x", 4}};
+  for (const auto& [text, type] : extra) {
+    list("tokenizer.ggml.tokens").push_back(ckpt::gguf_testing::str_value(text));
+    ckpt::gguf::Value score;
+    score.type = ckpt::gguf::ValueType::F32;
+    score.data = -1000.0;
+    list("tokenizer.ggml.scores").push_back(score);
+    list("tokenizer.ggml.token_type").push_back(ckpt::gguf_testing::int_value(ckpt::gguf::ValueType::I32, type));
+  }
+  ckpt::gguf_testing::write_file_bytes(tmp.path() / "extra.gguf", m.build());
+  const auto tok = load_tokenizer(import_to(tmp.path() / "extra.gguf", tmp.path() / "hf"));
+  EXPECT_EQ(tok->vocab_size(), 515);
+  EXPECT_EQ(tok->id_to_token(512), "[PAD512]");
+  EXPECT_FALSE(tok->is_special(512));
+  EXPECT_TRUE(tok->is_special(513));
+  EXPECT_FALSE(tok->is_special(514));
+  // Added tokens are matched in the text before SentencePiece runs; a placeholder is not.
+  const std::vector<int32_t> ids = tok->encode("<|im_start|>[NEW] x", false);
+  EXPECT_EQ(ids, (std::vector<int32_t>{513, 514}));
+  EXPECT_EQ(tok->decode(ids, false), "<|im_start|>[NEW] x");
+  EXPECT_EQ(tok->decode(ids, true), "[NEW] x");
+  const std::vector<int32_t> pad = tok->encode("[PAD512]", false);
+  EXPECT_TRUE(std::find(pad.begin(), pad.end(), 512) == pad.end());
+  // Everything else tokenizes as before.
+  const json& cases = spm_reference().at("llama2").at("cases");
+  for (size_t i = 0; i < 60; ++i)
+    EXPECT_EQ(tok->encode(cases[i].at("text").get<std::string>()), cases[i].at("ids").get<std::vector<int32_t>>()) << i;
 }
 
 TEST(LlamaGgufSpm, ModelMatchesTransformersAndGenerates) {
