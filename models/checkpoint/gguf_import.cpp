@@ -15,6 +15,7 @@
 #include "kernels/half.h"
 #include "models/checkpoint/atomic_dir.h"
 #include "models/checkpoint/config.h"
+#include "models/checkpoint/gguf_spm.h"
 #include "models/checkpoint/safetensors.h"
 #include "models/checkpoint/util.h"
 
@@ -23,9 +24,6 @@ namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
-
-// Token types of tokenizer.ggml.token_type (llama.cpp's llama_token_type).
-enum TokenType : int64_t { kNormal = 1, kUnknown = 2, kControl = 3, kUserDefined = 4, kUnused = 5, kByte = 6 };
 
 // Typed metadata reads that name the file and key in their errors.
 class Meta {
@@ -273,31 +271,71 @@ nlohmann::json gguf_llama_config(const gguf::File& file) {
   return j;
 }
 
-GgufTokenizerFiles gguf_tokenizer_files(const gguf::File& file) {
-  const Meta meta(file);
-  const std::string label = file.path().string();
-  const std::string model = meta.string("tokenizer.ggml.model");
-  if (model.empty()) meta.fail("missing metadata key tokenizer.ggml.model (the file embeds no tokenizer)");
-  if (model != "gpt2")
-    meta.fail("tokenizer.ggml.model '" + model + "' is not supported by import-gguf (only 'gpt2', byte-level BPE" +
-              (model == "llama" ? "; SentencePiece tokenizers are not supported yet" : "") + ")");
+namespace {
+
+bool flag(const Meta& meta, const std::string& key, bool fallback) {
+  return meta.find(key) ? meta.get(key).as_bool(meta.what(key)) : fallback;
+}
+
+// A token id metadata key names, as its token's text (JSON null when the key is absent).
+json token_of(const Meta& meta, const std::vector<std::string>& text, const char* key) {
+  const int64_t id = meta.integer(key, -1);
+  if (id < 0) return nullptr;
+  if (id >= static_cast<int64_t>(text.size()))
+    meta.fail("metadata key " + std::string(key) + " = " + std::to_string(id) + " is past the " +
+              std::to_string(text.size()) + " tokens");
+  return text[static_cast<size_t>(id)];
+}
+
+std::vector<std::string> token_texts(const Meta& meta) {
   const auto& tokens = meta.get("tokenizer.ggml.tokens").as_array(meta.what("tokenizer.ggml.tokens"));
-  const auto& merges = meta.get("tokenizer.ggml.merges").as_array(meta.what("tokenizer.ggml.merges"));
-  std::vector<int64_t> types(tokens.size(), kNormal);
+  std::vector<std::string> text(tokens.size());
+  for (size_t i = 0; i < tokens.size(); ++i) text[i] = tokens[i].as_string(meta.what("tokenizer.ggml.tokens"));
+  return text;
+}
+
+// tokenizer.ggml.token_type, or every token NORMAL when the file has none (as llama.cpp reads it).
+std::vector<int64_t> token_types(const Meta& meta, size_t n) {
+  std::vector<int64_t> types(n, kNormal);
   if (const gguf::Value* t = meta.find("tokenizer.ggml.token_type")) {
     const auto& list = t->as_array(meta.what("tokenizer.ggml.token_type"));
-    if (list.size() != tokens.size())
-      meta.fail("tokenizer.ggml.token_type has " + std::to_string(list.size()) + " entries for " +
-                std::to_string(tokens.size()) + " tokens");
+    if (list.size() != n)
+      meta.fail("tokenizer.ggml.token_type has " + std::to_string(list.size()) + " entries for " + std::to_string(n) +
+                " tokens");
     for (size_t i = 0; i < list.size(); ++i) types[i] = list[i].as_int(meta.what("tokenizer.ggml.token_type"));
   }
+  return types;
+}
+
+// tokenizer_config.json's entries that do not depend on the tokenizer's kind.
+json common_tokenizer_config(const Meta& meta, const std::vector<std::string>& text, bool add_bos, bool add_eos) {
+  const json bos = token_of(meta, text, "tokenizer.ggml.bos_token_id");
+  const json eos = token_of(meta, text, "tokenizer.ggml.eos_token_id");
+  if (add_bos && bos.is_null()) meta.fail("tokenizer.ggml.add_bos_token is set but there is no bos_token_id");
+  if (add_eos && eos.is_null()) meta.fail("tokenizer.ggml.add_eos_token is set but there is no eos_token_id");
+  json tc = {{"clean_up_tokenization_spaces", false},
+             {"add_bos_token", add_bos},
+             {"add_eos_token", add_eos},
+             {"bos_token", bos},
+             {"eos_token", eos},
+             {"unk_token", token_of(meta, text, "tokenizer.ggml.unknown_token_id")},
+             {"pad_token", token_of(meta, text, "tokenizer.ggml.padding_token_id")}};
+  const std::string arch = meta.string("general.architecture");
+  if (const int64_t ctx = meta.integer(arch + ".context_length", 0); ctx > 0) tc["model_max_length"] = ctx;
+  if (meta.find("tokenizer.chat_template")) tc["chat_template"] = meta.string("tokenizer.chat_template");
+  return tc;
+}
+
+// tokenizer.ggml.model "gpt2": tokenizer.json with the byte-level BPE.
+GgufTokenizerFiles byte_level_tokenizer_files(const Meta& meta, const std::string& label) {
+  const std::vector<std::string> text = token_texts(meta);
+  const auto& merges = meta.get("tokenizer.ggml.merges").as_array(meta.what("tokenizer.ggml.merges"));
+  const std::vector<int64_t> types = token_types(meta, text.size());
 
   json vocab = json::object();
   json added = json::array();
-  std::vector<std::string> text(tokens.size());
   size_t duplicates = 0;
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    text[i] = tokens[i].as_string(meta.what("tokenizer.ggml.tokens"));
+  for (size_t i = 0; i < text.size(); ++i) {
     if (vocab.contains(text[i])) {  // a vocabulary maps each string to one id: the first wins
       ++duplicates;
       continue;
@@ -318,21 +356,12 @@ GgufTokenizerFiles gguf_tokenizer_files(const gguf::File& file) {
     merge_list.push_back(s);
   }
 
-  auto token_of = [&](const char* key) -> json {
-    const int64_t id = meta.integer(key, -1);
-    if (id < 0) return nullptr;
-    if (id >= static_cast<int64_t>(tokens.size()))
-      meta.fail("metadata key " + std::string(key) + " = " + std::to_string(id) + " is past the " +
-                std::to_string(tokens.size()) + " tokens");
-    return text[static_cast<size_t>(id)];
-  };
-  const json bos = token_of("tokenizer.ggml.bos_token_id"), eos = token_of("tokenizer.ggml.eos_token_id");
-  const bool add_bos = meta.find("tokenizer.ggml.add_bos_token") &&
-                       meta.get("tokenizer.ggml.add_bos_token").as_bool(meta.what("tokenizer.ggml.add_bos_token"));
-  const bool add_eos = meta.find("tokenizer.ggml.add_eos_token") &&
-                       meta.get("tokenizer.ggml.add_eos_token").as_bool(meta.what("tokenizer.ggml.add_eos_token"));
-  if (add_bos && bos.is_null()) meta.fail("tokenizer.ggml.add_bos_token is set but there is no bos_token_id");
-  if (add_eos && eos.is_null()) meta.fail("tokenizer.ggml.add_eos_token is set but there is no eos_token_id");
+  const bool add_bos = flag(meta, "tokenizer.ggml.add_bos_token", false);
+  const bool add_eos = flag(meta, "tokenizer.ggml.add_eos_token", false);
+  GgufTokenizerFiles out;
+  json& tc = out.tokenizer_config;
+  tc = common_tokenizer_config(meta, text, add_bos, add_eos);
+  tc["tokenizer_class"] = "PreTrainedTokenizerFast";
 
   json post = {{"type", "ByteLevel"}, {"add_prefix_space", true}, {"trim_offsets", false}, {"use_regex", true}};
   if (add_bos || add_eos) {
@@ -341,13 +370,12 @@ GgufTokenizerFiles gguf_tokenizer_files(const gguf::File& file) {
       single.push_back({{"SpecialToken", {{"id", tok}, {"type_id", 0}}}});
       specials[tok.get<std::string>()] = {{"id", tok}, {"ids", {meta.integer(key)}}, {"tokens", {tok}}};
     };
-    if (add_bos) special(bos, "tokenizer.ggml.bos_token_id");
+    if (add_bos) special(tc["bos_token"], "tokenizer.ggml.bos_token_id");
     single.push_back({{"Sequence", {{"id", "A"}, {"type_id", 0}}}});
-    if (add_eos) special(eos, "tokenizer.ggml.eos_token_id");
+    if (add_eos) special(tc["eos_token"], "tokenizer.ggml.eos_token_id");
     post = {{"type", "TemplateProcessing"}, {"single", single}, {"pair", single}, {"special_tokens", specials}};
   }
 
-  GgufTokenizerFiles out;
   out.tokenizer = {
       {"version", "1.0"},
       {"truncation", nullptr},
@@ -362,19 +390,71 @@ GgufTokenizerFiles gguf_tokenizer_files(const gguf::File& file) {
         {"end_of_word_suffix", nullptr}, {"fuse_unk", false}, {"byte_fallback", false}, {"ignore_merges", false},
         {"vocab", vocab}, {"merges", merge_list}}},
   };
-  json& tc = out.tokenizer_config;
-  tc = {{"tokenizer_class", "PreTrainedTokenizerFast"},
-        {"clean_up_tokenization_spaces", false},
-        {"add_bos_token", add_bos},
-        {"add_eos_token", add_eos},
-        {"bos_token", bos},
-        {"eos_token", eos},
-        {"unk_token", token_of("tokenizer.ggml.unknown_token_id")},
-        {"pad_token", token_of("tokenizer.ggml.padding_token_id")}};
-  const std::string arch = meta.string("general.architecture");
-  if (const int64_t ctx = meta.integer(arch + ".context_length", 0); ctx > 0) tc["model_max_length"] = ctx;
-  if (meta.find("tokenizer.chat_template")) tc["chat_template"] = meta.string("tokenizer.chat_template");
   return out;
+}
+
+// tokenizer.ggml.model "llama": the SentencePiece model back as tokenizer.model (gguf_spm.h), with a
+// tokenizer_config.json for transformers' LlamaTokenizer.
+GgufTokenizerFiles sentencepiece_tokenizer_files(const Meta& meta, const std::string& label) {
+  GgufSpmVocab v;
+  v.tokens = token_texts(meta);
+  const size_t n = v.tokens.size();
+  if (!meta.find("tokenizer.ggml.scores"))
+    meta.fail("missing metadata key tokenizer.ggml.scores (a SentencePiece vocabulary needs its pieces' scores)");
+  if (!meta.find("tokenizer.ggml.token_type"))
+    meta.fail("missing metadata key tokenizer.ggml.token_type (a SentencePiece vocabulary needs its pieces' types)");
+  const auto& scores = meta.get("tokenizer.ggml.scores").as_array(meta.what("tokenizer.ggml.scores"));
+  if (scores.size() != n)
+    meta.fail("tokenizer.ggml.scores has " + std::to_string(scores.size()) + " entries for " + std::to_string(n) +
+              " tokens");
+  for (const gguf::Value& s : scores) v.scores.push_back(static_cast<float>(s.as_double(meta.what("tokenizer.ggml.scores"))));
+  v.types = token_types(meta, n);
+  v.unk_id = meta.integer("tokenizer.ggml.unknown_token_id", -1);
+  v.bos_id = meta.integer("tokenizer.ggml.bos_token_id", -1);
+  v.eos_id = meta.integer("tokenizer.ggml.eos_token_id", -1);
+  v.pad_id = meta.integer("tokenizer.ggml.padding_token_id", -1);
+  v.add_space_prefix = flag(meta, "tokenizer.ggml.add_space_prefix", true);
+
+  GgufTokenizerFiles out;
+  out.sentencepiece_model = gguf_spm_model_proto(v, label);  // checks the vocabulary
+  const int64_t unk = gguf_spm_unknown_id(v, label);
+
+  // llama.cpp adds a BOS to SentencePiece prompts unless the file says otherwise.
+  const bool add_bos = flag(meta, "tokenizer.ggml.add_bos_token", v.bos_id >= 0);
+  const bool add_eos = flag(meta, "tokenizer.ggml.add_eos_token", false);
+  json& tc = out.tokenizer_config;
+  tc = common_tokenizer_config(meta, v.tokens, add_bos, add_eos);
+  tc["tokenizer_class"] = "LlamaTokenizer";
+  // No GGUF key records transformers' `legacy` flag. false is transformers' default for a
+  // LlamaTokenizer and what it assumes for a GGUF's SentencePiece vocabulary: text right after an
+  // added token gets no '▁' (llama.cpp gives it one; docs/formats.md lists the differences).
+  tc["legacy"] = false;
+  tc["add_prefix_space"] = v.add_space_prefix;
+  tc["unk_token"] = v.tokens[static_cast<size_t>(unk)];
+  // The special (CONTROL, the unknown) and user-defined pieces, as transformers lists them.
+  json decoder = json::object();
+  for (size_t i = 0; i < n; ++i) {
+    const int64_t type = static_cast<int64_t>(i) == unk ? kUnknown : v.types[i];
+    if (type != kControl && type != kUnknown && type != kUserDefined) continue;
+    decoder[std::to_string(i)] = {{"content", v.tokens[i]}, {"lstrip", false}, {"normalized", false}, {"rstrip", false},
+                                  {"single_word", false}, {"special", type != kUserDefined}};
+  }
+  tc["added_tokens_decoder"] = decoder;
+  out.tokenizer = nullptr;
+  return out;
+}
+
+}  // namespace
+
+GgufTokenizerFiles gguf_tokenizer_files(const gguf::File& file) {
+  const Meta meta(file);
+  const std::string label = file.path().string();
+  const std::string model = meta.string("tokenizer.ggml.model");
+  if (model.empty()) meta.fail("missing metadata key tokenizer.ggml.model (the file embeds no tokenizer)");
+  if (model == "gpt2") return byte_level_tokenizer_files(meta, label);
+  if (model == "llama") return sentencepiece_tokenizer_files(meta, label);
+  meta.fail("tokenizer.ggml.model '" + model +
+            "' is not supported by import-gguf (supported: 'gpt2', byte-level BPE; 'llama', SentencePiece)");
 }
 
 GgufImportPlan plan_gguf_import(const std::filesystem::path& path) {
@@ -476,7 +556,9 @@ void write_gguf_side_files(const GgufImportPlan& plan, const nlohmann::json& con
   json gen = {{"bos_token_id", config["bos_token_id"]}, {"eos_token_id", config["eos_token_id"]}};
   if (!config["pad_token_id"].is_null()) gen["pad_token_id"] = config["pad_token_id"];
   write_json(dir / "generation_config.json", gen, label);
-  write_json(dir / "tokenizer.json", plan.tokenizer.tokenizer, label);
+  if (!plan.tokenizer.tokenizer.is_null()) write_json(dir / "tokenizer.json", plan.tokenizer.tokenizer, label);
+  if (!plan.tokenizer.sentencepiece_model.empty())
+    write_file(dir / "tokenizer.model", plan.tokenizer.sentencepiece_model);
   write_json(dir / "tokenizer_config.json", plan.tokenizer.tokenizer_config, label);
 }
 

@@ -1,15 +1,17 @@
 // GGUF -> Hugging Face checkpoint: what `fineserve import-gguf` does.
 //
 // Reads a llama.cpp GGUF file of a Llama-family model (general.architecture "llama") with an
-// embedded byte-level BPE tokenizer (SmolLM, Llama 3.0, ...) and writes, into a directory that
-// appears only when complete:
+// embedded byte-level BPE tokenizer (SmolLM, Llama 3.0, ...) or SentencePiece tokenizer (Llama 2,
+// Mistral, Mixtral, TinyLlama, ...) and writes, into a directory that appears only when complete:
 //   config.json              LlamaForCausalLM, from the llama.* metadata keys
 //   model.safetensors        every tensor dequantized (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0,
 //                            Q5_1, Q4_K, Q5_K, Q6_K) and stored in `dtype` under its HF name;
 //                            attn_q / attn_k rows are put back in HF's order (llama.cpp's
 //                            converter interleaves the two rotary halves of each head)
-//   tokenizer.json           the embedded byte-level BPE tokenizer (tokenizer.ggml.model "gpt2")
-//   tokenizer_config.json    bos / eos / unk / pad tokens, add_bos_token, chat_template
+//   tokenizer.json           the embedded byte-level BPE tokenizer (tokenizer.ggml.model "gpt2"), or
+//   tokenizer.model          the embedded SentencePiece model (tokenizer.ggml.model "llama"; gguf_spm.h)
+//   tokenizer_config.json    bos / eos / unk / pad tokens, add_bos_token, chat_template (and for
+//                            SentencePiece: LlamaTokenizer, add_prefix_space, the added tokens)
 //   generation_config.json   bos / eos ids
 // The result is a dense checkpoint that `fineserve quantize` takes like any HF checkpoint.
 //
@@ -59,9 +61,11 @@ GgufImportReport import_gguf(const GgufImportOptions& options,
 // The parts of import_gguf, for tests and `inspect`:
 // config.json for the GGUF's metadata and tensors (throws as import_gguf does).
 nlohmann::json gguf_llama_config(const gguf::File& file);
-// tokenizer.json and tokenizer_config.json for its embedded tokenizer.
+// The files of its embedded tokenizer: tokenizer.json (byte-level BPE) or tokenizer.model
+// (SentencePiece), and tokenizer_config.json.
 struct GgufTokenizerFiles {
-  nlohmann::json tokenizer;
+  nlohmann::json tokenizer;         // tokenizer.json; null for a SentencePiece vocabulary
+  std::string sentencepiece_model;  // tokenizer.model (serialized ModelProto); empty for byte-level BPE
   nlohmann::json tokenizer_config;
 };
 GgufTokenizerFiles gguf_tokenizer_files(const gguf::File& file);

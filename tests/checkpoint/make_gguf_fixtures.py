@@ -15,20 +15,33 @@ tests/data/gguf/tiny-llama-q.gguf
     The same model with its matrices quantized by gguf-py (quants.quantize): Q4_1, Q4_0 and Q8_0
     (what `import-gguf` re-lays exactly, q/k rows permuted before quantizing as llama.cpp does) and
     one Q5_0 matrix (re-quantized, with a warning), token_embd Q8_0, output Q4_1, norms F32.
+tests/data/gguf/tiny-llama-spm.gguf
+    The same model (F16 matrices) with the SentencePiece vocabulary of tests/data/spm (a Llama-style
+    BPE tokenizer.model with byte fallback, and its tokenizer_config.json) written as
+    convert_hf_to_gguf.py writes one (_set_vocab_sentencepiece): tokenizer.ggml.model "llama", every
+    piece's text, score and type read through the sentencepiece library, the added tokens of
+    tokenizer_config.json as CONTROL (special) or USER_DEFINED pieces, and bos / eos / unk ids and
+    add_bos_token / add_eos_token by gguf-py's SpecialVocab; plus a Llama 2 chat template.
 
-Usage: python tests/checkpoint/make_gguf_fixtures.py   (needs: gguf, numpy, safetensors)
+Usage: python tests/checkpoint/make_gguf_fixtures.py [FILE.gguf ...]   (default: all)
+       (needs: gguf, numpy, safetensors, sentencepiece)
 """
 import json
 import os
+import sys
 
 import numpy as np
-from gguf import GGMLQuantizationType as T, GGUFWriter, quants
+from gguf import GGMLQuantizationType as T, GGUFWriter, SpecialVocab, quants
 from safetensors.numpy import load_file
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.path.join(HERE, "..", "data")
 OUT = os.path.join(DATA, "gguf")
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+LLAMA2_CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ bos_token + '[INST] ' + m['content'] + "
+                        "' [/INST]' }}{% else %}{{ ' ' + m['content'] + ' ' + eos_token }}{% endif %}{% endfor %}")
+# llama.cpp's llama_token_type, which numbers piece types as sentencepiece_model.proto does.
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 def random_blocks(rng, qtype, rows, block_bytes, scale_offsets):
@@ -82,7 +95,38 @@ def permute(weights, n_head, n_head_kv):
             .swapaxes(1, 2).reshape(weights.shape))
 
 
-def write_tiny_llama(path, quantized=False):
+def spm_vocab(spm_dir, vocab_size):
+    """The (tokens, scores, types) convert_hf_to_gguf.py's _create_vocab_sentencepiece writes for a
+    model folder with a SentencePiece tokenizer.model: ids past the model's pieces are UNUSED
+    "[PADn]" placeholders; tokenizer_config.json's added tokens overwrite their ids, as CONTROL when
+    special (or looking like <...>), USER_DEFINED otherwise (with '▁' written as ' ')."""
+    from sentencepiece import SentencePieceProcessor
+    sp = SentencePieceProcessor()
+    sp.LoadFromFile(os.path.join(spm_dir, "tokenizer.model"))
+    tokens = [f"[PAD{i}]" for i in range(vocab_size)]
+    scores = [-10000.0] * vocab_size
+    types = [UNUSED] * vocab_size
+    for i in range(min(sp.vocab_size(), vocab_size)):
+        tokens[i] = sp.IdToPiece(i)
+        scores[i] = sp.GetScore(i)
+        types[i] = (UNKNOWN if sp.IsUnknown(i) else CONTROL if sp.IsControl(i) else UNUSED if sp.IsUnused(i)
+                    else BYTE if sp.IsByte(i) else NORMAL)
+    config = json.load(open(os.path.join(spm_dir, "tokenizer_config.json")))
+    for key, data in config.get("added_tokens_decoder", {}).items():
+        i, content = int(key), data["content"]
+        if i >= vocab_size:
+            continue
+        looks_special = content.startswith("<") and content.endswith(">")
+        if data.get("special") or looks_special:
+            types[i] = CONTROL
+        else:
+            content = content.replace("\u2581", " ")
+            types[i] = USER_DEFINED
+        tokens[i], scores[i] = content, -1000.0
+    return tokens, scores, types
+
+
+def write_tiny_llama(path, quantized=False, spm=False):
     src = os.path.join(DATA, "golden", "llama-gqa")
     cfg = json.load(open(os.path.join(src, "config.json")))
     tok = json.load(open(os.path.join(src, "tokenizer.json")))
@@ -90,7 +134,7 @@ def write_tiny_llama(path, quantized=False):
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
 
     w = GGUFWriter(path, "llama")
-    w.add_name("tiny llama-gqa")
+    w.add_name("tiny llama-gqa spm" if spm else "tiny llama-gqa")
     w.add_context_length(cfg["max_position_embeddings"])
     w.add_embedding_length(cfg["hidden_size"])
     w.add_block_count(cfg["num_hidden_layers"])
@@ -103,22 +147,33 @@ def write_tiny_llama(path, quantized=False):
     w.add_vocab_size(cfg["vocab_size"])
     w.add_file_type(3 if quantized else 1)  # mostly Q4_1, or mostly F16
 
-    vocab = tok["model"]["vocab"]
-    tokens = [None] * len(vocab)
-    for t, i in vocab.items():
-        tokens[i] = t
-    special = {a["id"] for a in tok["added_tokens"]}
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(True)
-    w.add_chat_template(CHAT_TEMPLATE)
+    if spm:
+        spm_dir = os.path.join(DATA, "spm")
+        tokens, scores, types = spm_vocab(spm_dir, cfg["vocab_size"])
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        SpecialVocab(spm_dir, n_vocab=len(tokens)).add_to_gguf(w)
+        w.add_chat_template(LLAMA2_CHAT_TEMPLATE)
+    else:
+        vocab = tok["model"]["vocab"]
+        tokens = [None] * len(vocab)
+        for t, i in vocab.items():
+            tokens[i] = t
+        special = {a["id"] for a in tok["added_tokens"]}
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+        merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+        w.add_token_merges(merges)
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
+        w.add_unk_token_id(0)
+        w.add_add_bos_token(True)
+        w.add_chat_template(CHAT_TEMPLATE)
 
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
              "lm_head.weight": "output.weight"}
@@ -162,11 +217,16 @@ def qtype_for(hf_name):
 
 def main():
     os.makedirs(OUT, exist_ok=True)
-    write_dequant(os.path.join(OUT, "dequant.gguf"))
-    write_tiny_llama(os.path.join(OUT, "tiny-llama.gguf"))
-    write_tiny_llama(os.path.join(OUT, "tiny-llama-q.gguf"), quantized=True)
-    for f in sorted(os.listdir(OUT)):
-        print(f, os.path.getsize(os.path.join(OUT, f)), "bytes")
+    writers = {
+        "dequant.gguf": write_dequant,
+        "tiny-llama.gguf": write_tiny_llama,
+        "tiny-llama-q.gguf": lambda path: write_tiny_llama(path, quantized=True),
+        "tiny-llama-spm.gguf": lambda path: write_tiny_llama(path, spm=True),
+    }
+    names = sys.argv[1:] or list(writers)
+    for name in names:
+        writers[name](os.path.join(OUT, name))
+        print(name, os.path.getsize(os.path.join(OUT, name)), "bytes")
 
 
 if __name__ == "__main__":

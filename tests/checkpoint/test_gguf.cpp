@@ -16,6 +16,8 @@
 #include "models/checkpoint/config.h"
 #include "models/checkpoint/gguf_import.h"
 #include "models/checkpoint/safetensors.h"
+#include "models/checkpoint/util.h"
+#include "tests/checkpoint/gguf_test_writer.h"
 #include "tests/checkpoint/test_util.h"
 
 namespace fineserve::ckpt {
@@ -26,147 +28,15 @@ using testing::expect_error;
 using testing::TempDir;
 using gguf::GgmlType;
 using gguf::ValueType;
+using namespace gguf_testing;
 
 const fs::path kData = fs::path(FINESERVE_TEST_DATA);
 const fs::path kDequant = kData / "gguf" / "dequant.gguf";
 const fs::path kTinyLlama = kData / "gguf" / "tiny-llama.gguf";
+const fs::path kTinyLlamaSpm = kData / "gguf" / "tiny-llama-spm.gguf";
 
 std::span<const std::byte> bytes_of(const std::string& s) {
   return {reinterpret_cast<const std::byte*>(s.data()), s.size()};
-}
-
-// ---- a GGUF writer for tests --------------------------------------------------------------------
-
-template <class T>
-void put(std::string& out, T v) {
-  out.append(reinterpret_cast<const char*>(&v), sizeof v);
-}
-void put_string(std::string& out, const std::string& s) {
-  put<uint64_t>(out, s.size());
-  out += s;
-}
-
-void put_value(std::string& out, const gguf::Value& v) {
-  switch (v.type) {
-    case ValueType::U8: put<uint8_t>(out, static_cast<uint8_t>(std::get<int64_t>(v.data))); break;
-    case ValueType::I8: put<int8_t>(out, static_cast<int8_t>(std::get<int64_t>(v.data))); break;
-    case ValueType::U16: put<uint16_t>(out, static_cast<uint16_t>(std::get<int64_t>(v.data))); break;
-    case ValueType::I16: put<int16_t>(out, static_cast<int16_t>(std::get<int64_t>(v.data))); break;
-    case ValueType::U32: put<uint32_t>(out, static_cast<uint32_t>(std::get<int64_t>(v.data))); break;
-    case ValueType::I32: put<int32_t>(out, static_cast<int32_t>(std::get<int64_t>(v.data))); break;
-    case ValueType::U64:
-      if (const auto* u = std::get_if<uint64_t>(&v.data))
-        put<uint64_t>(out, *u);
-      else
-        put<uint64_t>(out, static_cast<uint64_t>(std::get<int64_t>(v.data)));
-      break;
-    case ValueType::I64: put<int64_t>(out, std::get<int64_t>(v.data)); break;
-    case ValueType::F32: put<float>(out, static_cast<float>(std::get<double>(v.data))); break;
-    case ValueType::F64: put<double>(out, std::get<double>(v.data)); break;
-    case ValueType::Bool: put<uint8_t>(out, std::get<bool>(v.data) ? 1 : 0); break;
-    case ValueType::String: put_string(out, std::get<std::string>(v.data)); break;
-    case ValueType::Array: {
-      const auto& items = std::get<std::vector<gguf::Value>>(v.data);
-      put<uint32_t>(out, static_cast<uint32_t>(v.elem_type));
-      put<uint64_t>(out, items.size());
-      for (const auto& item : items) put_value(out, item);
-      break;
-    }
-  }
-}
-
-gguf::Value str_value(const std::string& s) {
-  gguf::Value v;
-  v.type = ValueType::String;
-  v.data = s;
-  return v;
-}
-gguf::Value int_value(ValueType t, int64_t x) {
-  gguf::Value v;
-  v.type = t;
-  v.data = x;
-  return v;
-}
-
-// A whole file from a header (offsets recomputed unless keep_offsets) and each tensor's bytes.
-struct Model {
-  std::vector<std::pair<std::string, gguf::Value>> metadata;
-  std::vector<gguf::TensorInfo> tensors;
-  std::vector<std::string> data;  // per tensor
-  uint32_t version = 3;
-  uint64_t alignment = 32;
-
-  void add_tensor(const std::string& name, std::vector<int64_t> dims, GgmlType type, std::string bytes = "") {
-    gguf::TensorInfo t;
-    t.name = name;
-    t.dims = std::move(dims);
-    t.type = static_cast<uint32_t>(type);
-    const auto layout = gguf::block_layout(t.type);
-    int64_t n = 1;
-    for (int64_t d : t.dims) n *= d;
-    if (bytes.empty()) bytes.assign(static_cast<size_t>(n / layout->block_elems * layout->block_bytes), '\0');
-    tensors.push_back(t);
-    data.push_back(std::move(bytes));
-  }
-
-  std::string build(bool keep_offsets = false) {
-    std::string out;
-    put<uint32_t>(out, 0x46554747);
-    put<uint32_t>(out, version);
-    put<uint64_t>(out, tensors.size());
-    put<uint64_t>(out, metadata.size());
-    for (const auto& [k, v] : metadata) {
-      put_string(out, k);
-      put<uint32_t>(out, static_cast<uint32_t>(v.type));
-      put_value(out, v);
-    }
-    uint64_t offset = 0;
-    for (auto& t : tensors) {
-      if (!keep_offsets) {
-        t.offset = offset;
-        offset += (data[&t - tensors.data()].size() + alignment - 1) / alignment * alignment;
-      }
-      put_string(out, t.name);
-      put<uint32_t>(out, static_cast<uint32_t>(t.dims.size()));
-      for (int64_t d : t.dims) put<uint64_t>(out, static_cast<uint64_t>(d));
-      put<uint32_t>(out, t.type);
-      put<uint64_t>(out, t.offset);
-    }
-    out.resize((out.size() + alignment - 1) / alignment * alignment, '\0');
-    const size_t data_start = out.size();
-    for (size_t i = 0; i < tensors.size(); ++i) {
-      out.resize(std::max(out.size(), data_start + tensors[i].offset + data[i].size()), '\0');
-      std::memcpy(out.data() + data_start + tensors[i].offset, data[i].data(), data[i].size());
-    }
-    return out;
-  }
-
-  gguf::Value* find(const std::string& key) {
-    for (auto& [k, v] : metadata)
-      if (k == key) return &v;
-    return nullptr;
-  }
-  size_t tensor_index(const std::string& name) const {
-    for (size_t i = 0; i < tensors.size(); ++i)
-      if (tensors[i].name == name) return i;
-    ADD_FAILURE() << "no tensor " << name;
-    return 0;
-  }
-};
-
-// A Model holding everything a parsed file holds (to mutate and write back).
-Model model_of(const fs::path& path) {
-  const auto f = gguf::File::open(path);
-  Model m;
-  m.version = f->header().version;
-  m.alignment = f->header().alignment;
-  m.metadata = f->header().metadata;
-  for (const auto& t : f->header().tensors) {
-    m.tensors.push_back(t);
-    const auto d = f->data(t);
-    m.data.emplace_back(reinterpret_cast<const char*>(d.data()), d.size());
-  }
-  return m;
 }
 
 Model small_model() {
@@ -574,8 +444,12 @@ TEST(GgufImport, BadModelsAreClearErrors) {
   expect_msg(m, {"mixture-of-experts"});
 
   m = base;
+  *m.find("tokenizer.ggml.model") = str_value("bert");
+  expect_msg(m, {"tokenizer.ggml.model 'bert' is not supported", "'llama', SentencePiece"});
+
+  m = base;  // a byte-level vocabulary labelled SentencePiece: it has no scores
   *m.find("tokenizer.ggml.model") = str_value("llama");
-  expect_msg(m, {"tokenizer.ggml.model 'llama'", "SentencePiece"});
+  expect_msg(m, {"missing metadata key tokenizer.ggml.scores"});
 
   m = base;
   *m.find("tokenizer.ggml.pre") = str_value("qwen2");
@@ -627,6 +501,119 @@ TEST(GgufImport, BadModelsAreClearErrors) {
   m.tensors.back().dims = {64};
   m.data.push_back(std::string(64 * 2, '\0'));
   expect_msg(m, {"missing the tensor that becomes model.layers.0.self_attn.k_proj.bias"});
+}
+
+// A SentencePiece vocabulary (tokenizer.ggml.model "llama") becomes tokenizer.model; the tokenizer's
+// behaviour is tested against transformers in tests/models/test_llama_gguf_spm.cpp.
+TEST(GgufImport, SentencePieceVocabularyWritesTokenizerModel) {
+  TempDir dir;
+  GgufImportOptions o;
+  o.gguf = kTinyLlamaSpm;
+  o.out = dir / "hf";
+  import_gguf(o);
+  EXPECT_FALSE(fs::exists(o.out / "tokenizer.json"));
+  const std::string model = read_file(o.out / "tokenizer.model");
+  EXPECT_GT(model.size(), 512u * 8);
+  const auto tc = read_json_file(o.out / "tokenizer_config.json");
+  EXPECT_EQ(tc["tokenizer_class"], "LlamaTokenizer");
+  EXPECT_EQ(tc["unk_token"], "<unk>");
+  EXPECT_EQ(tc["add_prefix_space"], true);
+  EXPECT_EQ(tc["added_tokens_decoder"].size(), 3u);  // <unk>, <s>, </s>
+  EXPECT_EQ(tc["added_tokens_decoder"]["0"]["special"], true);
+  const LlamaConfig c = parse_llama_config(read_json_file(o.out / "config.json"), "imported");
+  EXPECT_EQ(c.vocab_size, 512);
+  EXPECT_EQ(c.bos_token_id, 1);
+}
+
+TEST(GgufImport, BadSentencePieceVocabulariesAreClearErrors) {
+  TempDir dir;
+  auto expect_msg = [&](Model m, std::initializer_list<std::string> parts) {
+    const std::string msg = import_error(m, dir);
+    ASSERT_FALSE(msg.empty()) << "imported without error";
+    EXPECT_NE(msg.find("m.gguf"), std::string::npos) << msg;
+    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+  };
+  auto list = [](Model& m, const char* key) -> std::vector<gguf::Value>& {
+    return std::get<std::vector<gguf::Value>>(m.find(key)->data);
+  };
+  auto erase = [](Model& m, const std::string& key) {
+    std::erase_if(m.metadata, [&](const auto& kv) { return kv.first == key; });
+  };
+  const Model base = model_of(kTinyLlamaSpm);
+  {
+    Model ok = base;
+    EXPECT_EQ(import_error(ok, dir), "");
+  }
+  Model m = base;
+  list(m, "tokenizer.ggml.scores").pop_back();
+  expect_msg(m, {"tokenizer.ggml.scores has 511 entries for 512 tokens"});
+
+  m = base;
+  list(m, "tokenizer.ggml.token_type").pop_back();
+  expect_msg(m, {"tokenizer.ggml.token_type has 511 entries for 512 tokens"});
+
+  m = base;
+  erase(m, "tokenizer.ggml.scores");
+  expect_msg(m, {"missing metadata key tokenizer.ggml.scores"});
+
+  m = base;
+  erase(m, "tokenizer.ggml.token_type");
+  expect_msg(m, {"missing metadata key tokenizer.ggml.token_type"});
+
+  m = base;
+  *m.find("tokenizer.ggml.scores") = str_value("high");
+  expect_msg(m, {"tokenizer.ggml.scores"});
+
+  m = base;
+  std::get<double>(list(m, "tokenizer.ggml.scores")[300].data) = std::nan("");
+  expect_msg(m, {"tokenizer.ggml.scores", "token 300", "not a number"});
+
+  m = base;
+  list(m, "tokenizer.ggml.token_type")[300] = int_value(ValueType::I32, 7);
+  expect_msg(m, {"tokenizer.ggml.token_type of token 300", "is 7"});
+
+  m = base;
+  list(m, "tokenizer.ggml.tokens")[300] = list(m, "tokenizer.ggml.tokens")[301];
+  expect_msg(m, {"tokenizer.ggml.tokens holds", "twice (tokens 300 and 301)"});
+
+  m = base;
+  list(m, "tokenizer.ggml.tokens")[300] = str_value("");
+  expect_msg(m, {"tokenizer.ggml.tokens: token 300 is empty"});
+
+  m = base;
+  list(m, "tokenizer.ggml.tokens")[13] = str_value("<0x0a>");  // upper-case hex only
+  expect_msg(m, {"token 13 ('<0x0a>')", "spelled <0xNN>"});
+
+  m = base;
+  list(m, "tokenizer.ggml.token_type")[13] = int_value(ValueType::I32, 1);  // <0x0A> a normal piece
+  expect_msg(m, {"byte tokens but no <0x0A>"});
+
+  m = base;  // the converter's <unk> is CONTROL: without unknown_token_id there is no unknown piece
+  erase(m, "tokenizer.ggml.unknown_token_id");
+  expect_msg(m, {"no unknown token"});
+
+  m = base;
+  erase(m, "tokenizer.ggml.unknown_token_id");
+  list(m, "tokenizer.ggml.token_type")[0] = int_value(ValueType::I32, 2);
+  list(m, "tokenizer.ggml.token_type")[1] = int_value(ValueType::I32, 2);
+  expect_msg(m, {"marks two tokens UNKNOWN (0 and 1)"});
+
+  m = base;
+  *m.find("tokenizer.ggml.unknown_token_id") = int_value(ValueType::U32, 9999);
+  expect_msg(m, {"tokenizer.ggml.unknown_token_id = 9999 is past the 512 tokens"});
+
+  m = base;
+  erase(m, "tokenizer.ggml.bos_token_id");
+  expect_msg(m, {"add_bos_token is set but there is no bos_token_id"});
+  erase(m, "tokenizer.ggml.add_bos_token");  // then llama.cpp's default (add a BOS) needs none
+  EXPECT_EQ(import_error(m, dir), "");
+  EXPECT_EQ(read_json_file(dir / "out" / "tokenizer_config.json")["add_bos_token"], false);
+
+  m = base;
+  list(m, "tokenizer.ggml.tokens").clear();
+  list(m, "tokenizer.ggml.scores").clear();
+  list(m, "tokenizer.ggml.token_type").clear();
+  expect_msg(m, {"tokenizer.ggml.tokens is empty"});
 }
 
 // llama.cpp keeps Llama 3.1's rope scaling as per-frequency divisors (rope_freqs.weight); the

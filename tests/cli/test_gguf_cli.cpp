@@ -93,5 +93,24 @@ TEST(GgufCli, GenerateServesAGgufFileDirectly) {
   EXPECT_NE(bad.output.find(cut.string()), std::string::npos) << bad.output;
 }
 
+// A GGUF with a SentencePiece vocabulary (Llama 2 style) served directly: its conversion carries the
+// vocabulary as tokenizer.model, and generates what the dense import does.
+TEST(GgufCli, GenerateServesASentencePieceGguf) {
+  ScratchDir tmp;
+  const fs::path spm = fs::path(FINESERVE_TEST_DATA) / "gguf" / "tiny-llama-spm.gguf";
+  const fs::path gguf = tmp / "spm.gguf";
+  fs::copy_file(spm, gguf);
+  ASSERT_EQ(run_fineserve("import-gguf " + spm.string() + " --dtype f16 --out " + (tmp / "dense").string()).status, 0);
+  const std::string args = " --prompt 'In the beginning' --max-new-tokens 6 --ignore-eos";
+  const auto via_file = run_fineserve("generate --model " + gguf.string() + args);
+  ASSERT_EQ(via_file.status, 0) << via_file.output;
+  EXPECT_TRUE(fs::exists(tmp / "spm.fineserve" / "tokenizer.model"));
+  EXPECT_FALSE(fs::exists(tmp / "spm.fineserve" / "tokenizer.json"));
+  const auto via_dir = run_fineserve("generate --model " + (tmp / "dense").string() + args);
+  ASSERT_EQ(via_dir.status, 0) << via_dir.output;
+  EXPECT_FALSE(completion(via_file.output).empty());
+  EXPECT_EQ(completion(via_file.output), completion(via_dir.output)) << via_file.output << "\n" << via_dir.output;
+}
+
 }  // namespace
 }  // namespace fineserve
