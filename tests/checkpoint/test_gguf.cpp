@@ -422,14 +422,17 @@ std::string import_error(Model& m, const TempDir& dir) {
   return "";
 }
 
+// Importing m fails with a message naming the file and containing every one of parts.
+void expect_import_error(Model m, const TempDir& dir, std::initializer_list<std::string> parts) {
+  const std::string msg = import_error(m, dir);
+  ASSERT_FALSE(msg.empty()) << "imported without error";
+  EXPECT_NE(msg.find("m.gguf"), std::string::npos) << msg;
+  for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
+}
+
 TEST(GgufImport, BadModelsAreClearErrors) {
   TempDir dir;
-  auto expect_msg = [&](Model m, std::initializer_list<std::string> parts) {
-    const std::string msg = import_error(m, dir);
-    ASSERT_FALSE(msg.empty()) << "imported without error";
-    EXPECT_NE(msg.find("m.gguf"), std::string::npos) << msg;
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
-  };
+  auto expect_msg = [&](Model m, std::initializer_list<std::string> parts) { expect_import_error(std::move(m), dir, parts); };
   const Model base = model_of(kTinyLlama);
   {
     Model ok = base;
@@ -527,12 +530,7 @@ TEST(GgufImport, SentencePieceVocabularyWritesTokenizerModel) {
 
 TEST(GgufImport, BadSentencePieceVocabulariesAreClearErrors) {
   TempDir dir;
-  auto expect_msg = [&](Model m, std::initializer_list<std::string> parts) {
-    const std::string msg = import_error(m, dir);
-    ASSERT_FALSE(msg.empty()) << "imported without error";
-    EXPECT_NE(msg.find("m.gguf"), std::string::npos) << msg;
-    for (const auto& p : parts) EXPECT_NE(msg.find(p), std::string::npos) << "'" << p << "' not in: " << msg;
-  };
+  auto expect_msg = [&](Model m, std::initializer_list<std::string> parts) { expect_import_error(std::move(m), dir, parts); };
   auto list = [](Model& m, const char* key) -> std::vector<gguf::Value>& {
     return std::get<std::vector<gguf::Value>>(m.find(key)->data);
   };
