@@ -302,6 +302,8 @@ PY
   # deterministic, and one eval of 40,000 bytes takes minutes. The table notes it (same_tensors_as).
   tensor_digest "$dir" > "$work/$row.digest"
   same=""
+  # The reference is always scored itself (every other row's KL is measured against it).
+  [[ $row == reference ]] ||
   for other in "$work"/*.digest; do
     o=$(basename "$other" .digest)
     if [[ $o != "$row" && -f $work/$o-kjv.json && -f $work/$o-sotu.json && ! -f $work/$o.same ]] &&
