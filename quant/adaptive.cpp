@@ -48,7 +48,7 @@ struct LevelSums {
 
 // One pass over w in chunks of rows: the range statistics at every allowed group of K, and with
 // bits > 0 also the quantization error at every one of them. Levels come back coarsest first.
-std::vector<GroupLevel> scan_levels(const MatrixView& w, int bits, ScaleRule rule) {
+std::vector<GroupLevel> scan_levels(const MatrixView& w, int bits, ScaleRule rule, const float* importance = nullptr) {
   detail::check_matrix(w);
   const std::vector<int64_t> groups = allowed_groups(w.cols);
   if (groups.empty()) throw Error("cannot choose a group size for a matrix with K=" + std::to_string(w.cols));
@@ -94,9 +94,10 @@ std::vector<GroupLevel> scan_levels(const MatrixView& w, int bits, ScaleRule rul
       if (bits > 0) {
         for (size_t l = 0; l < n_levels; ++l) {
           const detail::RowSums e = detail::quantize_row_f32(row, w.cols, bits, groups[l], chunk.row0 + i,
-                                                             codes.data(), scales.data(), scratch, rule);
-          sums[l].err_sq += e.err_sq;
-          sums[l].norm_sq += e.norm_sq;
+                                                             codes.data(), scales.data(), scratch, rule,
+                                                             importance);
+          sums[l].err_sq += e.weighted_err_sq;  // = err_sq without importances
+          sums[l].norm_sq += e.weighted_norm_sq;
         }
       }
     }
@@ -275,9 +276,9 @@ GroupDecision choose_max_rel_error(const MatrixView& w, const GroupOptions& opti
 
 std::vector<GroupLevel> range_levels(const MatrixView& w) { return scan_levels(w, 0, ScaleRule::Absmax); }
 
-std::vector<GroupLevel> error_levels(const MatrixView& w, int bits, ScaleRule rule) {
+std::vector<GroupLevel> error_levels(const MatrixView& w, int bits, ScaleRule rule, const float* importance) {
   check_bits(bits);
-  return scan_levels(w, bits, rule);
+  return scan_levels(w, bits, rule, importance);
 }
 
 const char* group_mode_name(GroupMode mode) {

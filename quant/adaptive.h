@@ -70,7 +70,9 @@ const char* group_mode_name(GroupMode mode);  // "adaptive", "alpha", "fixed", "
 double gaussian_rel_error(int bits, int64_t group, ScaleRule rule);
 
 // Range statistics and relative errors at every allowed group size, coarsest first (one pass).
-std::vector<GroupLevel> error_levels(const MatrixView& w, int bits, ScaleRule rule);
+// With importances ([cols], see quantize()), the errors are importance-weighted:
+// sqrt(Σ imp_k (w - q)² / Σ imp_k w²), measured with the calibrated search.
+std::vector<GroupLevel> error_levels(const MatrixView& w, int bits, ScaleRule rule, const float* importance = nullptr);
 
 // Range statistics at every allowed group size of the matrix, coarsest first (one pass).
 std::vector<GroupLevel> range_levels(const MatrixView& w);

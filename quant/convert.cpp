@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <fstream>
 #include <map>
@@ -42,6 +43,19 @@ bool ends_with(const std::string& s, const std::string& suffix) {
 
 std::string mode_name(GroupMode m) { return group_mode_name(m); }
 
+// The importances ConvertOptions holds for this weight ([K]), or null; throws for a wrong length or
+// a negative / non-finite value (a corrupt or mismatched calibration).
+const float* importance_for(const ConvertOptions& o, const std::string& name, int64_t cols) {
+  const auto it = o.importance.find(name);
+  if (it == o.importance.end()) return nullptr;
+  if (static_cast<int64_t>(it->second.size()) != cols)
+    throw Error("calibration: " + name + " has " + std::to_string(it->second.size()) + " input importances, K is " +
+                std::to_string(cols));
+  for (const float v : it->second)
+    if (!(v >= 0) || !std::isfinite(v)) throw Error("calibration: " + name + " has a negative or non-finite importance");
+  return it->second.data();
+}
+
 // --target-bits: every planned matrix's bits and group from the bit budget (quant/bit_budget.h).
 void allocate_budget(std::vector<Plan>& plan, const ConvertOptions& o) {
   std::vector<BudgetMatrix> matrices;
@@ -51,9 +65,10 @@ void allocate_budget(std::vector<Plan>& plan, const ConvertOptions& o) {
     const ckpt::TensorView v = p.file->view(*p.info);
     const MatrixView m{v.data, p.info->dtype, p.info->shape[0], p.info->shape[1]};
     BudgetMatrix bm{p.info->name, m.rows * m.cols, salience_of(p.info->name, o.salience), {}};
+    const float* importance = importance_for(o, p.info->name, m.cols);
     for (const int bits : {8, 4}) {
       if (bits == 4 && m.cols % 2 != 0) continue;
-      for (const GroupLevel& l : error_levels(m, bits, o.group.scale))
+      for (const GroupLevel& l : error_levels(m, bits, o.group.scale, importance))
         bm.options.push_back({bits, l.group, bits + 16.0 / static_cast<double>(l.group), l.rel_error});
     }
     p.file->release(*p.info);
@@ -194,6 +209,7 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
   report.expert_bits = o.expert_bits;
   report.target_bits = o.target_bits;
   if (o.target_bits > 0) report.salience = o.salience;
+  report.calibration = o.calibration;
 
   // Output names, and the metadata with placeholder groups of the longest value, to size the
   // headers before the groups are known (the bits are known now: they do not depend on the data).
@@ -257,7 +273,10 @@ ConvertReport convert_checkpoint(const ConvertOptions& o, const std::function<vo
       }
       // The report shows range statistics in every mode; a fixed group does not compute them.
       if (r.decision.levels.empty()) r.decision.levels = range_levels(m);
-      const QuantizedMatrix q = quantize(m, p.bits, r.decision.group, o.group.scale);
+      const float* importance = importance_for(o, t.name, m.cols);
+      const QuantizedMatrix q = quantize(m, p.bits, r.decision.group, o.group.scale, importance);
+      r.calibrated = importance != nullptr;
+      r.weighted_rel_error = q.weighted_rel_error;
       const std::string stem = stem_of(t.name);
       const MatrixFormat mf{p.bits, q.group};
       writer.add(codes_name(stem), mf.code_dtype(), {m.rows, mf.code_row_bytes(m.cols)}, as_bytes_of(q.codes));
@@ -348,6 +367,8 @@ nlohmann::json to_json(const ConvertReport& r) {
                         {"absmax", m.absmax},
                         {"rel_error", m.rel_error},
                         {"bits_per_weight", m.bits_per_weight},
+                        {"calibrated", m.calibrated},
+                        {"weighted_rel_error", m.weighted_rel_error},
                         {"bytes_in", m.bytes_in},
                         {"bytes_out", m.bytes_out}});
   }
@@ -363,6 +384,7 @@ nlohmann::json to_json(const ConvertReport& r) {
     for (const SaliencePrior& p : r.salience) salience[p.pattern] = p.weight;
     opts["salience"] = salience;
   }
+  if (!r.calibration.empty()) opts["calibration"] = r.calibration;
   if (r.options.mode == GroupMode::Adaptive) {
     opts["tolerance"] = r.options.tolerance == 0 ? kDefaultTolerance : r.options.tolerance;
     opts["error_cap"] = r.options.error_cap == 0 ? kDefaultErrorCap : r.options.error_cap;
@@ -440,6 +462,12 @@ std::string format_report(const ConvertReport& r) {
       os << line;
     }
     os << "\n";
+  }
+  if (!r.calibration.empty()) {
+    size_t calibrated = 0;
+    for (const MatrixReport& m : r.matrices) calibrated += m.calibrated ? 1 : 0;
+    os << "calibrated search (" << r.calibration << "): " << calibrated << " of " << r.matrices.size()
+       << " matrices\n";
   }
   return os.str();
 }

@@ -13,6 +13,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <functional>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -40,6 +41,13 @@ struct ConvertOptions {
   double target_bits = 0;
   // --target-bits: the error weight of matrices by name (default_salience_priors(): none, all 1).
   std::vector<SaliencePrior> salience = default_salience_priors();
+  // `--calibration`: per source weight name (".weight"), the importance of each of its input columns
+  // ([K], finite, >= 0): the mean square of that input's activations over calibration text
+  // (quant/calibration/activation_stats.h). A matrix listed is quantized with the importance-weighted
+  // search (quantize()), and with --target-bits its errors are importance-weighted too. Empty (the
+  // default): data-free.
+  std::map<std::string, std::vector<float>> importance;
+  std::string calibration;  // what the importances came from, for the report ("FILE, N tokens")
   // > 0: the bits (8 or 4) of MoE expert matrices (kExpertPattern), e.g. 8-bit attention with
   // 4-bit experts. The checkpoint's metadata then records each matrix's bits ("matrix_bits").
   int expert_bits = 0;
@@ -63,6 +71,8 @@ struct MatrixReport {
   double rel_error = 0;
   double absmax = 0;
   double bits_per_weight = 0;  // code bits + 16 / group (scales)
+  bool calibrated = false;        // quantized with ConvertOptions::importance
+  double weighted_rel_error = 0;  // importance-weighted relative error (= rel_error when not calibrated)
   uint64_t bytes_in = 0, bytes_out = 0;
 };
 
@@ -73,6 +83,7 @@ struct ConvertReport {
   int expert_bits = 0;  // ConvertOptions::expert_bits
   double target_bits = 0;  // ConvertOptions::target_bits
   std::vector<SaliencePrior> salience;  // ConvertOptions::salience, when target_bits > 0
+  std::string calibration;              // ConvertOptions::calibration (empty: data-free)
   std::vector<MatrixReport> matrices;
   struct Kept {
     std::string name;

@@ -65,7 +65,7 @@ void throw_non_finite(const float* group_start, int64_t group, int64_t row, int6
 }
 
 RowSums quantize_row_f32(const float* w, int64_t cols, int bits, int64_t group, int64_t row_index, uint8_t* codes,
-                         uint16_t* scales, RowScratch& scratch, ScaleRule rule) {
+                         uint16_t* scales, RowScratch& scratch, ScaleRule rule, const float* importance) {
   const int64_t n_groups = cols / group;
   scratch.absmax.resize(static_cast<size_t>(n_groups));
   scratch.scale.resize(static_cast<size_t>(n_groups));
@@ -79,8 +79,22 @@ RowSums quantize_row_f32(const float* w, int64_t cols, int bits, int64_t group, 
     throw Error(magnitude_error(std::bit_cast<float>(absmax_bits), bits) + " at row " + std::to_string(row_index) +
                 ", columns " + std::to_string(bad * group) + ".." + std::to_string((bad + 1) * group - 1));
   }
-  choose_scales(w, cols, group, qmax, rule, scales, scratch.scale.data());
-  return quantize_groups(w, cols, group, scratch.scale.data(), static_cast<float>(qmax), codes);
+  if (importance == nullptr) {
+    choose_scales(w, cols, group, qmax, rule, scales, scratch.scale.data());
+    RowSums sums = quantize_groups(w, cols, group, scratch.scale.data(), static_cast<float>(qmax), codes);
+    sums.weighted_err_sq = sums.err_sq;
+    sums.weighted_norm_sq = sums.norm_sq;
+    return sums;
+  }
+  choose_scales_weighted(w, importance, cols, group, qmax, rule, scales, scratch.scale.data());
+  RowSums sums = quantize_groups(w, cols, group, scratch.scale.data(), static_cast<float>(qmax), codes);
+  for (int64_t j = 0; j < cols; ++j) {
+    const double d = static_cast<double>(w[j]) -
+                     static_cast<double>(static_cast<int8_t>(codes[j])) * scratch.scale[static_cast<size_t>(j / group)];
+    sums.weighted_err_sq += static_cast<double>(importance[j]) * d * d;
+    sums.weighted_norm_sq += static_cast<double>(importance[j]) * w[j] * w[j];
+  }
+  return sums;
 }
 
 }  // namespace detail
@@ -126,7 +140,7 @@ uint16_t scale_for_absmax(float absmax, int bits) {
   return scale;
 }
 
-QuantizedMatrix quantize(const MatrixView& w, int bits, int64_t group, ScaleRule rule) {
+QuantizedMatrix quantize(const MatrixView& w, int bits, int64_t group, ScaleRule rule, const float* importance) {
   check_bits(bits);
   detail::check_matrix(w);
   check_group(w.cols, group);
@@ -156,9 +170,12 @@ QuantizedMatrix quantize(const MatrixView& w, int bits, int64_t group, ScaleRule
       uint8_t* out = q.codes.data() + r * codes_per_row;
       const detail::RowSums row = detail::quantize_row_f32(chunk.data + i * w.cols, w.cols, bits, group, r,
                                                            bits == 4 ? codes.data() : out,
-                                                           q.scales.data() + r * groups_per_row, scratch, rule);
+                                                           q.scales.data() + r * groups_per_row, scratch, rule,
+                                                           importance);
       sums.err_sq += row.err_sq;
       sums.norm_sq += row.norm_sq;
+      sums.weighted_err_sq += row.weighted_err_sq;
+      sums.weighted_norm_sq += row.weighted_norm_sq;
       sums.max_err_over_scale = std::max(sums.max_err_over_scale, row.max_err_over_scale);
       if (bits == 4) detail::pack_int4_fast(codes.data(), w.cols, out);
     }
@@ -168,9 +185,13 @@ QuantizedMatrix quantize(const MatrixView& w, int bits, int64_t group, ScaleRule
   for (const detail::RowSums& s : chunk_sums) {
     total.err_sq += s.err_sq;
     total.norm_sq += s.norm_sq;
+    total.weighted_err_sq += s.weighted_err_sq;
+    total.weighted_norm_sq += s.weighted_norm_sq;
     total.max_err_over_scale = std::max(total.max_err_over_scale, s.max_err_over_scale);
   }
   q.rel_error = total.norm_sq > 0 ? std::sqrt(total.err_sq / total.norm_sq) : 0.0;
+  q.weighted_rel_error =
+      total.weighted_norm_sq > 0 ? std::sqrt(total.weighted_err_sq / total.weighted_norm_sq) : 0.0;
   q.max_err_over_scale = total.max_err_over_scale;
   return q;
 }

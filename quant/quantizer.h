@@ -68,13 +68,24 @@ struct QuantizedMatrix {
   // w = scale · code + offset (GGUF Q4_1's minimum, GPTQ / AWQ's -scale · zero; quant/format.h).
   std::vector<float> offsets;
   double rel_error = 0;          // ||W - Q(W)||_F / ||W||_F (0 for an all-zero W)
+  // With importances: sqrt(Σ imp_k (w - q)² / Σ imp_k w²) over all elements (k = the column);
+  // without, rel_error.
+  double weighted_rel_error = 0;
   double max_err_over_scale = 0;  // max over elements of |w - q| / |scale| (<= 0.5 for Absmax)
   ScaleRule rule = ScaleRule::Search;
 };
 
 // Quantizes a whole matrix, multi-threaded over rows. Throws fineserve::Error when the group is
 // not allowed for cols or bits are unsupported.
-QuantizedMatrix quantize(const MatrixView& w, int bits, int64_t group, ScaleRule rule = ScaleRule::Search);
+//
+// importance (optional, [cols], finite and >= 0): how much an error in each input column costs,
+// e.g. the mean square of that input's activations on calibration text (`quantize --calibration`,
+// quant/calibration/). The Search rule then minimises each group's importance-weighted squared
+// error Σ imp_k (w_k - code_k · s)² over a finer set of clipping ratios, with least-squares refits
+// of the scale (quant/row_kernels.h: choose_scales_weighted); an input that never carries signal
+// stops costing precision, and one that carries a lot gets it. Null: the data-free search.
+QuantizedMatrix quantize(const MatrixView& w, int bits, int64_t group, ScaleRule rule = ScaleRule::Search,
+                         const float* importance = nullptr);
 
 // Reference single-row quantizer (fp32 in, one int8 code per element out) and its inverse.
 void quantize_row(const float* w, int64_t cols, int bits, int64_t group, int8_t* codes, uint16_t* scales,

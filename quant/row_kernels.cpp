@@ -12,6 +12,7 @@
 #include <bit>
 #include <cmath>
 #include <exception>
+#include <limits>
 #include <string>
 
 #include <immintrin.h>
@@ -451,6 +452,69 @@ void choose_scales(const float* w, int64_t cols, int64_t group, int qmax, ScaleR
   if (rule == ScaleRule::Absmax) return;
   if (active_isa() == Isa::Avx2) return choose_scales_avx2(w, cols, group, qmax, rule, scales, scale_f);
   choose_scales_ref(w, cols, group, qmax, rule, scales, scale_f);
+}
+
+namespace {
+// Σ imp_j (w_j - code_j · s)² over one group, the codes estimated as in the search (w · (1/s)),
+// summed in double. Scalar: only calibrated conversions take this path, and the same code on every
+// ISA keeps their choices independent of the CPU.
+double weighted_sq_error(const float* x, const float* imp, int64_t n, float s, float qmax) {
+  if (!std::isfinite(s)) return std::numeric_limits<double>::infinity();
+  const float inv = 1.0f / s;
+  double e = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double d = error_one(x[j], inv, s, qmax);
+    e += static_cast<double>(imp[j]) * d * d;
+  }
+  return e;
+}
+}  // namespace
+
+void choose_scales_weighted(const float* w, const float* importance, int64_t cols, int64_t group, int qmax,
+                            ScaleRule rule, uint16_t* scales, float* scale_f) {
+  if (rule != ScaleRule::Search) return choose_scales(w, cols, group, qmax, rule, scales, scale_f);
+  const float q = static_cast<float>(qmax);
+  for (int64_t g = 0; g < cols / group; ++g) {
+    if (scales[g] == 0) continue;  // an all-zero group
+    const float* x = w + g * group;
+    const float* imp = importance + g * group;
+    float lo = x[0], hi = x[0];
+    for (int64_t j = 1; j < group; ++j) {
+      lo = std::min(lo, x[j]);
+      hi = std::max(hi, x[j]);
+    }
+    const float extreme = -lo >= hi ? lo : hi;
+    const float absmax = std::fabs(extreme);
+    uint16_t best = scales[g];  // the Absmax scale first: ties keep it
+    double best_err = weighted_sq_error(x, imp, group, scale_f[g], q);
+    auto consider = [&](uint16_t h) {
+      if (h == best || (h & 0x7fff) >= kHalfInf) return false;
+      const double e = weighted_sq_error(x, imp, group, half_to_float(h), q);
+      if (!(e < best_err)) return false;
+      best_err = e;
+      best = h;
+      return true;
+    };
+    for (int i = 0; i < kWeightedClipSteps; ++i) {
+      const float r = kWeightedClipMax - kWeightedClipStep * static_cast<float>(i);
+      consider(nonzero_half(-r * extreme / (q + 1.0f)));
+      consider(nonzero_half(r * absmax / q));
+    }
+    // Least-squares refit: for the codes the best scale gives, the scale minimising the weighted
+    // error is Σ imp·w·code / Σ imp·code²; rounding anew with it can only be kept when it is better.
+    for (int it = 0; it < kWeightedRefits; ++it) {
+      const float s = half_to_float(best), inv = 1.0f / s;
+      double num = 0, den = 0;
+      for (int64_t j = 0; j < group; ++j) {
+        const double c = std::min(std::max(std::nearbyint(x[j] * inv), -q - 1.0f), q);
+        num += static_cast<double>(imp[j]) * x[j] * c;
+        den += static_cast<double>(imp[j]) * c * c;
+      }
+      if (!(den > 0) || !consider(nonzero_half(static_cast<float>(num / den)))) break;
+    }
+    scales[g] = best;
+    scale_f[g] = half_to_float(best);
+  }
 }
 
 void pack_int4_fast(const uint8_t* codes, int64_t n, uint8_t* packed) {

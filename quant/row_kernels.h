@@ -16,6 +16,10 @@ struct RowSums {
   double err_sq = 0;              // sum of (w - code * scale)^2
   double norm_sq = 0;             // sum of w^2
   double max_err_over_scale = 0;  // max of |w - code * scale| / scale
+  // With importances (quantize_row_f32's importance): sum of imp * (w - code * scale)^2 and of
+  // imp * w^2; without, the same as err_sq and norm_sq.
+  double weighted_err_sq = 0;
+  double weighted_norm_sq = 0;
 };
 
 // The instruction sets the hot loops are compiled for; the best one the CPU has is used.
@@ -35,6 +39,16 @@ int64_t compute_scales(const uint32_t* absmax_bits, int64_t n_groups, int qmax, 
 // magnitudes) by those of `rule` (SignedAbsmax or Search; Absmax leaves them), in both arrays.
 void choose_scales(const float* w, int64_t cols, int64_t group, int qmax, ScaleRule rule, uint16_t* scales,
                    float* scale_f);
+// The calibrated search (quantize with importances): the same, but minimising the importance-
+// weighted squared error Σ imp_j (w_j - code_j · s)² of each group, over a finer set of clipping
+// ratios (kWeightedClipMax down in kWeightedClipSteps steps of kWeightedClipStep) for both scale
+// forms, followed by up to kWeightedRefits least-squares refits of the scale. importance: [cols],
+// finite and >= 0. The Absmax scale is the first candidate, so no group's weighted error is above
+// its. Rules other than Search ignore the importances.
+inline constexpr float kWeightedClipMax = 1.1f, kWeightedClipStep = 0.02f;
+inline constexpr int kWeightedClipSteps = 26, kWeightedRefits = 3;
+void choose_scales_weighted(const float* w, const float* importance, int64_t cols, int64_t group, int qmax,
+                            ScaleRule rule, uint16_t* scales, float* scale_f);
 // The squared error sum (w - clamp(round(w / s), -(qmax + 1), qmax) * s)^2 over one group, with
 // w / s taken as w * (1 / s) (the search's fast estimate). Same result on every ISA.
 float group_sq_error(const float* w, int64_t n, float s, float qmax);
@@ -55,7 +69,8 @@ struct RowScratch {
 // fineserve::Error naming row_index and the column for NaN/Inf weights or magnitudes fp16 scales
 // cannot represent. bits and group must already be valid.
 RowSums quantize_row_f32(const float* w, int64_t cols, int bits, int64_t group, int64_t row_index, uint8_t* codes,
-                         uint16_t* scales, RowScratch& scratch, ScaleRule rule = ScaleRule::Search);
+                         uint16_t* scales, RowScratch& scratch, ScaleRule rule = ScaleRule::Search,
+                         const float* importance = nullptr);
 
 // "768, 256, 128, 64, 32": the allowed groups of K for error messages.
 std::string allowed_groups_text(int64_t k);

@@ -21,6 +21,8 @@
 #   reference                 the GGUF imported to fp16 (`import-gguf`)
 #   llama.cpp Q4_0/Q4_1/Q5_0/Q4_K_M   `llama-quantize --allow-requantize` of the GGUF, imported
 #   FineServe int4-g32, adaptive, target-bits 4.5, int8   `fineserve quantize` of the reference
+#   FineServe target-bits 4.5 calibrated   the same with `--calibration` on the first CAL_BYTES
+#                             (16,000) bytes of each corpus, disjoint from the scored tails
 # Columns: bits per weight of the linear layers (the transformer blocks' matrices: codes plus
 # scales / mins; llama.cpp's from the GGUF's tensor types), file size (the GGUF, or the
 # checkpoint's safetensors), perplexity on the last 40,000 bytes of each corpus (ctx 512, stride
@@ -40,7 +42,8 @@ out=${3:-docs/results/quant_quality.json}
 fineserve=${FINESERVE:-build/fineserve}
 ctx=${PPL_CTX:-512}
 stride=${PPL_STRIDE:-256}
-rows=${ROWS:-"reference llama-Q4_0 int4-g32 target-4.5 int4-adaptive int8 llama-Q4_1 llama-Q5_0 llama-Q4_K_M"}
+rows=${ROWS:-"reference llama-Q4_0 int4-g32 target-4.5 target-4.5-cal int4-adaptive int8 llama-Q4_1 llama-Q5_0 llama-Q4_K_M"}
+cal_bytes=${CAL_BYTES:-16000}
 exact=$(bash scripts/fetch_default_model.sh "$fineserve" | tail -n 1)
 dense=${exact%-q4_1}  # the imported fp16 checkpoint beside it
 gguf=models-cache/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -48,14 +51,21 @@ work=${WORK:-$(mktemp -d)}
 mkdir -p "$work"
 [[ -n ${WORK:-} ]] || trap 'rm -rf "$work"' EXIT
 
+# Written aside and moved into place: runs sharing WORK may be reading the previous copy.
 for name in kjv sotu; do
-  tail -c "$bytes" "$corpus/$name.txt" | iconv -f utf-8 -t utf-8 -c > "$work/$name.txt"
+  tail -c "$bytes" "$corpus/$name.txt" | iconv -f utf-8 -t utf-8 -c > "$work/$name.txt.$$"
+  mv "$work/$name.txt.$$" "$work/$name.txt"
 done
+# The calibration text of the target-4.5-cal row: the first CAL_BYTES bytes of each corpus, never
+# the scored tails (the corpora are megabytes long).
+{ head -c "$cal_bytes" "$corpus/kjv.txt"; head -c "$cal_bytes" "$corpus/sotu.txt"; } | iconv -f utf-8 -t utf-8 -c > "$work/calibration.txt.$$"
+mv "$work/calibration.txt.$$" "$work/calibration.txt"
 
 declare -A fineserve_args=(
   [int4-g32]="--bits 4 --group 32"
   [int4-adaptive]="--bits 4"
   [target-4.5]="--bits 4 --target-bits 4.5"
+  [target-4.5-cal]="--bits 4 --target-bits 4.5 --calibration $work/calibration.txt"
   [int8]="--bits 8"
 )
 
@@ -192,8 +202,10 @@ with open(out, "w") as f:
     f.write("\n")
 LABELS = {"reference": "reference (GGUF Q4_1 imported to fp16)", "int4-g32": "FineServe int4 g32 (`--bits 4 --group 32`)",
           "int4-adaptive": "FineServe int4 adaptive (`--bits 4`)", "target-4.5": "FineServe `--target-bits 4.5`",
+          "target-4.5-cal": "FineServe `--target-bits 4.5 --calibration` ²",
           "int8": "FineServe int8 adaptive (`--bits 8`)"}
-order = ["reference", "llama-Q4_0", "llama-Q4_1", "llama-Q4_K_M", "llama-Q5_0", "int4-g32", "int4-adaptive", "target-4.5", "int8"]
+order = ["reference", "llama-Q4_0", "llama-Q4_1", "llama-Q4_K_M", "llama-Q5_0", "int4-g32", "int4-adaptive", "target-4.5",
+         "target-4.5-cal", "int8"]
 ref = next((r for r in rows if r["row"] == "reference"), None)
 def rel(r, key):
     return " (%+.1f%%)" % (100 * (r[key] / ref[key] - 1)) if ref else ""
@@ -219,6 +231,10 @@ with open(md, "w") as f:
     if any("same_tensors_as" in r for r in rows):
         f.write("\n¹ Its checkpoint holds byte-identical tensors to the row named in the JSON "
                 "(`same_tensors_as`), whose scores it therefore shares (the evaluator is deterministic).\n")
+    if any(r["row"] == "target-4.5-cal" for r in rows):
+        f.write("\n² Calibrated (optional, not data-free): activation statistics of the source model on the first %d "
+                "bytes of each corpus (disjoint from the scored text) weight the quantization error "
+                "(docs/quantization.md).\n" % int(os.environ.get("CAL_BYTES", "16000")))
 print("\n".join(lines))
 print(f"wrote {out} and {md}", file=sys.stderr)
 PY
@@ -286,6 +302,8 @@ PY
   # deterministic, and one eval of 40,000 bytes takes minutes. The table notes it (same_tensors_as).
   tensor_digest "$dir" > "$work/$row.digest"
   same=""
+  # The reference is always scored itself (every other row's KL is measured against it).
+  [[ $row == reference ]] ||
   for other in "$work"/*.digest; do
     o=$(basename "$other" .digest)
     if [[ $o != "$row" && -f $work/$o-kjv.json && -f $work/$o-sotu.json && ! -f $work/$o.same ]] &&

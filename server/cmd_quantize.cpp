@@ -6,6 +6,8 @@
 #include <string>
 
 #include "kernels/base.h"
+#include "models/tokenizer/tokenizer.h"
+#include "quant/calibration/activation_stats.h"
 #include "quant/convert.h"
 #include "server/commands.h"
 #include "server/progress.h"
@@ -24,6 +26,8 @@ void add_quantize_command(CLI::App& app) {
     double max_rel_error = 0;
     std::vector<std::string> keep;
     std::vector<std::string> salience;
+    std::string calibration;
+    int64_t calibration_tokens = 8192;
     bool quantize_embeddings = false;
     double shard_gb = 4;
     bool force = false;
@@ -63,6 +67,15 @@ void add_quantize_command(CLI::App& app) {
                   "weights of several matches multiply; by default every matrix weighs 1)")
       ->needs(target);
   err->excludes(target);
+  auto* calibration = cmd->add_option(
+      "--calibration", f->calibration,
+      "Optional calibration text (UTF-8): run the source model on it and weight each input column's "
+      "quantization error by the mean square of its activations (the calibrated search; with --target-bits also "
+      "the allocation). Default: data-free")->check(CLI::ExistingFile);
+  cmd->add_option("--calibration-tokens", f->calibration_tokens,
+                  "Use at most this many tokens of the calibration text (default 8192)")
+      ->check(CLI::PositiveNumber)
+      ->needs(calibration);
   auto* rule = cmd->add_option("--scale-rule", f->scale_rule,
                                "How each group's scale is chosen: search (default: clipping ratios and the "
                                "sign-aware scale, least squared error), signed-absmax (the extreme maps to -8 / "
@@ -126,6 +139,16 @@ void add_quantize_command(CLI::App& app) {
     o.max_shard_bytes = static_cast<uint64_t>(f->shard_gb * 1e9);
     o.overwrite = f->force;
 
+    if (!f->calibration.empty()) {
+      std::ifstream in(f->calibration, std::ios::binary);
+      const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+      if (!in.good() && !in.eof()) throw Error("cannot read " + f->calibration);
+      const std::vector<int32_t> ids = load_tokenizer(f->model)->encode(text);
+      const quant::ActivationStats stats =
+          quant::collect_activation_stats(f->model, ids, {.ctx = 512, .max_tokens = f->calibration_tokens});
+      o.importance = stats.mean_sq;
+      o.calibration = f->calibration + ", " + std::to_string(stats.tokens) + " tokens";
+    }
     ProgressBar bar("quantize");
     const quant::ConvertReport report = quant::convert_checkpoint(o, [&](const quant::Progress& p) {
       bar.update(p.bytes_total ? static_cast<double>(p.bytes_done) / static_cast<double>(p.bytes_total) : 0.0,

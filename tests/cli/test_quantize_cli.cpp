@@ -168,5 +168,29 @@ TEST(SynthCli, ShardedCheckpointQuantizes) {
   for (const auto& f : q.files()) EXPECT_EQ(f->metadata().at("bits"), "4") << "every shard carries the metadata";
 }
 
+// --calibration: the source model runs on the text, and every matrix is quantized with the
+// importance-weighted search (quant/calibration/); --calibration-tokens needs --calibration.
+TEST(QuantizeCalibrationCli, TargetBitsWithCalibrationTextMarksEveryMatrix) {
+  ScratchDir tmp;
+  const fs::path model = fs::path(FINESERVE_TEST_DATA) / "golden" / "llama-gqa";
+  const fs::path text = tmp / "calibration.txt";
+  std::ofstream(text) << "In the beginning was the word, and the word was with the model. "
+                         "Four score and seven years ago our fathers brought forth a new nation.\n";
+  const fs::path out = tmp / "q";
+  auto r = run_fineserve("quantize --model " + model.string() + " --out " + out.string() +
+                         " --bits 4 --target-bits 4.5 --calibration " + text.string() + " --calibration-tokens 40");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(r.output.find("calibrated search ("), std::string::npos) << r.output;
+  const auto report = nlohmann::json::parse(std::ifstream(out / "quant_report.json"));
+  EXPECT_NE(report["options"]["calibration"].get<std::string>().find("tokens"), std::string::npos);
+  ASSERT_FALSE(report["matrices"].empty());
+  for (const auto& m : report["matrices"]) EXPECT_TRUE(m["calibrated"].get<bool>()) << m["name"];
+
+  r = run_fineserve("quantize --model " + model.string() + " --out " + (tmp / "q2").string() +
+                    " --bits 4 --calibration-tokens 40");
+  EXPECT_NE(r.status, 0);
+  EXPECT_FALSE(fs::exists(tmp / "q2"));
+}
+
 }  // namespace
 }  // namespace fineserve
