@@ -4,12 +4,17 @@
 
 #include <cmath>
 #include <cstdint>
+#include <filesystem>
+#include <fstream>
 #include <random>
+#include <span>
+#include <string>
 #include <vector>
 
 #include <gtest/gtest.h>
 
 #include "kernels/half.h"
+#include "models/checkpoint/safetensors.h"
 #include "quant/quantizer.h"
 
 namespace fineserve::quant::testing {
@@ -131,6 +136,28 @@ inline double check_search(const std::vector<float>& w, const QuantizedMatrix& a
   for (float x : w) norm += static_cast<double>(x) * x;
   EXPECT_NEAR(searched.rel_error, norm > 0 ? std::sqrt(err / norm) : 0.0, 1e-4 * searched.rel_error + 1e-12);
   return norm > 0 ? std::sqrt(err / norm) : 0.0;
+}
+
+// A source checkpoint for convert_checkpoint in dir / "src": an empty config.json and two i.i.d.
+// Gaussian fp32 [rows, cols] matrices, names[0] = layers.0.q_proj (values a, seed) and names[1] =
+// layers.0.v_proj (values b, seed + 1).
+struct TwoMatrixSource {
+  std::vector<std::string> names{"layers.0.q_proj.weight", "layers.0.v_proj.weight"};
+  std::vector<float> a, b;
+};
+
+inline TwoMatrixSource write_two_matrix_source(const std::filesystem::path& dir, int64_t rows, int64_t cols,
+                                               uint32_t seed) {
+  TwoMatrixSource s;
+  s.a = gaussian(rows, cols, seed);
+  s.b = gaussian(rows, cols, seed + 1);
+  std::filesystem::create_directories(dir / "src");
+  std::ofstream(dir / "src" / "config.json") << "{}\n";
+  ckpt::CheckpointWriter w(dir / "src", s.names, {}, 1ull << 30);
+  w.add(s.names[0], DType::F32, {rows, cols}, std::as_bytes(std::span(s.a)));
+  w.add(s.names[1], DType::F32, {rows, cols}, std::as_bytes(std::span(s.b)));
+  w.finish();
+  return s;
 }
 
 }  // namespace fineserve::quant::testing

@@ -170,17 +170,8 @@ TEST(BitBudget, SalienceMovesTheBits) {
 TEST(BitBudget, ConvertWritesMixedBitsThatReadBack) {
   const fineserve::testing::ScratchDir scratch;
   const std::filesystem::path dir = scratch.path();
-  std::filesystem::create_directories(dir / "src");
-  std::ofstream(dir / "src" / "config.json") << "{}\n";
   const int64_t rows = 64, cols = 256;
-  const std::vector<float> a = testing::gaussian(rows, cols, 11), b = testing::gaussian(rows, cols, 12);
-  const std::vector<std::string> names{"layers.0.q_proj.weight", "layers.0.v_proj.weight"};
-  {
-    ckpt::CheckpointWriter w(dir / "src", names, {}, 1ull << 30);
-    w.add(names[0], DType::F32, {rows, cols}, std::as_bytes(std::span(a)));
-    w.add(names[1], DType::F32, {rows, cols}, std::as_bytes(std::span(b)));
-    w.finish();
-  }
+  const std::vector<std::string> names = testing::write_two_matrix_source(dir, rows, cols, 11).names;
   ConvertOptions o;
   o.model = dir / "src";
   o.out = dir / "out";

@@ -89,17 +89,10 @@ TEST(CalibratedSearch, NeverWorseThanAbsmaxAndBetterThanDataFreeInWeightedError)
 TEST(CalibratedSearch, WeightedErrorLevelsAndConvertReport) {
   const fineserve::testing::ScratchDir scratch;
   const std::filesystem::path dir = scratch.path();
-  std::filesystem::create_directories(dir / "src");
-  std::ofstream(dir / "src" / "config.json") << "{}\n";
   const int64_t rows = 32, cols = 128;
-  const std::vector<float> a = testing::gaussian(rows, cols, 31), b = testing::gaussian(rows, cols, 32);
-  const std::vector<std::string> names{"layers.0.q_proj.weight", "layers.0.v_proj.weight"};
-  {
-    ckpt::CheckpointWriter wr(dir / "src", names, {}, 1ull << 30);
-    wr.add(names[0], DType::F32, {rows, cols}, std::as_bytes(std::span(a)));
-    wr.add(names[1], DType::F32, {rows, cols}, std::as_bytes(std::span(b)));
-    wr.finish();
-  }
+  const testing::TwoMatrixSource src = testing::write_two_matrix_source(dir, rows, cols, 31);
+  const std::vector<float>& a = src.a;
+  const std::vector<std::string>& names = src.names;
   std::vector<float> imp(static_cast<size_t>(cols), 1.0f);
   for (int64_t k = 0; k < cols; k += 5) imp[static_cast<size_t>(k)] = 50.0f;
   // error_levels with importances reports the weighted error of what quantize() writes.
