@@ -6,6 +6,7 @@
 #include <string>
 
 #include "kernels/base.h"
+#include "models/checkpoint/util.h"
 #include "models/tokenizer/tokenizer.h"
 #include "quant/calibration/activation_stats.h"
 #include "quant/convert.h"
@@ -140,10 +141,7 @@ void add_quantize_command(CLI::App& app) {
     o.overwrite = f->force;
 
     if (!f->calibration.empty()) {
-      std::ifstream in(f->calibration, std::ios::binary);
-      const std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-      if (!in.good() && !in.eof()) throw Error("cannot read " + f->calibration);
-      const std::vector<int32_t> ids = load_tokenizer(f->model)->encode(text);
+      const std::vector<int32_t> ids = load_tokenizer(f->model)->encode(ckpt::read_file(f->calibration));
       const quant::ActivationStats stats =
           quant::collect_activation_stats(f->model, ids, {.ctx = 512, .max_tokens = f->calibration_tokens});
       o.importance = stats.mean_sq;
