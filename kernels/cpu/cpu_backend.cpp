@@ -88,7 +88,7 @@ class CpuBackend final : public Backend {
                     p->shape.group == w.group && p->shape.dtype == w.dtype,
                 "linear: weight does not match what upload_weight returned");
       if (int8_act) return cpu::linear_int8_act(*p, f(x), m, bias, bias_dtype, f(y), isa_, threads_);
-      return cpu::linear(*p, f(x), m, bias, bias_dtype, f(y), threads_);
+      return cpu::linear(*p, f(x), m, bias, bias_dtype, f(y), isa_, threads_);
     }
     if (int8_act) return cpu::ref::linear_int8_act(w, f(x), m, bias, bias_dtype, f(y));
     cpu::ref::linear(w, f(x), m, bias, bias_dtype, f(y));

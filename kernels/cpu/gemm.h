@@ -1,5 +1,6 @@
 // The fast CPU linear layer: y[m, N] = x[m, K] · Wᵀ (+ bias) for FineQuant int4 / int8 codes and
-// dense F32 / F16 / BF16 weights, multi-threaded over N (OpenMP) and vectorised with AVX2 + FMA.
+// dense F32 / F16 / BF16 weights, multi-threaded over N (OpenMP) and vectorised with AVX2 + FMA
+// (the quantized GEMV with AVX-512 where the CPU has it).
 //
 // Weights are re-laid out once, at upload time, by pack_weight() (layout in gemm.cpp); the
 // checkpoint format stays as it is. Accumulation is fp32 and activations stay fp32 (weight-only
@@ -11,6 +12,7 @@
 #include <vector>
 
 #include "kernels/cpu/aligned.h"
+#include "kernels/cpu/dispatch.h"
 #include "kernels/ops.h"
 
 namespace fineserve::cpu {
@@ -36,9 +38,10 @@ struct PackedWeight {
 // Re-lays out a checkpoint-layout weight (validated first; throws fineserve::Error when malformed).
 PackedWeight pack_weight(const WeightMatrix& w);
 
-// y[m, N] = x[m, K] · Wᵀ (+ bias[N] of bias_dtype when not null). Needs has_avx2().
-// threads <= 0 uses OpenMP's default.
-void linear(const PackedWeight& w, const float* x, int64_t m, const void* bias, DType bias_dtype, float* y,
+// y[m, N] = x[m, K] · Wᵀ (+ bias[N] of bias_dtype when not null). isa: Avx2, or Avx512Vnni, which
+// runs quantized weights' GEMV (m <= 3) with 512-bit vectors (the CPU must have it). threads <= 0
+// uses OpenMP's default.
+void linear(const PackedWeight& w, const float* x, int64_t m, const void* bias, DType bias_dtype, float* y, Isa isa,
             int threads);
 
 // out[i, g] = Σ x[i, c] over the columns c of group g (k / groups columns each): what an

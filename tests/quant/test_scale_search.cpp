@@ -142,7 +142,7 @@ TEST(ExtremeCodes, DecodeExactlyOnEveryCpuPath) {
               ASSERT_EQ(y_ref[static_cast<size_t>(i * rows + r)], deq[static_cast<size_t>(r * cols + c0 + i)]);
           if (!cpu::has_avx2()) continue;
           const cpu::PackedWeight packed = cpu::pack_weight(wm);
-          cpu::linear(packed, x.data(), m, nullptr, DType::F32, y_fast.data(), 1);
+          cpu::linear(packed, x.data(), m, nullptr, DType::F32, y_fast.data(), cpu::best_isa(), 1);
           for (int64_t i = 0; i < m && c0 + i < cols; ++i)
             for (int64_t r = 0; r < rows; ++r)
               ASSERT_EQ(y_fast[static_cast<size_t>(i * rows + r)], deq[static_cast<size_t>(r * cols + c0 + i)])
