@@ -12,7 +12,7 @@
 // --cpu-path (one per --model) picks the CPU backend's linear path per subject, so that the exact
 // weight-only kernels and the int8-activation ones (kernels/cpu/gemm_a8.h) sit side by side in one
 // run: exact, int8-act, int8-head or int8-act+head (see configs/cpu_env.h for the same choices as
-// environment variables).
+// environment variables), each optionally forced onto one kernel ISA (exact@avx2 beside exact@avx512).
 //
 // --batch (repeatable) adds decode at more batch sizes (e.g. 1 and 8: symmetric vs asymmetric int4
 // at batch 1 and 8, docs/results/asym_smollm2_cpu.json); the first is the table's main figure.
@@ -26,6 +26,9 @@
 #include <filesystem>
 #include <map>
 #include <memory>
+#include <optional>
+#include <string>
+#include <variant>
 
 #include "bench/decode_run.h"
 #include "bench/report.h"
@@ -119,11 +122,35 @@ PeerTiming run_llama_bench(const Flags& f, int threads) {
   return t;
 }
 
-// The CPU backend for a --cpu-path value, on top of the environment's options (its ISA choice).
-std::unique_ptr<Backend> cpu_backend_for(const std::string& path) {
+// A --cpu-path value: PATH or PATH@ISA (exact@avx2: the exact path on the AVX2 kernels).
+struct CpuPath {
+  std::string path;
+  std::optional<cpu::Isa> isa;  // none: the environment's choice (FINESERVE_CPU_ISA, else the best)
+};
+
+// The parsed value, or an error message (CLI validator and backend factory share it).
+std::variant<CpuPath, std::string> parse_cpu_path(const std::string& spec) {
+  const size_t at = spec.find('@');
+  CpuPath p{spec.substr(0, at), std::nullopt};
+  if (p.path != "exact" && p.path != "int8-act" && p.path != "int8-head" && p.path != "int8-act+head")
+    return "unknown CPU path '" + p.path + "' (exact, int8-act, int8-head, int8-act+head)";
+  if (at != std::string::npos) {
+    p.isa = cpu::parse_isa(spec.substr(at + 1));
+    if (!p.isa) return "unknown CPU kernel path '" + spec.substr(at + 1) + "' (reference, avx2, avx512)";
+  }
+  return p;
+}
+
+// The CPU backend for a --cpu-path value, on top of the environment's options.
+std::unique_ptr<Backend> cpu_backend_for(const std::string& spec) {
+  const CpuPath p = std::get<CpuPath>(parse_cpu_path(spec));
   CpuOptions o = cpu_options_from_env();
-  o.int8_activations = path == "int8-act" || path == "int8-act+head";
-  o.int8_dense_weights = path == "int8-head" || path == "int8-act+head";
+  o.int8_activations = p.path == "int8-act" || p.path == "int8-act+head";
+  o.int8_dense_weights = p.path == "int8-head" || p.path == "int8-act+head";
+  if (p.isa) {
+    o.reference = *p.isa == cpu::Isa::Reference;
+    o.isa = *p.isa;
+  }
   return make_cpu_backend(o);
 }
 
@@ -303,8 +330,15 @@ void setup(CLI::App& group) {
       ->required()
       ->check(CLI::ExistingDirectory);
   cmd->add_option("--label", f->labels, "A name per --model for the table (default: the directory's name)");
-  cmd->add_option("--cpu-path", f->cpu_paths, "CPU linear path per --model: exact, int8-act, int8-head, int8-act+head")
-      ->check(CLI::IsMember({"exact", "int8-act", "int8-head", "int8-act+head"}));
+  cmd->add_option("--cpu-path", f->cpu_paths,
+                  "CPU linear path per --model: exact, int8-act, int8-head, int8-act+head, optionally @ISA to force "
+                  "the kernels (exact@avx2, int8-act@avx512)")
+      ->check(CLI::Validator(
+          [](std::string& v) {
+            auto parsed = parse_cpu_path(v);
+            return std::holds_alternative<std::string>(parsed) ? std::get<std::string>(parsed) : std::string();
+          },
+          "PATH[@ISA]"));
   cmd->add_option("--batch", f->batches, "Decode batch size (repeatable: --batch 1 --batch 8; default 1)")
       ->check(CLI::PositiveNumber);
   cmd->add_option("--device", f->device, "cpu or cuda")->check(CLI::IsMember({"cpu", "cuda"}));
