@@ -49,6 +49,20 @@ TEST(BenchModelCli, MeasuresEveryModelAndWritesJson) {
   EXPECT_FALSE(res.contains("peer"));
 }
 
+// --cpu-path PATH@ISA: the same model through the reference and the best fast kernels, side by side.
+TEST(BenchModelCli, CpuPathForcesTheKernelIsaPerModel) {
+  ScratchDir tmp;
+  const fs::path out = tmp / "paths.json";
+  auto r = run_fineserve("bench model --model " + kModel.string() + " --model " + kModel.string() +
+                         " --cpu-path exact@reference --cpu-path int8-act --label ref --label int8"
+                         " --prompt-tokens 4 --new-tokens 3 --reps 1 --rounds 1 --out " + out.string());
+  ASSERT_EQ(r.status, 0) << r.output;
+  const auto j = nlohmann::json::parse(std::ifstream(out));
+  ASSERT_EQ(j["results"]["runs"].size(), 2u);
+  EXPECT_EQ(j["results"]["runs"][0]["cpu_path"], "exact@reference");
+  EXPECT_EQ(j["results"]["runs"][1]["cpu_path"], "int8-act");
+}
+
 TEST(BenchModelCli, BadFlagsAreClearErrors) {
   ScratchDir tmp;
   auto r = run_fineserve("bench model");
@@ -71,6 +85,14 @@ TEST(BenchModelCli, BadFlagsAreClearErrors) {
   r = run_fineserve("bench model --model " + kModel.string() + " --new-tokens 2 --out " + (tmp / "x.json").string());
   EXPECT_NE(r.status, 0);
   EXPECT_NE(r.output.find("--new-tokens"), std::string::npos) << r.output;
+
+  r = run_fineserve("bench model --model " + kModel.string() + " --cpu-path exact@avx9 --out " +
+                    (tmp / "x.json").string());
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("unknown CPU kernel path 'avx9'"), std::string::npos) << r.output;
+  r = run_fineserve("bench model --model " + kModel.string() + " --cpu-path fast --out " + (tmp / "x.json").string());
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.output.find("unknown CPU path 'fast'"), std::string::npos) << r.output;
 
   // A directory that is not a checkpoint.
   r = run_fineserve("bench model --model " + tmp.path().string() + " --out " + (tmp / "x.json").string());
