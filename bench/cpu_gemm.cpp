@@ -27,6 +27,8 @@
 
 #include "bench/membw.h"
 #include "bench/report.h"
+#include "configs/cpu_env.h"
+#include "kernels/base.h"
 #include "kernels/cpu/cpu_backend.h"
 #include "kernels/cpu/dispatch.h"
 #include "kernels/half.h"
@@ -131,8 +133,14 @@ void run(const std::string& out, int threads, double min_seconds, double rotate_
   const std::vector<Format> formats = {{"fp16", 0, 0},           {"int4 g128", 4, 128},
                                        {"int4 col", 4, 0},       {"int8 col", 8, 0},
                                        {"int4 g128 a8", 4, 128, true}, {"int8 col a8", 8, 0, true}};
-  auto be = make_cpu_backend(CpuOptions{.threads = threads});
-  const cpu::Isa isa = cpu::best_isa();
+  // The environment's ISA choice (FINESERVE_CPU_ISA), so each kernel path can be timed on one machine.
+  CpuOptions options = cpu_options_from_env();
+  options.threads = threads;
+  options.int8_activations = false;
+  options.int8_dense_weights = false;
+  if (options.reference) throw Error("bench cpu-gemm times the fast kernels: FINESERVE_CPU_ISA=reference is not one");
+  auto be = make_cpu_backend(options);
+  const cpu::Isa isa = options.isa.value_or(cpu::best_isa());
   const double load_before = load_average();
   std::printf("backend %s (%s), measuring read bandwidth and compute peaks ...\n", be->name().c_str(),
               std::string(cpu::isa_name(isa)).c_str());
@@ -141,9 +149,9 @@ void run(const std::string& out, int threads, double min_seconds, double rotate_
   const ComputePeak peak = measure_compute_peak(threads, cpu_clock);
   std::printf("read bandwidth: %.1f GB/s; peak GMAC/s: fp32 FMA avx2 %.1f, avx512 %.1f; int8 avx2 %.1f, vnni %.1f\n",
               bw_before, peak.fp32_fma_avx2, peak.fp32_fma_avx512, peak.int8_avx2, peak.int8_vnni_avx512);
-  // The ceiling of each path: the exact GEMM runs 256-bit fp32 FMAs; a8 the int8 dot products of
-  // the ISA it dispatches to.
-  const double exact_peak = peak.fp32_fma_avx2;
+  // The ceiling of each path: the exact GEMM's fp32 FMAs (512-bit on the AVX-512 path, 256-bit on
+  // AVX2); a8 the int8 dot products of the ISA it dispatches to.
+  const double exact_peak = isa == cpu::Isa::Avx512Vnni ? peak.fp32_fma_avx512 : peak.fp32_fma_avx2;
   const double a8_peak = isa == cpu::Isa::Avx512Vnni ? peak.int8_vnni_avx512 : peak.int8_avx2;
 
   Table table({"shape", "m", "format", "MB", "us best", "us median", "GB/s", "% of bw", "x vs fp16", "GMAC/s",
@@ -153,7 +161,9 @@ void run(const std::string& out, int threads, double min_seconds, double rotate_
     std::vector<double> fp16_us(ms.size(), 0.0);
     for (const Format& f : formats) {
       // A fresh backend per weight: the copies it packs are freed before the next format's.
-      auto b = make_cpu_backend(CpuOptions{.threads = threads, .int8_activations = f.int8_act});
+      CpuOptions o = options;
+      o.int8_activations = f.int8_act;
+      auto b = make_cpu_backend(o);
       const HostWeight h = make_host_weight(s, f, 42);
       const double mb = static_cast<double>(h.w.bytes()) / 1e6;
       const size_t n_copies = static_cast<size_t>(std::max(2.0, rotate_mb / mb + 1));
@@ -204,7 +214,7 @@ void run(const std::string& out, int threads, double min_seconds, double rotate_
                                                  {"fp32_fma_avx512", peak.fp32_fma_avx512},
                                                  {"int8_avx2", peak.int8_avx2},
                                                  {"int8_vnni_avx512", peak.int8_vnni_avx512}}},
-                                 {"exact_path_peak", "fp32_fma_avx2"},
+                                 {"exact_path_peak", isa == cpu::Isa::Avx512Vnni ? "fp32_fma_avx512" : "fp32_fma_avx2"},
                                  {"a8_path_peak", isa == cpu::Isa::Avx512Vnni ? "int8_vnni_avx512" : "int8_avx2"},
                                  {"read_bw_gbs_before", bw_before},
                                  {"read_bw_gbs_after", bw_after},
