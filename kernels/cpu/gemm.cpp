@@ -22,12 +22,14 @@
 // partial dot products are reduced and multiplied by the group scale once. An asymmetric matrix's
 // offsets add Σ_group offset · (sum of x over the group): one 4-row FMA per group and tile with the
 // group sums of x computed once per call; a symmetric one skips that branch.
-// GEMM (m > 3): a 16-row x 256-column tile of W is dequantized once into an L1-resident fp32
+// GEMM (m > 3; on AVX-512, m > 32 for quantized weights): a 16-row x 256-column tile of W is dequantized once into an L1-resident fp32
 // buffer (exactly: code * scale has at most 19 significant bits; code * scale + offset rounded
 // once more when asymmetric) and reused by every row of x through a 3 x 4 register-blocked FMA
 // microkernel (6 x 4 with 512-bit vectors on the AVX-512 path).
-// AVX-512 (Isa::Avx512Vnni): the quantized GEMV and the GEMM's microkernel run 512-bit versions of
-// the same code on the same layout; dense weights' GEMV and the tile dequantization stay AVX2.
+// AVX-512 (Isa::Avx512Vnni), same layout: quantized weights take a 512-bit GEMV that scales each
+// weight vector before its FMAs and so serves up to 6 rows of x per pass, in passes up to m = 32
+// (kGemvMaxRows512); the GEMM runs a 6 x 4 512-bit microkernel; dense weights' GEMV and the tile
+// dequantization stay AVX2.
 #include "kernels/cpu/gemm.h"
 
 // GCC 12's AVX-512 intrinsics start some wrappers (_mm512_broadcast_i32x4, _mm512_cvtepi32_ps, ...)
@@ -225,17 +227,27 @@ FS_AVX2 void gemv_tiles(const GemvArgs& a, int64_t t0, int64_t t1) {
   }
 }
 
-// The same GEMV with 512-bit vectors (quantized weights only; AVX-512 F/BW/VL/DQ): half the
-// instructions per weight of gemv_tiles. A row's 16 int4 bytes are broadcast to all four 128-bit
-// lanes, so one AND with a per-lane mask yields 16 columns in order (step h: columns 16h..16h+15,
-// nibbles 4h..4h+3 of the four words), still at bit 4j of their lane as in the AVX2 layout: the same
-// prepared x (scaled by 2^-(4j)) and the same per-group +8 correction apply. int8: 16 codes widened
-// to int32 per step. Sums are fp32 in a different order than gemv_tiles; both are exact products.
 // The sum of a 512-bit vector's two 256-bit halves.
 FS_AVX512 inline __m256 fold512(__m512 v) {
   return _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
 }
 
+// Rows of x one pass of the 512-bit GEMV takes: M x 4 accumulators + 2 masks + the scales and the
+// weight vectors fit the 32 zmm registers up to 6.
+constexpr int kGemvRows512 = 6;
+// Up to this many rows of x the AVX-512 path runs GEMV passes rather than the tiled GEMM (one thread,
+// OPT-1.3B shapes, int4 g128: 51 vs 26 GMAC/s at m = 8, 46 vs 43 at 32, even at 64).
+constexpr int64_t kGemvMaxRows512 = 32;
+
+// The GEMV with 512-bit vectors, for quantized weights (AVX-512 F/BW/VL/DQ), on the same layout and
+// the same prepared x as gemv_tiles. A row's 16 int4 bytes are broadcast to all four 128-bit lanes,
+// so one AND with a per-lane mask yields 16 columns in order (step h: columns 16h..16h+15, nibbles
+// 4h..4h+3 of the four words), still at bit 4j of their lane (x is scaled by 2^-(4j)); int8: 16
+// codes widened to int32 per step. Each weight vector is multiplied by its row's group scale before
+// the FMAs (exact: a 4-bit or 8-bit integer times an fp16 scale fits fp32's mantissa), so the
+// accumulators need no per-group step and take up to kGemvRows512 rows of x in one pass over the
+// weights: one dequantized vector feeds M FMAs. The int4 +8 (8 · scale · sum of x over the group's
+// offset columns) and an asymmetric matrix's offsets are applied per group on 4-row vectors.
 template <Kind KD, int M>
 FS_AVX512 void gemv_tiles_avx512(const GemvArgs& a, int64_t t0, int64_t t1) {
   static_assert(KD == Kind::Q4 || KD == Kind::Q8);
@@ -246,62 +258,46 @@ FS_AVX512 void gemv_tiles_avx512(const GemvArgs& a, int64_t t0, int64_t t1) {
   const __m512i mask[2] = {mask0, _mm512_slli_epi32(mask0, 16)};
   for (int64_t t = t0; t < t1; ++t) {
     const uint8_t* tile = a.codes + t * a.blocks * kTileRows * BB;
-    __m128 tot[M], otot[M];
-    for (int i = 0; i < M; ++i) tot[i] = otot[i] = _mm_setzero_ps();
-    __m512 tot1[kTileRows];  // M = 1: each W row's scaled total as a vector, reduced once per tile
-    for (int r = 0; r < kTileRows; ++r) tot1[r] = _mm512_setzero_ps();
+    __m512 acc[M][kTileRows];
+    for (int i = 0; i < M; ++i)
+      for (int r = 0; r < kTileRows; ++r) acc[i][r] = _mm512_setzero_ps();
+    __m128 corr[M], otot[M];  // Σ_group 8 · scale · xsum (int4, subtracted); Σ_group offset · gsum
+    for (int i = 0; i < M; ++i) corr[i] = otot[i] = _mm_setzero_ps();
     for (int64_t g = 0; g < a.groups; ++g) {
+      const __m128 sc = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.scales + (t * a.groups + g) * kTileRows)));
+      const __m512 sc16 = _mm512_castps128_ps512(sc);
+      if constexpr (KD == Kind::Q4)
+        for (int i = 0; i < M; ++i) corr[i] = _mm_fmadd_ps(sc, _mm_set1_ps(8.0f * a.xsum[i * a.groups + g]), corr[i]);
       if (a.offsets) {
         const __m128 off = simd::load4_f16_or_f32(a.offsets, a.offsets_f16, (t * a.groups + g) * kTileRows);
         for (int i = 0; i < M; ++i) otot[i] = _mm_fmadd_ps(off, _mm_set1_ps(a.gsum[i * a.groups + g]), otot[i]);
       }
-      // Two accumulators per (x row, W row), one per 16-column step: independent FMA chains.
-      __m512 acc[M][kTileRows][2];
-      for (int i = 0; i < M; ++i)
-        for (int r = 0; r < kTileRows; ++r) acc[i][r][0] = acc[i][r][1] = _mm512_setzero_ps();
       const int64_t b0 = g * a.blocks_per_group, b1 = std::min(b0 + a.blocks_per_group, a.blocks);
       for (int64_t b = b0; b < b1; ++b) {
         const uint8_t* blk = tile + b * kTileRows * BB;
         for (int64_t line = 0; line < kTileRows * BB; line += 64)
           _mm_prefetch(reinterpret_cast<const char*>(blk + kPrefetchBytes + line), _MM_HINT_T0);
         const float* xb = a.x + b * kBlockCols;
-        __m512 xv[M][2];
-        for (int i = 0; i < M; ++i)
-          for (int h = 0; h < 2; ++h) xv[i][h] = _mm512_loadu_ps(xb + i * xs + 16 * h);
 #pragma GCC unroll 4
         for (int r = 0; r < kTileRows; ++r) {
           const uint8_t* rb = blk + r * BB;
+          const __m512 scale = _mm512_permutexvar_ps(_mm512_set1_epi32(r), sc16);
           __m512i v = _mm512_setzero_si512();
           if constexpr (KD == Kind::Q4) v = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb)));
           for (int h = 0; h < 2; ++h) {
             __m512 w;
             if constexpr (KD == Kind::Q4) w = _mm512_cvtepi32_ps(_mm512_and_si512(v, mask[h]));
             else w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rb + 16 * h))));
-            for (int i = 0; i < M; ++i) acc[i][r][h] = _mm512_fmadd_ps(xv[i][h], w, acc[i][r][h]);
+            w = _mm512_mul_ps(w, scale);
+            for (int i = 0; i < M; ++i) acc[i][r] = _mm512_fmadd_ps(_mm512_loadu_ps(xb + i * xs + 16 * h), w, acc[i][r]);
           }
         }
       }
-      const __m128 sc = _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a.scales + (t * a.groups + g) * kTileRows)));
-      if constexpr (M == 1) {
-        const __m512 sc16 = _mm512_castps128_ps512(sc);
-        for (int r = 0; r < kTileRows; ++r)
-          tot1[r] = _mm512_fmadd_ps(_mm512_add_ps(acc[0][r][0], acc[0][r][1]),
-                                    _mm512_permutexvar_ps(_mm512_set1_epi32(r), sc16), tot1[r]);
-        if constexpr (KD == Kind::Q4) tot[0] = _mm_fmadd_ps(sc, _mm_set1_ps(8.0f * a.xsum[g]), tot[0]);
-        continue;
-      }
-      for (int i = 0; i < M; ++i) {
-        __m256 r4[kTileRows];
-        for (int r = 0; r < kTileRows; ++r) r4[r] = fold512(_mm512_add_ps(acc[i][r][0], acc[i][r][1]));
-        __m128 sums = simd::hsum4(r4[0], r4[1], r4[2], r4[3]);
-        if constexpr (KD == Kind::Q4) sums = _mm_sub_ps(sums, _mm_set1_ps(8.0f * a.xsum[i * a.groups + g]));
-        tot[i] = _mm_fmadd_ps(sums, sc, tot[i]);
-      }
     }
-    if constexpr (M == 1)
-      tot[0] = _mm_sub_ps(simd::hsum4(fold512(tot1[0]), fold512(tot1[1]), fold512(tot1[2]),
-                                      fold512(tot1[3])),
-                          tot[0]);
+    __m128 tot[M];
+    for (int i = 0; i < M; ++i)
+      tot[i] = _mm_sub_ps(simd::hsum4(fold512(acc[i][0]), fold512(acc[i][1]), fold512(acc[i][2]), fold512(acc[i][3])),
+                          corr[i]);
     store_tile<M>(a, t, tot, otot);
   }
 }
@@ -348,7 +344,10 @@ void gemv_dispatch_m_avx512(const GemvArgs& a, int m, int64_t t0, int64_t t1) {
     case 1: return gemv_tiles_avx512<KD, 1>(a, t0, t1);
     case 2: return gemv_tiles_avx512<KD, 2>(a, t0, t1);
     case 3: return gemv_tiles_avx512<KD, 3>(a, t0, t1);
-    default: FS_ASSERT(false, "gemv handles 1..3 rows");
+    case 4: return gemv_tiles_avx512<KD, 4>(a, t0, t1);
+    case 5: return gemv_tiles_avx512<KD, 5>(a, t0, t1);
+    case 6: return gemv_tiles_avx512<KD, 6>(a, t0, t1);
+    default: FS_ASSERT(false, "the 512-bit gemv handles 1..6 rows per pass");
   }
 }
 
@@ -666,7 +665,11 @@ void linear(const PackedWeight& p, const float* x, int64_t m, const void* bias, 
     bias_ptr = bias_f32.data();
   }
 
-  if (m <= 3) {
+  // The GEMV streams the weights once per pass of rows (3 on AVX2; up to kGemvRows512 on AVX-512 for
+  // quantized weights, where several passes within a chunk re-read its weights from L2): fewer
+  // instructions per multiply-add than dequantizing tiles for the GEMM, up to kGemvMaxRows512 rows.
+  const bool gemv512 = isa == Isa::Avx512Vnni && p.shape.quantized();
+  if (m <= (gemv512 ? kGemvMaxRows512 : 3)) {
     // x padded to whole blocks; for int4 each column scaled by 2^-(4j) of its nibble position, and
     // the sum of x over each group's +8-offset columns (all but the two's complement nibble 7).
     thread_local std::vector<float> xs, xsum, gsum;
@@ -693,9 +696,20 @@ void linear(const PackedWeight& p, const float* x, int64_t m, const void* bias, 
     a.bias = bias_ptr;
     a.y = y;
     a.rows = N;
-    const int mi = static_cast<int>(m);
+    // Balanced passes: 8 rows go as 4 + 4, not 6 + 2.
+    const int64_t passes = (m + (gemv512 ? kGemvRows512 : 3) - 1) / (gemv512 ? kGemvRows512 : 3);
+    const int64_t pass_rows = (m + passes - 1) / passes;
 #pragma omp parallel for num_threads(threads) if (parallel) schedule(dynamic, 1)
-    for (int64_t c = 0; c < chunks; ++c) gemv(kind, isa, a, mi, c * chunk, std::min(p.tiles, (c + 1) * chunk));
+    for (int64_t c = 0; c < chunks; ++c) {
+      for (int64_t i0 = 0; i0 < m; i0 += pass_rows) {
+        GemvArgs pass = a;
+        pass.x += i0 * kp;
+        if (kind == Kind::Q4) pass.xsum += i0 * p.groups;
+        if (p.asymmetric()) pass.gsum += i0 * p.groups;
+        pass.y += i0 * N;
+        gemv(kind, isa, pass, static_cast<int>(std::min(pass_rows, m - i0)), c * chunk, std::min(p.tiles, (c + 1) * chunk));
+      }
+    }
     return;
   }
 #pragma omp parallel for num_threads(threads) if (parallel) schedule(dynamic, 1)

@@ -162,7 +162,7 @@ struct Shape {
 // 4-row tile; column-wise K = 770 / 99 end in a partial block of 32.
 const Shape kShapes[] = {{37, 96, 32}, {37, 96, 0}, {13, 768, 32}, {13, 768, 0}, {6, 1536, 32},
                          {5, 192, 64}, {130, 192, 32}, {3, 770, 0}};
-const int64_t kRows[] = {1, 2, 3, 5, 17, 129};
+const int64_t kRows[] = {1, 2, 3, 5, 8, 16, 17, 129};
 
 TEST_P(ForcedIsa, Int8ActivationsMatchTheReferenceAndStayWithinTheQuantizationBound) {
   auto f = fast(true), r = reference(true), exact = reference(false);
