@@ -317,6 +317,8 @@ void run(const Flags& f) {
                             {"rounds", f.rounds},
                             {"baseline", base.label},
                             {"runs", runs}};
+  // The kernel path the environment picks (each subject's --cpu-path may force another).
+  if (!cuda) results["cpu_isa_default"] = std::string(cpu::isa_name(cpu_options_from_env().isa.value_or(cpu::best_isa())));
   if (!peer.empty()) results["peer"] = peer_json;
   const std::string out = !f.out.empty() ? f.out : std::string("docs/results/model_") + (cuda ? "cuda" : "cpu") + ".json";
   write_result(out, cuda ? "model_cuda" : "model_cpu", dev.name, results);
