@@ -31,6 +31,7 @@
 
 #include "bench/report.h"
 #include "kernels/base.h"
+#include "kernels/cpu/omp_threads.h"
 #include "models/synthetic.h"
 #include "quant/convert.h"
 #include "server/engine_loop.h"
@@ -342,7 +343,10 @@ void setup(CLI::App& group) {
   cmd->callback([f] {
     if (f->chat && !f->peer_url.empty())
       throw Error("--chat replays /generate_stream conversations; it does not combine with --peer-url yet");
-    const fs::path model = f->model.empty() ? synthetic_model(*f) : fs::path(f->model);
+    // Written on a short-lived thread: the served engine's OpenMP pool must be the process's only
+    // one (kernels/cpu/omp_threads.h).
+    fs::path model = f->model;
+    if (model.empty()) cpu::run_on_short_lived_thread([&] { model = synthetic_model(*f); });
     const int max_c = *std::max_element(f->concurrency.begin(), f->concurrency.end());
     // Other processes on the machine skew the figures: record how busy it was.
     double load_at_start = -1;

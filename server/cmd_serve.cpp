@@ -17,6 +17,7 @@
 #include "configs/server_env.h"
 #include "engine/tp_launch.h"
 #include "kernels/base.h"
+#include "kernels/cpu/omp_threads.h"
 #include "quant/gguf_convert.h"
 #include "server/commands.h"
 #include "server/serve.h"
@@ -91,7 +92,9 @@ void add_serve_command(CLI::App& app) {
     // The config first, then every flag the user gave on top of it.
     const ServeOptions flags = f->o;
     ServeOptions o = default_serve_options();
-    o.model = quant::model_dir_for(flags.model).string();  // a .gguf file: its FineQuant conversion
+    // A .gguf file: its FineQuant conversion, made on a short-lived thread so that its OpenMP pool
+    // does not outlive it (kernels/cpu/omp_threads.h).
+    cpu::run_on_short_lived_thread([&] { o.model = quant::model_dir_for(flags.model).string(); });
     if (config->count() > 0 || std::filesystem::exists(f->config)) load_server_config(f->config, o);
     if (name->count()) o.served_model_name = flags.served_model_name;
     if (device->count()) o.device = flags.device;

@@ -11,6 +11,7 @@
 
 #include "engine/tp.h"
 #include "engine/tp_launch.h"
+#include "kernels/cpu/omp_threads.h"
 #include "kernels/base.h"
 #include "models/model.h"
 #include "models/tokenizer/tokenizer.h"
@@ -177,7 +178,8 @@ void ServingStack::load() {
     model_ = load_tp_model(options_);
   } else {
     backend_ = make_backend(options_.device);
-    model_ = load_model(dir, *backend_);
+    // The engine thread must own the process's only OpenMP pool (kernels/cpu/omp_threads.h).
+    cpu::run_on_short_lived_thread([&] { model_ = load_model(dir, *backend_); });
   }
   EngineConfig ec = options_.engine;
   ec.kv_cache_bytes = static_cast<uint64_t>(options_.kv_cache_mb * (1 << 20));
