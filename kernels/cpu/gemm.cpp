@@ -15,14 +15,14 @@
 // Scales: fp16 [tile][group][4 rows]; offsets of an asymmetric matrix: [tile][group][4 rows], fp16
 // when all are exactly fp16 values, else fp32 (gemm.h).
 //
-// GEMV (m <= 3, the decode hot spot, memory-bound): per step AND + int->float convert + FMA, with
+// GEMV (m <= 3 per pass, the decode hot spot, memory-bound): per step AND + int->float convert + FMA, with
 // no per-element shift: the 2^(4j) left in each masked lane is folded into a copy of x scaled by
 // 2^-(4j) once per call (exact: a power-of-two scaling), and the +8 offset is removed once per
 // group as 8 * (sum of x over the group's offset columns), also precomputed per call. Each group's
 // partial dot products are reduced and multiplied by the group scale once. An asymmetric matrix's
 // offsets add Σ_group offset · (sum of x over the group): one 4-row FMA per group and tile with the
 // group sums of x computed once per call; a symmetric one skips that branch.
-// GEMM (m > 3; on AVX-512, m > 32 for quantized weights): a 16-row x 256-column tile of W is dequantized once into an L1-resident fp32
+// GEMM (m > 3; m > 6 for quantized weights, m > 32 on AVX-512): a 16-row x 256-column tile of W is dequantized once into an L1-resident fp32
 // buffer (exactly: code * scale has at most 19 significant bits; code * scale + offset rounded
 // once more when asymmetric) and reused by every row of x through a 3 x 4 register-blocked FMA
 // microkernel (6 x 4 with 512-bit vectors on the AVX-512 path).
@@ -238,6 +238,9 @@ constexpr int kGemvRows512 = 6;
 // Up to this many rows of x the AVX-512 path runs GEMV passes rather than the tiled GEMM (one thread,
 // OPT-1.3B shapes, int4 g128: 51 vs 26 GMAC/s at m = 8, 46 vs 43 at 32, even at 64).
 constexpr int64_t kGemvMaxRows512 = 32;
+// The AVX2 GEMV's passes of 3 rows beat the GEMM at m = 4 (2 + 2 rows: 28 vs 17 GMAC/s, same
+// shapes), tie at 8 and lose beyond.
+constexpr int64_t kGemvMaxRowsAvx2 = 6;
 
 // The GEMV with 512-bit vectors, for quantized weights (AVX-512 F/BW/VL/DQ), on the same layout and
 // the same prepared x as gemv_tiles. A row's 16 int4 bytes are broadcast to all four 128-bit lanes,
@@ -665,11 +668,13 @@ void linear(const PackedWeight& p, const float* x, int64_t m, const void* bias, 
     bias_ptr = bias_f32.data();
   }
 
-  // The GEMV streams the weights once per pass of rows (3 on AVX2; up to kGemvRows512 on AVX-512 for
-  // quantized weights, where several passes within a chunk re-read its weights from L2): fewer
-  // instructions per multiply-add than dequantizing tiles for the GEMM, up to kGemvMaxRows512 rows.
+  // The GEMV streams the weights once per pass of rows (up to 3 on AVX2, up to kGemvRows512 on
+  // AVX-512 for quantized weights; a chunk's later passes re-read its weights from L2): fewer
+  // instructions per multiply-add than dequantizing tiles for the GEMM, up to kGemvMaxRows512 rows
+  // on AVX-512 and kGemvMaxRowsAvx2 on AVX2 (quantized weights; dense ones take one pass of <= 3).
   const bool gemv512 = isa == Isa::Avx512Vnni && p.shape.quantized();
-  if (m <= (gemv512 ? kGemvMaxRows512 : 3)) {
+  const int64_t pass_max = gemv512 ? kGemvRows512 : 3;
+  if (m <= (gemv512 ? kGemvMaxRows512 : p.shape.quantized() ? kGemvMaxRowsAvx2 : 3)) {
     // x padded to whole blocks; for int4 each column scaled by 2^-(4j) of its nibble position, and
     // the sum of x over each group's +8-offset columns (all but the two's complement nibble 7).
     thread_local std::vector<float> xs, xsum, gsum;
@@ -697,7 +702,7 @@ void linear(const PackedWeight& p, const float* x, int64_t m, const void* bias, 
     a.y = y;
     a.rows = N;
     // Balanced passes: 8 rows go as 4 + 4, not 6 + 2.
-    const int64_t passes = (m + (gemv512 ? kGemvRows512 : 3) - 1) / (gemv512 ? kGemvRows512 : 3);
+    const int64_t passes = (m + pass_max - 1) / pass_max;
     const int64_t pass_rows = (m + passes - 1) / passes;
 #pragma omp parallel for num_threads(threads) if (parallel) schedule(dynamic, 1)
     for (int64_t c = 0; c < chunks; ++c) {
