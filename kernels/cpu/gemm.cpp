@@ -434,6 +434,17 @@ FS_AVX2 void dequant_tile(const PackedWeight& p, int64_t t, int64_t b0, int64_t 
   }
 }
 
+// One row of x after a microkernel's vector loop: its 4 sums (one per tile row) plus the columns
+// [k0, kv) the vectors did not cover, added into y (the first n_valid of the 4).
+FS_AVX2 void finish_microkernel_row(__m128 sums, const float* xi, const float* w, int64_t k0, int64_t kv, float* yi,
+                                    int64_t n_valid) {
+  alignas(16) float s[4];
+  _mm_store_ps(s, sums);
+  for (int64_t k = k0; k < kv; ++k)
+    for (int n = 0; n < kTileRows; ++n) s[n] += xi[k] * w[n * kGemmCols + k];
+  for (int64_t n = 0; n < n_valid; ++n) yi[n] += s[n];
+}
+
 // y[i, n] += Σ_k x[i, k] w[n, k] for MR rows of x and the 4 rows of a dequantized tile, k < kv.
 template <int MR>
 FS_AVX2 void microkernel(const float* x, int64_t ldx, const float* w, int64_t kv, float* y, int64_t ldy,
@@ -451,13 +462,9 @@ FS_AVX2 void microkernel(const float* x, int64_t ldx, const float* w, int64_t kv
       for (int i = 0; i < MR; ++i) acc[i][n] = _mm256_fmadd_ps(xv[i], wv, acc[i][n]);
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    alignas(16) float s[4];
-    _mm_store_ps(s, simd::hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]));
-    for (int64_t k = k8; k < kv; ++k)
-      for (int n = 0; n < kTileRows; ++n) s[n] += x[i * ldx + k] * w[n * kGemmCols + k];
-    for (int64_t n = 0; n < n_valid; ++n) y[i * ldy + n] += s[n];
-  }
+  for (int i = 0; i < MR; ++i)
+    finish_microkernel_row(simd::hsum4(acc[i][0], acc[i][1], acc[i][2], acc[i][3]), x + i * ldx, w, k8, kv,
+                           y + i * ldy, n_valid);
 }
 
 // microkernel with 512-bit vectors: 16 columns per step, and 6 rows of x per call (6 x 4
@@ -481,13 +488,9 @@ FS_AVX512 void microkernel_avx512(const float* x, int64_t ldx, const float* w, i
       for (int i = 0; i < MR; ++i) acc[i][n] = _mm512_fmadd_ps(xv[i], wv, acc[i][n]);
     }
   }
-  for (int i = 0; i < MR; ++i) {
-    alignas(16) float s[4];
-    _mm_store_ps(s, simd::hsum4(fold512(acc[i][0]), fold512(acc[i][1]), fold512(acc[i][2]), fold512(acc[i][3])));
-    for (int64_t k = k16; k < kv; ++k)
-      for (int n = 0; n < kTileRows; ++n) s[n] += x[i * ldx + k] * w[n * kGemmCols + k];
-    for (int64_t n = 0; n < n_valid; ++n) y[i * ldy + n] += s[n];
-  }
+  for (int i = 0; i < MR; ++i)
+    finish_microkernel_row(simd::hsum4(fold512(acc[i][0]), fold512(acc[i][1]), fold512(acc[i][2]), fold512(acc[i][3])),
+                           x + i * ldx, w, k16, kv, y + i * ldy, n_valid);
 }
 
 // MR (<= micro_rows) rows of x against one dequantized tile, on the ISA's microkernel.
