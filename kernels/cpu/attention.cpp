@@ -77,6 +77,33 @@ void for_each_row(const PagedAttention& p, int s, int64_t lo, int64_t hi, F&& f)
   }
 }
 
+// Columns per register-resident slice of the weighted sum of values: 8 AVX2 registers.
+constexpr int64_t kSlice = 64;
+
+// out[c] = inv_sum · Σ_j score[j] · v_row(j)[c] for the kSlice columns from v (a cache row's
+// column offset), the positions [lo, hi] of sequence s: the sums stay in registers across rows,
+// where an axpy into memory would load and store them for every row.
+FS_AVX2 void weighted_sum_slice(const PagedAttention& p, int s, int64_t lo, int64_t hi, const float* score,
+                                const float* v, int64_t kv_row, float inv_sum, float* out) {
+  __m256 a[kSlice / 8];
+  for (auto& x : a) x = _mm256_setzero_ps();
+  // for_each_row's walk, written out: a lambda would not carry this function's target attribute.
+  const int32_t* table = p.block_table + static_cast<int64_t>(s) * p.max_blocks;
+  for (int64_t t = lo; t <= hi;) {
+    const int64_t slot = t % p.block_size;
+    const int64_t n = std::min<int64_t>(p.block_size - slot, hi - t + 1);
+    const int64_t base = static_cast<int64_t>(table[t / p.block_size]) * p.block_size + slot;
+    for (int64_t r = 0; r < n; ++r) {
+      const __m256 w = _mm256_set1_ps(score[t - lo + r]);
+      const float* vr = v + (base + r) * kv_row;
+      for (int c = 0; c < kSlice / 8; ++c) a[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8 * c), a[c]);
+    }
+    t += n;
+  }
+  const __m256 scale = _mm256_set1_ps(inv_sum);
+  for (int t = 0; t < kSlice / 8; ++t) _mm256_storeu_ps(out + 8 * t, _mm256_mul_ps(a[t], scale));
+}
+
 }  // namespace
 
 void write_kv(const PagedAttention& p, const float* k, const float* v, float* k_cache, float* v_cache) {
@@ -130,12 +157,18 @@ void attention(const PagedAttention& p, const float* q, const float* k_cache, co
         mx = std::max(mx, sc);
       });
       const float inv_sum = 1.0f / exp_sum(score.data(), static_cast<int64_t>(score.size()), mx);
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for_each_row(p, it.seq, lo, it.pos, [&](int64_t row, int64_t j) {
-        axpy(score[static_cast<size_t>(j)], v_cache + row * kv_row + kv_off, acc.data(), hd);
-      });
       float* o = out + (tok_row * p.n_heads + h) * hd;
-      for (int64_t e = 0; e < hd; ++e) o[e] = acc[static_cast<size_t>(e)] * inv_sum;
+      // Σ_j score_j v_j, 64 columns at a time in registers; a last slice narrower than 64 in acc.
+      const int64_t wide = hd / kSlice * kSlice;
+      for (int64_t c0 = 0; c0 < wide; c0 += kSlice)
+        weighted_sum_slice(p, it.seq, lo, it.pos, score.data(), v_cache + kv_off + c0, kv_row, inv_sum, o + c0);
+      if (wide < hd) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for_each_row(p, it.seq, lo, it.pos, [&](int64_t row, int64_t j) {
+          axpy(score[static_cast<size_t>(j)], v_cache + row * kv_row + kv_off + wide, acc.data(), hd - wide);
+        });
+        for (int64_t e = wide; e < hd; ++e) o[e] = acc[static_cast<size_t>(e - wide)] * inv_sum;
+      }
     }
   }
 }
