@@ -15,17 +15,18 @@
 // Scales: fp16 [tile][group][4 rows]; offsets of an asymmetric matrix: [tile][group][4 rows], fp16
 // when all are exactly fp16 values, else fp32 (gemm.h).
 //
-// GEMV (m <= 3 per pass, the decode hot spot, memory-bound): per step AND + int->float convert + FMA, with
-// no per-element shift: the 2^(4j) left in each masked lane is folded into a copy of x scaled by
-// 2^-(4j) once per call (exact: a power-of-two scaling), and the +8 offset is removed once per
-// group as 8 * (sum of x over the group's offset columns), also precomputed per call. Each group's
-// partial dot products are reduced and multiplied by the group scale once. An asymmetric matrix's
-// offsets add Σ_group offset · (sum of x over the group): one 4-row FMA per group and tile with the
-// group sums of x computed once per call; a symmetric one skips that branch.
-// GEMM (m > 3; m > 6 for quantized weights, m > 32 on AVX-512): a 16-row x 256-column tile of W is dequantized once into an L1-resident fp32
-// buffer (exactly: code * scale has at most 19 significant bits; code * scale + offset rounded
-// once more when asymmetric) and reused by every row of x through a 3 x 4 register-blocked FMA
-// microkernel (6 x 4 with 512-bit vectors on the AVX-512 path).
+// GEMV (m <= 3 per pass, the decode hot spot, memory-bound): per step AND + int->float convert +
+// FMA, with no per-element shift: the 2^(4j) left in each masked lane is folded into a copy of x
+// scaled by 2^-(4j) once per call (exact: a power-of-two scaling), and the +8 offset is removed
+// once per group as 8 * (sum of x over the group's offset columns), also precomputed per call.
+// Each group's partial dot products are reduced and multiplied by the group scale once. An
+// asymmetric matrix's offsets add Σ_group offset · (sum of x over the group): one 4-row FMA per
+// group and tile with the group sums of x computed once per call; a symmetric one skips that branch.
+// GEMM (m > 3; m > 6 for quantized weights, m > 32 on AVX-512): a 16-row x 256-column tile of W
+// is dequantized once into an L1-resident fp32 buffer (exactly: code * scale has at most 19
+// significant bits; code * scale + offset rounded once more when asymmetric) and reused by every
+// row of x through a 3 x 4 register-blocked FMA microkernel (6 x 4 with 512-bit vectors on the
+// AVX-512 path).
 // AVX-512 (Isa::Avx512Vnni), same layout: quantized weights take a 512-bit GEMV that scales each
 // weight vector before its FMAs and so serves up to 6 rows of x per pass, in passes up to m = 32
 // (kGemvMaxRows512); the GEMM runs a 6 x 4 512-bit microkernel; dense weights' GEMV and the tile
