@@ -27,6 +27,7 @@ namespace {
 
 constexpr uint32_t kAbsMask = 0x7fffffffu;
 constexpr uint32_t kLastFiniteFloat = 0x7f7fffffu;  // |w| bit patterns above it are Inf or NaN
+constexpr float kInfinity = std::numeric_limits<float>::infinity();
 constexpr uint16_t kHalfInf = 0x7c00;               // every finite positive fp16 is below it
 // The float error sums are flushed into doubles about this often: float lanes vectorise twice
 // as wide as double ones, and a few thousand terms keep the float sums accurate.
@@ -179,6 +180,26 @@ float group_sq_error_ref(const float* x, int64_t n, float s, float qmax) {
   for (; j < n; ++j) {
     const float d = error_one(x[j], inv, s, qmax);
     total = std::fma(d, d, total);
+  }
+  return total;
+}
+
+// The importance-weighted error Σ imp_j d_j² in the same 8-lane order (imp · d, then a fused
+// multiply-add with d), so the AVX2 version below agrees bit for bit.
+float weighted_sq_error_ref(const float* x, const float* imp, int64_t n, float s, float qmax) {
+  const float inv = 1.0f / s;
+  float lane[kErrLanes] = {};
+  int64_t j = 0;
+  for (; j + kErrLanes <= n; j += kErrLanes) {
+    for (int l = 0; l < kErrLanes; ++l) {
+      const float d = error_one(x[j + l], inv, s, qmax);
+      lane[l] = std::fma(imp[j + l] * d, d, lane[l]);
+    }
+  }
+  float total = sum_lanes(lane);
+  for (; j < n; ++j) {
+    const float d = error_one(x[j], inv, s, qmax);
+    total = std::fma(imp[j] * d, d, total);
   }
   return total;
 }
@@ -340,6 +361,35 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline float sq_error_av
 __attribute__((target("avx2,fma,f16c"))) float group_sq_error_avx2(const float* x, int64_t n, float s, float qmax) {
   return sq_error_avx2_body(x, n, s, qmax);
 }
+
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline float weighted_sq_error_avx2_body(
+    const float* x, const float* imp, int64_t n, float s, float qmax) {
+  const float inv = 1.0f / s;
+  const __m256 vinv = _mm256_set1_ps(inv), vs = _mm256_set1_ps(s);
+  const __m256 hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax - 1.0f);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t j = 0;
+  for (; j + kErrLanes <= n; j += kErrLanes) {
+    const __m256 v = _mm256_loadu_ps(x + j);
+    const __m256 q = _mm256_min_ps(
+        _mm256_max_ps(_mm256_round_ps(_mm256_mul_ps(v, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
+    const __m256 d = _mm256_fnmadd_ps(q, vs, v);
+    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(imp + j), d), d, acc);
+  }
+  float lane[kErrLanes];
+  _mm256_storeu_ps(lane, acc);
+  float total = sum_lanes(lane);
+  for (; j < n; ++j) {
+    const float d = error_one(x[j], inv, s, qmax);
+    total = std::fma(imp[j] * d, d, total);
+  }
+  return total;
+}
+
+__attribute__((target("avx2,fma,f16c"))) float weighted_sq_error_avx2(const float* x, const float* imp, int64_t n,
+                                                                      float s, float qmax) {
+  return weighted_sq_error_avx2_body(x, imp, n, s, qmax);
+}
 // ---- dispatch ---------------------------------------------------------------------------------
 
 bool cpu_has(Isa isa) {
@@ -455,25 +505,15 @@ void choose_scales(const float* w, int64_t cols, int64_t group, int qmax, ScaleR
 }
 
 namespace {
-// Σ imp_j (w_j - code_j · s)² over one group, the codes estimated as in the search (w · (1/s)),
-// summed in double. Scalar: only calibrated conversions take this path, and the same code on every
-// ISA keeps their choices independent of the CPU.
-double weighted_sq_error(const float* x, const float* imp, int64_t n, float s, float qmax) {
-  if (!std::isfinite(s)) return std::numeric_limits<double>::infinity();
-  const float inv = 1.0f / s;
-  double e = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double d = error_one(x[j], inv, s, qmax);
-    e += static_cast<double>(imp[j]) * d * d;
-  }
-  return e;
-}
-}  // namespace
-
-void choose_scales_weighted(const float* w, const float* importance, int64_t cols, int64_t group, int qmax,
-                            ScaleRule rule, uint16_t* scales, float* scale_f) {
-  if (rule != ScaleRule::Search) return choose_scales(w, cols, group, qmax, rule, scales, scale_f);
+// The calibrated search over one row's groups (row_kernels.h), a template over the weighted error
+// so that the AVX2 instance inlines its loop; both error functions give the same bits, so the
+// choices do not depend on the CPU.
+template <float (*kError)(const float*, const float*, int64_t, float, float)>
+[[gnu::always_inline]] inline void choose_scales_weighted_body(const float* w, const float* importance, int64_t cols,
+                                                               int64_t group, int qmax, uint16_t* scales,
+                                                               float* scale_f) {
   const float q = static_cast<float>(qmax);
+  // (No lambdas here: they would not carry the AVX2 instance's target attribute.)
   for (int64_t g = 0; g < cols / group; ++g) {
     if (scales[g] == 0) continue;  // an all-zero group
     const float* x = w + g * group;
@@ -486,19 +526,17 @@ void choose_scales_weighted(const float* w, const float* importance, int64_t col
     const float extreme = -lo >= hi ? lo : hi;
     const float absmax = std::fabs(extreme);
     uint16_t best = scales[g];  // the Absmax scale first: ties keep it
-    double best_err = weighted_sq_error(x, imp, group, scale_f[g], q);
-    auto consider = [&](uint16_t h) {
-      if (h == best || (h & 0x7fff) >= kHalfInf) return false;
-      const double e = weighted_sq_error(x, imp, group, half_to_float(h), q);
-      if (!(e < best_err)) return false;
-      best_err = e;
-      best = h;
-      return true;
-    };
+    float best_err = std::isfinite(scale_f[g]) ? kError(x, imp, group, scale_f[g], q) : kInfinity;
     for (int i = 0; i < kWeightedClipSteps; ++i) {
       const float r = kWeightedClipMax - kWeightedClipStep * static_cast<float>(i);
-      consider(nonzero_half(-r * extreme / (q + 1.0f)));
-      consider(nonzero_half(r * absmax / q));
+      for (const uint16_t h : {nonzero_half(-r * extreme / (q + 1.0f)), nonzero_half(r * absmax / q)}) {
+        if (h == best || (h & 0x7fff) >= kHalfInf) continue;
+        const float e = kError(x, imp, group, half_to_float(h), q);
+        if (e < best_err) {
+          best_err = e;
+          best = h;
+        }
+      }
     }
     // Least-squares refit: for the codes the best scale gives, the scale minimising the weighted
     // error is Σ imp·w·code / Σ imp·code²; rounding anew with it can only be kept when it is better.
@@ -510,11 +548,41 @@ void choose_scales_weighted(const float* w, const float* importance, int64_t col
         num += static_cast<double>(imp[j]) * x[j] * c;
         den += static_cast<double>(imp[j]) * c * c;
       }
-      if (!(den > 0) || !consider(nonzero_half(static_cast<float>(num / den)))) break;
+      if (!(den > 0)) break;
+      const uint16_t h = nonzero_half(static_cast<float>(num / den));
+      if (h == best || (h & 0x7fff) >= kHalfInf) break;
+      const float e = kError(x, imp, group, half_to_float(h), q);
+      if (!(e < best_err)) break;
+      best_err = e;
+      best = h;
     }
     scales[g] = best;
     scale_f[g] = half_to_float(best);
   }
+}
+
+void choose_scales_weighted_ref(const float* w, const float* importance, int64_t cols, int64_t group, int qmax,
+                                uint16_t* scales, float* scale_f) {
+  choose_scales_weighted_body<weighted_sq_error_ref>(w, importance, cols, group, qmax, scales, scale_f);
+}
+
+__attribute__((target("avx2,fma,f16c"))) void choose_scales_weighted_avx2(const float* w, const float* importance,
+                                                                          int64_t cols, int64_t group, int qmax,
+                                                                          uint16_t* scales, float* scale_f) {
+  choose_scales_weighted_body<weighted_sq_error_avx2>(w, importance, cols, group, qmax, scales, scale_f);
+}
+}  // namespace
+
+void choose_scales_weighted(const float* w, const float* importance, int64_t cols, int64_t group, int qmax,
+                            ScaleRule rule, uint16_t* scales, float* scale_f) {
+  if (rule != ScaleRule::Search) return choose_scales(w, cols, group, qmax, rule, scales, scale_f);
+  if (active_isa() == Isa::Avx2) return choose_scales_weighted_avx2(w, importance, cols, group, qmax, scales, scale_f);
+  choose_scales_weighted_ref(w, importance, cols, group, qmax, scales, scale_f);
+}
+
+float weighted_group_sq_error(const float* w, const float* importance, int64_t n, float s, float qmax) {
+  if (active_isa() == Isa::Avx2) return weighted_sq_error_avx2(w, importance, n, s, qmax);
+  return weighted_sq_error_ref(w, importance, n, s, qmax);
 }
 
 void pack_int4_fast(const uint8_t* codes, int64_t n, uint8_t* packed) {

@@ -52,6 +52,9 @@ void choose_scales_weighted(const float* w, const float* importance, int64_t col
 // The squared error sum (w - clamp(round(w / s), -(qmax + 1), qmax) * s)^2 over one group, with
 // w / s taken as w * (1 / s) (the search's fast estimate). Same result on every ISA.
 float group_sq_error(const float* w, int64_t n, float s, float qmax);
+// The same sum with each term weighted by importance[j] (the calibrated search's error, in fp32).
+// Same result on every ISA.
+float weighted_group_sq_error(const float* w, const float* importance, int64_t n, float s, float qmax);
 // Codes for every group of one row given the fp16 scales widened to fp32 (0 = all-zero group):
 // clamp(round(w / scale), -(qmax + 1), qmax).
 // Codes here and below are int8 values stored as two's-complement bytes.

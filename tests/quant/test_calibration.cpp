@@ -8,6 +8,7 @@
 #include <map>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -17,6 +18,7 @@
 #include "models/checkpoint/safetensors.h"
 #include "quant/adaptive.h"
 #include "quant/convert.h"
+#include "quant/row_kernels.h"
 #include "tests/quant/quant_test_util.h"
 #include "tests/scratch_dir.h"
 
@@ -83,6 +85,34 @@ TEST(CalibratedSearch, NeverWorseThanAbsmaxAndBetterThanDataFreeInWeightedError)
         EXPECT_GE(c, lo);
         EXPECT_LE(c, hi);
       }
+  }
+}
+
+// The weighted error and so the calibrated choices are the same on the portable and AVX2 paths,
+// including a group whose length is not a multiple of the 8 lanes (column-wise, K = 100).
+TEST(CalibratedSearch, SameChoicesOnEveryIsa) {
+  if (detail::best_isa() == detail::Isa::Baseline) GTEST_SKIP() << "no AVX2 on this CPU";
+  const int64_t rows = 16;
+  for (const auto& [cols, group] : {std::pair<int64_t, int64_t>{96, 32}, {100, 100}}) {
+    SCOPED_TRACE("K " + std::to_string(cols) + " group " + std::to_string(group));
+    const std::vector<float> w = testing::gaussian(rows, cols, 41);
+    std::vector<float> imp(static_cast<size_t>(cols));
+    for (int64_t k = 0; k < cols; ++k)
+      imp[static_cast<size_t>(k)] = k % 7 == 0 ? 90.0f : 0.5f + 0.01f * static_cast<float>(k);
+    for (const float s : {0.001f, 0.004f, -0.003f}) {
+      const detail::Isa saved = detail::set_isa(detail::Isa::Baseline);
+      const float a = detail::weighted_group_sq_error(w.data(), imp.data(), cols, s, 7.0f);
+      detail::set_isa(detail::Isa::Avx2);
+      const float b = detail::weighted_group_sq_error(w.data(), imp.data(), cols, s, 7.0f);
+      detail::set_isa(saved);
+      EXPECT_EQ(a, b) << s;
+    }
+    const detail::Isa saved = detail::set_isa(detail::Isa::Baseline);
+    const QuantizedMatrix a = quantize(testing::view(w, rows, cols), 4, group, ScaleRule::Search, imp.data());
+    detail::set_isa(detail::Isa::Avx2);
+    const QuantizedMatrix b = quantize(testing::view(w, rows, cols), 4, group, ScaleRule::Search, imp.data());
+    detail::set_isa(saved);
+    EXPECT_EQ(a.scales, b.scales);
   }
 }
 
