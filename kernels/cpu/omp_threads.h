@@ -4,7 +4,7 @@
 // libgomp keeps a pool of worker threads for every thread that ever opened a parallel region. A
 // process that packs weights on its main thread and then decodes on an engine thread has two pools;
 // once libgomp manages more threads than there are CPUs it cuts its spin-wait to ~100 iterations,
-// so every parallel region of a decode step (about 420 per token for SmolLM2-135M) puts its workers
+// so every parallel region of a decode step (about 210 per token for SmolLM2-135M) puts its workers
 // to sleep and wakes them through the kernel. Measured on 2 cores: a 256-token stream took 3.0-3.3 s
 // with the loader's pool alive, 1.9-2.3 s without. A pool goes away with the thread that owns it.
 #pragma once
