@@ -166,42 +166,34 @@ inline float error_one(float x, float inv, float s, float qmax) {
   return std::fma(-q, s, x);
 }
 
-float group_sq_error_ref(const float* x, int64_t n, float s, float qmax) {
+// One body for the plain error and the importance-weighted one (imp · d, then a fused multiply-add
+// with d); the AVX2 body below does the same operations in the same lanes, so the two agree bit for
+// bit. imp is ignored unless kWeighted.
+template <bool kWeighted>
+float sq_error_ref_body(const float* x, const float* imp, int64_t n, float s, float qmax) {
   const float inv = 1.0f / s;
   float lane[kErrLanes] = {};
   int64_t j = 0;
   for (; j + kErrLanes <= n; j += kErrLanes) {
     for (int l = 0; l < kErrLanes; ++l) {
       const float d = error_one(x[j + l], inv, s, qmax);
-      lane[l] = std::fma(d, d, lane[l]);
+      lane[l] = std::fma(kWeighted ? imp[j + l] * d : d, d, lane[l]);
     }
   }
   float total = sum_lanes(lane);
   for (; j < n; ++j) {
     const float d = error_one(x[j], inv, s, qmax);
-    total = std::fma(d, d, total);
+    total = std::fma(kWeighted ? imp[j] * d : d, d, total);
   }
   return total;
 }
 
-// The importance-weighted error Σ imp_j d_j² in the same 8-lane order (imp · d, then a fused
-// multiply-add with d), so the AVX2 version below agrees bit for bit.
+float group_sq_error_ref(const float* x, int64_t n, float s, float qmax) {
+  return sq_error_ref_body<false>(x, nullptr, n, s, qmax);
+}
+
 float weighted_sq_error_ref(const float* x, const float* imp, int64_t n, float s, float qmax) {
-  const float inv = 1.0f / s;
-  float lane[kErrLanes] = {};
-  int64_t j = 0;
-  for (; j + kErrLanes <= n; j += kErrLanes) {
-    for (int l = 0; l < kErrLanes; ++l) {
-      const float d = error_one(x[j + l], inv, s, qmax);
-      lane[l] = std::fma(imp[j + l] * d, d, lane[l]);
-    }
-  }
-  float total = sum_lanes(lane);
-  for (; j < n; ++j) {
-    const float d = error_one(x[j], inv, s, qmax);
-    total = std::fma(imp[j] * d, d, total);
-  }
-  return total;
+  return sq_error_ref_body<true>(x, imp, n, s, qmax);
 }
 
 void group_absmax_ref(const float* w, int64_t cols, int64_t group, uint32_t* out) {
@@ -332,9 +324,12 @@ __attribute__((target("avx2,f16c"))) RowSums quantize_groups_avx2(const float* w
 }
 
 
-// The body of group_sq_error_avx2, inlined into the per-row search below so the candidate loop
-// pays no call or dispatch per candidate (that overhead dominated at groups of 32).
-__attribute__((target("avx2,fma,f16c"), always_inline)) inline float sq_error_avx2_body(const float* x, int64_t n,
+// The body of group_sq_error_avx2 and weighted_sq_error_avx2 (imp ignored unless kWeighted),
+// inlined into the per-row searches below so the candidate loop pays no call or dispatch per
+// candidate (that overhead dominated at groups of 32).
+template <bool kWeighted>
+__attribute__((target("avx2,fma,f16c"), always_inline)) inline float sq_error_avx2_body(const float* x,
+                                                                                       const float* imp, int64_t n,
                                                                                        float s, float qmax) {
   const float inv = 1.0f / s;
   const __m256 vinv = _mm256_set1_ps(inv), vs = _mm256_set1_ps(s);
@@ -346,49 +341,25 @@ __attribute__((target("avx2,fma,f16c"), always_inline)) inline float sq_error_av
     const __m256 q = _mm256_min_ps(
         _mm256_max_ps(_mm256_round_ps(_mm256_mul_ps(v, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
     const __m256 d = _mm256_fnmadd_ps(q, vs, v);
-    acc = _mm256_fmadd_ps(d, d, acc);
+    acc = _mm256_fmadd_ps(kWeighted ? _mm256_mul_ps(_mm256_loadu_ps(imp + j), d) : d, d, acc);
   }
   float lane[kErrLanes];
   _mm256_storeu_ps(lane, acc);
   float total = sum_lanes(lane);
   for (; j < n; ++j) {
     const float d = error_one(x[j], inv, s, qmax);
-    total = std::fma(d, d, total);
+    total = std::fma(kWeighted ? imp[j] * d : d, d, total);
   }
   return total;
 }
 
 __attribute__((target("avx2,fma,f16c"))) float group_sq_error_avx2(const float* x, int64_t n, float s, float qmax) {
-  return sq_error_avx2_body(x, n, s, qmax);
-}
-
-__attribute__((target("avx2,fma,f16c"), always_inline)) inline float weighted_sq_error_avx2_body(
-    const float* x, const float* imp, int64_t n, float s, float qmax) {
-  const float inv = 1.0f / s;
-  const __m256 vinv = _mm256_set1_ps(inv), vs = _mm256_set1_ps(s);
-  const __m256 hi = _mm256_set1_ps(qmax), lo = _mm256_set1_ps(-qmax - 1.0f);
-  __m256 acc = _mm256_setzero_ps();
-  int64_t j = 0;
-  for (; j + kErrLanes <= n; j += kErrLanes) {
-    const __m256 v = _mm256_loadu_ps(x + j);
-    const __m256 q = _mm256_min_ps(
-        _mm256_max_ps(_mm256_round_ps(_mm256_mul_ps(v, vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), lo), hi);
-    const __m256 d = _mm256_fnmadd_ps(q, vs, v);
-    acc = _mm256_fmadd_ps(_mm256_mul_ps(_mm256_loadu_ps(imp + j), d), d, acc);
-  }
-  float lane[kErrLanes];
-  _mm256_storeu_ps(lane, acc);
-  float total = sum_lanes(lane);
-  for (; j < n; ++j) {
-    const float d = error_one(x[j], inv, s, qmax);
-    total = std::fma(imp[j] * d, d, total);
-  }
-  return total;
+  return sq_error_avx2_body<false>(x, nullptr, n, s, qmax);
 }
 
 __attribute__((target("avx2,fma,f16c"))) float weighted_sq_error_avx2(const float* x, const float* imp, int64_t n,
                                                                       float s, float qmax) {
-  return weighted_sq_error_avx2_body(x, imp, n, s, qmax);
+  return sq_error_avx2_body<true>(x, imp, n, s, qmax);
 }
 // ---- dispatch ---------------------------------------------------------------------------------
 
